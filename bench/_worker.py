@@ -1,0 +1,210 @@
+"""One rank of a (transport, workload) pair: runs in a fresh spawned process.
+
+Rank 0 (donor) builds the workload's state_dict; rank 1 (joiner) builds nothing (allocating
+receive) or a zero-filled copy of the structure (in place, and always for raw-gloo). Each repeat:
+``gc.collect()``, baseline RSS, start the RSS sampler, barrier, time the send/recv call, stop the
+joiner's sampler when recv returns (the donor's when the end barrier passes, so HTTP serving is
+covered), digest what the joiner now holds, drop it, end barrier. The result (or the traceback)
+goes to a JSON file the harness reads after the process exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+_DONOR = 0
+_JOINER = 1
+WORLD_SIZE = 2
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkerJob:
+    """Everything a rank process needs; pickled across spawn."""
+
+    rank: int
+    transport: str
+    workload: str
+    quick: bool
+    repeats: int
+    store_port: int
+    prefix: str
+    timeout_s: float
+    """Deadline for the store, the ProcessGroup and every transfer call."""
+    result_path: str
+    log_path: str
+
+
+def _redirect_output(log_path: str) -> None:
+    """Sends fds 1 and 2 to the pair's log so library chatter stays out of the table."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(payload, default=str))
+    tmp.replace(path)
+
+
+def worker_main(job: WorkerJob) -> None:
+    """Spawn target: runs the rank, writes its result, and exits without running finalizers."""
+    _redirect_output(job.log_path)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    code = 0
+    try:
+        payload = _run(job)
+    except BaseException as e:
+        code = 1
+        payload = {
+            "rank": job.rank,
+            "error": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc(),
+        }
+        traceback.print_exc()
+    try:
+        _write_json(job.result_path, payload)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Gloo and HTTP server threads can make interpreter teardown slow or hang; the result
+        # is on disk, so leave at once.
+        os._exit(code)
+
+
+def _run(job: WorkerJob) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+
+    from bench._adapter import Env
+    from bench._measure import (
+        CountingProcessGroup,
+        RssSampler,
+        SocketByteCounter,
+        current_rss,
+        monotonic_s,
+    )
+    from bench._transports import ANCHOR, make_adapter
+    from bench._workloads import (
+        StateDict,
+        build_raw_buffer,
+        build_state_dict,
+        build_template,
+        distinct_storages,
+        get_workload,
+        state_digest,
+        tensor_leaves,
+    )
+
+    timeout = timedelta(seconds=job.timeout_s)
+    t_setup = monotonic_s()
+    store = dist.TCPStore(
+        "127.0.0.1",
+        job.store_port,
+        None,
+        False,
+        timeout=timeout,
+        wait_for_workers=False,
+    )
+    prefixed = dist.PrefixStore(job.prefix, store)
+    pg = dist.ProcessGroupGloo(prefixed, job.rank, WORLD_SIZE, timeout)
+    counted = CountingProcessGroup(pg)
+
+    def barrier() -> None:
+        pg.barrier().wait(timeout)
+
+    w = get_workload(job.workload, quick=job.quick)
+    raw = job.transport == ANCHOR
+    sd: StateDict | None = None
+    into: StateDict | None = None
+    if job.rank == _DONOR:
+        sd = build_raw_buffer(w.logical_bytes, seed=1) if raw else build_state_dict(w, seed=1)
+    elif raw:
+        into = build_raw_buffer(w.logical_bytes, seed=None)
+    elif w.in_place:
+        into = build_template(w)
+    # Bytes the joiner legitimately holds after an allocating receive (none when in place).
+    retained_bytes = w.logical_bytes if (job.rank == _JOINER and into is None) else 0
+
+    out: dict[str, Any] = {
+        "rank": job.rank,
+        "transport": job.transport,
+        "workload": job.workload,
+        "logical_bytes": w.logical_bytes,
+        "retained_bytes": retained_bytes,
+        "torch": torch.__version__,
+        "repeats": [],
+        "error": None,
+    }
+    if sd is not None:
+        out["sender_digest"] = state_digest(sd)
+
+    adapter = make_adapter(job.transport)
+    adapter.open(
+        Env(
+            rank=job.rank,
+            pg=counted,
+            store=prefixed,
+            timeout=timeout,
+            sockets=SocketByteCounter(),
+        )
+    )
+    barrier()
+    out["setup_s"] = monotonic_s() - t_setup
+
+    for r in range(job.repeats):
+        step = 100 + r
+        gc.collect()
+        adapter.reset_counters()
+        sampler = RssSampler()
+        rec: dict[str, Any] = {"repeat": r}
+        barrier()
+        sampler.start()
+        t0 = monotonic_s()
+        if job.rank == _DONOR:
+            assert sd is not None
+            rec["extras"] = adapter.send(sd, step)
+            rec["seconds"] = monotonic_s() - t0
+            barrier()  # the joiner has received and checked everything
+            sampler.stop()
+            rec["final_rss"] = current_rss()
+        else:
+            got, extras = adapter.recv(into, step)
+            rec["seconds"] = monotonic_s() - t0
+            sampler.stop()
+            rec["extras"] = extras
+            rec["final_rss"] = current_rss()
+            held = into if into is not None else got
+            if into is not None:
+                theirs = dict(tensor_leaves(got))
+                rec["in_place"] = all(
+                    k in theirs and theirs[k].data_ptr() == t.data_ptr()
+                    for k, t in tensor_leaves(into)
+                )
+            rec["digest"] = state_digest(held)
+            rec["storages"] = distinct_storages(held)
+            rec["tensors"] = len(tensor_leaves(held))
+            del got, held
+            barrier()
+        rec["baseline_rss"] = sampler.baseline_rss
+        rec["peak_rss"] = sampler.peak_rss
+        rec["peak_source"] = sampler.peak_source
+        rec["rss_samples"] = sampler.samples
+        rec["wire"] = dataclasses.asdict(adapter.wire())
+        out["repeats"].append(rec)
+
+    adapter.close()
+    return out

@@ -1,0 +1,6 @@
+"""Helpers to run ranks as real processes on loopback and to inject faults."""
+
+from recoveryd.testing.faults import FaultyGroup
+from recoveryd.testing.ranks import RankFailed, gloo_group, run_ranks
+
+__all__ = ["FaultyGroup", "RankFailed", "gloo_group", "run_ranks"]

@@ -1,0 +1,321 @@
+"""Sender side of the manifest: walk a state_dict into a manifest and a byte plan.
+
+The walk finds every tensor (plain, DTensor local, ShardedTensor local shard),
+groups them by the storage they view, and sends each storage's covered bytes
+once: tied weights and views of one flat buffer stay one span on the wire and
+come back as views of one buffer. A strided view whose extent is mostly gaps
+(``t[:, ::1000]``) is sent as a dense copy instead, so no gap bytes are sent.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
+
+from recoveryd.errors import UnsupportedValueError
+from recoveryd.transport import _dtypes
+from recoveryd.v1 import manifest_pb2 as pb
+
+FORMAT_VERSION = 1
+# Spans start on a 16-byte boundary (the largest itemsize, complex128), so every
+# tensor's byte offset inside its span is a whole number of elements.
+_SPAN_ALIGN = 16
+# A strided tensor whose extent is this many times its own bytes is sent dense.
+_GAPPY_RATIO = 2
+
+
+@dataclass(slots=True)
+class SendPlan:
+    """What the sender streams: the manifest, the span views, the message cuts."""
+
+    manifest: pb.Manifest
+    spans: list[torch.Tensor]  # 1-D uint8 views, in stream order
+    payload_bytes: int
+
+
+@dataclass(slots=True)
+class _Leaf:
+    tensor: torch.Tensor
+    index: int  # position in the tensor_* columns
+    lo: int  # byte extent within its storage
+    hi: int
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    size = t.element_size()
+    if t.numel() == 0:
+        return 0, 0
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    start = t.storage_offset()
+    return start * size, (start + last + 1) * size
+
+
+def _path(parts: list[object]) -> str:
+    return ".".join(str(p) for p in parts) or "<root>"
+
+
+class _Walker:
+    def __init__(self, m: pb.Manifest) -> None:
+        self.m = m
+        self.kinds: list[int] = []
+        self.args: list[int] = []
+        self.key_kind: list[int] = []
+        self.key_str: list[str] = []
+        self.key_int: list[int] = []
+        self.dtype: list[int] = []
+        self.ndim: list[int] = []
+        self.shape: list[int] = []
+        self.stride: list[int] = []
+        self.requires_grad: list[bool] = []
+        self.tensors: list[torch.Tensor] = []
+        self.by_storage: dict[tuple[str, int], list[_Leaf]] = {}
+        self.dense: list[_Leaf] = []
+
+    def walk(self, obj: object, path: list[object]) -> None:
+        kind = type(obj)
+        if kind is dict or kind is OrderedDict:
+            d: dict[object, object] = obj  # type: ignore[assignment]
+            self.kinds.append(pb.NODE_KIND_DICT if kind is dict else pb.NODE_KIND_ORDERED_DICT)
+            self.args.append(len(d))
+            for k, v in d.items():
+                tk = type(k)
+                if tk is str:
+                    self.key_kind.append(pb.KEY_KIND_STR)
+                    self.key_str.append(k)  # type: ignore[arg-type]
+                elif tk is int and -(1 << 63) <= k < (1 << 63):  # type: ignore[operator]
+                    self.key_kind.append(pb.KEY_KIND_INT)
+                    self.key_int.append(k)  # type: ignore[arg-type]
+                else:
+                    raise UnsupportedValueError(_path([*path, f"<key {k!r}>"]), k)
+                path.append(k)
+                self.walk(v, path)
+                path.pop()
+        elif kind is list or kind is tuple:
+            seq: list[object] = obj  # type: ignore[assignment]
+            self.kinds.append(pb.NODE_KIND_LIST if kind is list else pb.NODE_KIND_TUPLE)
+            self.args.append(len(seq))
+            for i, v in enumerate(seq):
+                path.append(i)
+                self.walk(v, path)
+                path.pop()
+        elif isinstance(obj, DTensor):
+            self.kinds.append(pb.NODE_KIND_DTENSOR)
+            self.args.append(len(self.m.dtensors))
+            self._dtensor(obj, path)
+        elif isinstance(obj, ShardedTensor):
+            self.kinds.append(pb.NODE_KIND_SHARDED_TENSOR)
+            self.args.append(len(self.m.sharded_tensors))
+            self._sharded(obj, path)
+        elif isinstance(obj, torch.Tensor):
+            self.kinds.append(pb.NODE_KIND_TENSOR)
+            self.args.append(self._tensor(obj, path))
+        else:
+            self.kinds.append(pb.NODE_KIND_VALUE)
+            self.args.append(len(self.m.values))
+            _value(self.m.values.add(), obj, path)
+
+    def _tensor(self, t: torch.Tensor, path: list[object]) -> int:
+        if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            raise UnsupportedValueError(_path(path), t)
+        if t.layout is not torch.strided or t.device.type == "meta":
+            raise UnsupportedValueError(_path(path), t)
+        code = _dtypes.TO_PB.get(t.dtype)
+        if code is None:
+            raise UnsupportedValueError(_path(path), t)
+        index = len(self.tensors)
+        lo, hi = _extent(t)
+        nbytes = t.numel() * t.element_size()
+        if hi - lo > _GAPPY_RATIO * nbytes and hi - lo > 64 * 1024:
+            t = t.detach().contiguous()
+            lo, hi = 0, nbytes
+            self.dense.append(_Leaf(t, index, lo, hi))
+        elif t.numel() == 0:
+            self.dense.append(_Leaf(t, index, 0, 0))
+        else:
+            storage = t.untyped_storage()
+            key = (str(t.device), storage.data_ptr())
+            self.by_storage.setdefault(key, []).append(_Leaf(t, index, lo, hi))
+        self.tensors.append(t)
+        self.dtype.append(code)
+        self.ndim.append(t.dim())
+        self.shape.extend(t.shape)
+        self.stride.extend(t.stride())
+        self.requires_grad.append(t.requires_grad)
+        return index
+
+    def _dtensor(self, t: DTensor, path: list[object]) -> None:
+        meta = self.m.dtensors.add()
+        meta.local_tensor = self._tensor(t._local_tensor, [*path, "<local>"])
+        meta.global_shape.extend(t.shape)
+        meta.global_stride.extend(t.stride())
+        mesh = t.device_mesh
+        meta.device_type = mesh.device_type
+        meta.mesh_shape.extend(mesh.mesh.shape)
+        if mesh.mesh_dim_names:
+            meta.mesh_dim_names.extend(mesh.mesh_dim_names)
+        for p in t.placements:
+            out = meta.placements.add()
+            name = type(p).__name__
+            if name == "Replicate":
+                out.kind = pb.Placement.KIND_REPLICATE
+            elif name == "Shard":
+                out.kind = pb.Placement.KIND_SHARD
+                out.dim = p.dim  # type: ignore[attr-defined]
+            elif name == "_StridedShard":
+                out.kind = pb.Placement.KIND_STRIDED_SHARD
+                out.dim = p.dim  # type: ignore[attr-defined]
+                out.split_factor = p.split_factor  # type: ignore[attr-defined]
+            elif name in ("Partial", "_Partial"):
+                out.kind = pb.Placement.KIND_PARTIAL
+                out.reduce_op = str(p.reduce_op)  # type: ignore[attr-defined]
+            else:
+                raise UnsupportedValueError(_path([*path, f"<placement {name}>"]), p)
+
+    def _sharded(self, t: ShardedTensor, path: list[object]) -> None:
+        meta = self.m.sharded_tensors.add()
+        md = t.metadata()
+        meta.global_size.extend(md.size)
+        code = _dtypes.TO_PB.get(md.tensor_properties.dtype)
+        if code is None:
+            raise UnsupportedValueError(_path(path), t)
+        meta.dtype = code  # type: ignore[assignment]
+        meta.requires_grad = bool(md.tensor_properties.requires_grad)
+        where: dict[tuple[int, ...], int] = {}
+        for i, sm in enumerate(md.shards_metadata):
+            out = meta.shards.add()
+            out.offsets.extend(sm.shard_offsets)
+            out.sizes.extend(sm.shard_sizes)
+            out.placement = str(sm.placement)
+            where[tuple(sm.shard_offsets)] = i
+        for j, shard in enumerate(t.local_shards()):
+            meta.local_shard.append(where[tuple(shard.metadata.shard_offsets)])
+            meta.local_tensor.append(self._tensor(shard.tensor, [*path, f"<shard {j}>"]))
+
+
+def _value(out: pb.Value, v: object, path: list[object]) -> None:
+    kind = type(v)
+    if v is None:
+        out.none = True
+    elif kind is bool:
+        out.bool_value = v  # type: ignore[assignment]
+    elif kind is int:
+        if -(1 << 63) <= v < (1 << 63):  # type: ignore[operator]
+            out.int_value = v  # type: ignore[assignment]
+        else:
+            out.big_int_value = str(v)
+    elif kind is float:
+        out.float_value = v  # type: ignore[assignment]
+    elif kind is str:
+        out.str_value = v  # type: ignore[assignment]
+    elif kind is bytes:
+        out.bytes_value = v  # type: ignore[assignment]
+    elif kind is complex:
+        out.complex_value.real = v.real  # type: ignore[attr-defined]
+        out.complex_value.imag = v.imag  # type: ignore[attr-defined]
+    elif kind is torch.dtype and v in _dtypes.TO_PB:
+        out.dtype_value = _dtypes.TO_PB[v]  # type: ignore[index,assignment]
+    elif kind is torch.Size:
+        out.size_value.items.extend(v)  # type: ignore[arg-type]
+    elif kind is torch.device:
+        out.device_value = str(v)
+    else:
+        raise UnsupportedValueError(_path(path), v)
+
+
+def _merge(leaves: list[_Leaf]) -> list[list[_Leaf]]:
+    """Groups leaves of one storage into runs whose aligned extents overlap or touch."""
+    leaves.sort(key=lambda leaf: leaf.lo)
+    groups: list[list[_Leaf]] = []
+    hi = -1
+    for leaf in leaves:
+        lo = leaf.lo - leaf.lo % _SPAN_ALIGN
+        if groups and lo <= hi:
+            groups[-1].append(leaf)
+            hi = max(hi, leaf.hi)
+        else:
+            groups.append([leaf])
+            hi = leaf.hi
+    return groups
+
+
+def build_plan(
+    state_dict: object, *, step: int | None, chain: list[int], bucket_bytes: int, checksums: bool
+) -> SendPlan:
+    """Walks ``state_dict`` into a :class:`SendPlan`.
+
+    Raises:
+        UnsupportedValueError: a leaf the manifest cannot carry, naming its path.
+    """
+    m = pb.Manifest(format_version=FORMAT_VERSION, checksums=checksums)
+    if step is not None:
+        m.step = step
+    w = _Walker(m)
+    w.walk(state_dict, [])
+    storage_of = [0] * len(w.tensors)
+    offset_of = [0] * len(w.tensors)
+    spans: list[torch.Tensor] = []
+    span_sizes: list[int] = []
+    groups = [g for leaves in w.by_storage.values() for g in _merge(leaves)]
+    groups.extend([leaf] for leaf in w.dense)
+    for group in groups:
+        lo = min(leaf.lo for leaf in group)
+        lo -= lo % _SPAN_ALIGN
+        hi = max(leaf.hi for leaf in group)
+        base = group[0].tensor
+        view = torch.empty(0, dtype=torch.uint8, device=base.device)
+        if hi > lo:
+            view.set_(base.untyped_storage(), lo, (hi - lo,))  # type: ignore[call-overload]
+        for leaf in group:
+            storage_of[leaf.index] = len(spans)
+            offset_of[leaf.index] = leaf.tensor.storage_offset() * leaf.tensor.element_size() - lo
+        spans.append(view)
+        span_sizes.append(hi - lo)
+    m.node_kind.extend(w.kinds)  # type: ignore[arg-type]
+    m.node_arg.extend(w.args)
+    m.key_kind.extend(w.key_kind)  # type: ignore[arg-type]
+    m.key_str.extend(w.key_str)
+    m.key_int.extend(w.key_int)
+    m.tensor_dtype.extend(w.dtype)  # type: ignore[arg-type]
+    m.tensor_ndim.extend(w.ndim)
+    m.tensor_shape.extend(w.shape)
+    m.tensor_stride.extend(w.stride)
+    m.tensor_storage.extend(storage_of)
+    m.tensor_byte_offset.extend(offset_of)
+    m.tensor_requires_grad.extend(w.requires_grad)
+    m.storage_nbytes.extend(span_sizes)
+    m.message_nbytes.extend(cut_messages(span_sizes, bucket_bytes))
+    m.chain.extend(chain)
+    return SendPlan(manifest=m, spans=spans, payload_bytes=sum(span_sizes))
+
+
+def cut_messages(span_sizes: list[int], bucket_bytes: int) -> list[int]:
+    """Cuts the concatenated spans into messages.
+
+    A span of at least ``bucket_bytes`` goes in messages of its own (straight from
+    and into tensor memory, no staging copy); smaller spans are packed whole into
+    buckets of at most ``bucket_bytes``.
+    """
+    out: list[int] = []
+    bucket = 0
+    for n in span_sizes:
+        if n >= bucket_bytes:
+            if bucket:
+                out.append(bucket)
+                bucket = 0
+            pieces = -(-n // bucket_bytes)
+            size = -(-n // pieces)
+            while n > 0:
+                out.append(min(size, n))
+                n -= size
+        elif n:
+            if bucket + n > bucket_bytes:
+                out.append(bucket)
+                bucket = 0
+            bucket += n
+    if bucket:
+        out.append(bucket)
+    return out

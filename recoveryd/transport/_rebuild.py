@@ -1,0 +1,428 @@
+"""Receiver side of the manifest: validate it, place its bytes, rebuild the tree.
+
+Nothing here trusts the manifest: every index, size and extent is checked
+before anything is allocated, and an in-place receive is matched against the
+receiver's own state_dict (every path, kind, shape and dtype) before a single
+byte is written into it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
+
+from recoveryd.errors import ManifestError, StateMismatchError
+from recoveryd.transport import _dtypes
+from recoveryd.transport._alloc import Arena
+from recoveryd.transport._flatten import FORMAT_VERSION
+from recoveryd.v1 import manifest_pb2 as pb
+
+_MAX_DEPTH = 256
+# One message is never larger than this; bounds what a hostile manifest can
+# make the receiver stage.
+MAX_MESSAGE_BYTES = 1 << 30
+
+Path = tuple[object, ...]
+
+
+@dataclass(slots=True)
+class TensorSpec:
+    """One tensor of the manifest, decoded."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage: int
+    byte_offset: int
+    requires_grad: bool
+
+
+@dataclass(slots=True)
+class Layout:
+    """Where each incoming storage span lands on this rank.
+
+    ``targets[s]`` is a 1-D uint8 buffer of the span's size. When ``direct[s]``
+    it is the final memory; otherwise it is scratch that ``finish`` copies out
+    of, tensor by tensor.
+    """
+
+    targets: list[torch.Tensor]
+    direct: list[bool]
+    finish: Callable[[], object]
+    copies: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+
+
+def _path_str(path: Path) -> str:
+    return ".".join(str(p) for p in path) or "<root>"
+
+
+def decode_tensors(m: pb.Manifest) -> list[TensorSpec]:
+    """Decodes and bounds-checks the tensor columns.
+
+    Raises:
+        ManifestError: any column is inconsistent or a tensor reaches outside its span.
+    """
+    n = len(m.tensor_dtype)
+    cols = (m.tensor_ndim, m.tensor_storage, m.tensor_byte_offset, m.tensor_requires_grad)
+    if any(len(c) != n for c in cols):
+        raise ManifestError("tensor columns have different lengths")
+    ndims = list(m.tensor_ndim)
+    total_dims = sum(ndims)
+    if len(m.tensor_shape) != total_dims or len(m.tensor_stride) != total_dims:
+        raise ManifestError("tensor shapes/strides do not match the tensors' dimensions")
+    shapes = list(m.tensor_shape)
+    strides = list(m.tensor_stride)
+    storages = list(m.tensor_storage)
+    offsets = list(m.tensor_byte_offset)
+    grads = list(m.tensor_requires_grad)
+    span = list(m.storage_nbytes)
+    out: list[TensorSpec] = []
+    pos = 0
+    for i, code in enumerate(m.tensor_dtype):
+        dtype = _dtypes.FROM_PB.get(code)
+        if dtype is None:
+            raise ManifestError(f"tensor {i}: unknown dtype code {code}")
+        nd = ndims[i]
+        if nd > 64:
+            raise ManifestError(f"tensor {i}: {nd} dimensions")
+        shape = tuple(shapes[pos : pos + nd])
+        stride = tuple(strides[pos : pos + nd])
+        pos += nd
+        if any(d < 0 for d in shape) or any(s < 0 for s in stride):
+            raise ManifestError(f"tensor {i}: negative size or stride")
+        s = storages[i]
+        if s >= len(span):
+            raise ManifestError(f"tensor {i}: storage {s} out of range")
+        itemsize = dtype.itemsize
+        off = offsets[i]
+        if off % itemsize:
+            raise ManifestError(f"tensor {i}: byte offset {off} not a multiple of {itemsize}")
+        if math.prod(shape):
+            end = off + (sum((d - 1) * st for d, st in zip(shape, stride, strict=True)) + 1) * itemsize
+            if end > span[s]:
+                raise ManifestError(f"tensor {i}: reaches byte {end} of a {span[s]}-byte span")
+        out.append(TensorSpec(dtype, shape, stride, s, off, grads[i]))
+    return out
+
+
+def check_manifest(m: pb.Manifest, tensors: list[TensorSpec]) -> None:
+    """Checks everything but the tree (walked when it is rebuilt)."""
+    if m.format_version != FORMAT_VERSION:
+        raise ManifestError(
+            f"manifest format {m.format_version}, this recoveryd reads {FORMAT_VERSION}: "
+            "upgrade the older side"
+        )
+    if len(m.node_kind) != len(m.node_arg):
+        raise ManifestError("node columns have different lengths")
+    if any(n == 0 or n > MAX_MESSAGE_BYTES for n in m.message_nbytes):
+        raise ManifestError("a message is empty or larger than 1 GiB")
+    if sum(m.message_nbytes) != sum(m.storage_nbytes):
+        raise ManifestError("messages do not cover the storages exactly")
+    for d in m.dtensors:
+        if d.local_tensor >= len(tensors):
+            raise ManifestError("a DTensor names a tensor out of range")
+    for st in m.sharded_tensors:
+        if len(st.local_shard) != len(st.local_tensor):
+            raise ManifestError("a ShardedTensor's local shard columns differ in length")
+        if any(j >= len(st.shards) for j in st.local_shard) or any(
+            t >= len(tensors) for t in st.local_tensor
+        ):
+            raise ManifestError("a ShardedTensor names a shard or tensor out of range")
+
+
+class TreeBuilder:
+    """Walks the manifest's pre-order tree, calling ``leaf`` for tensor-like nodes."""
+
+    def __init__(self, m: pb.Manifest, leaf: Callable[[int, int, Path], object]) -> None:
+        self._kinds = list(m.node_kind)
+        self._args = list(m.node_arg)
+        self._key_kind = list(m.key_kind)
+        self._key_str = list(m.key_str)
+        self._key_int = list(m.key_int)
+        self._values = m.values
+        self._leaf = leaf
+        self._pos = 0
+        self._key = 0
+        self._str = 0
+        self._int = 0
+
+    def build(self) -> object:
+        if not self._kinds:
+            raise ManifestError("empty tree")
+        root = self._node((), 0)
+        if self._pos != len(self._kinds) or self._key != len(self._key_kind):
+            raise ManifestError("tree has trailing nodes or keys")
+        return root
+
+    def _next_key(self) -> object:
+        if self._key >= len(self._key_kind):
+            raise ManifestError("tree runs out of dict keys")
+        kind = self._key_kind[self._key]
+        self._key += 1
+        if kind == pb.KEY_KIND_STR and self._str < len(self._key_str):
+            self._str += 1
+            return self._key_str[self._str - 1]
+        if kind == pb.KEY_KIND_INT and self._int < len(self._key_int):
+            self._int += 1
+            return self._key_int[self._int - 1]
+        raise ManifestError(f"bad dict key kind {kind}")
+
+    def _node(self, path: Path, depth: int) -> object:
+        if depth > _MAX_DEPTH:
+            raise ManifestError(f"tree deeper than {_MAX_DEPTH}")
+        if self._pos >= len(self._kinds):
+            raise ManifestError("tree runs out of nodes")
+        kind, arg = self._kinds[self._pos], self._args[self._pos]
+        self._pos += 1
+        if kind in (pb.NODE_KIND_DICT, pb.NODE_KIND_ORDERED_DICT):
+            if arg > len(self._kinds):
+                raise ManifestError("dict larger than the tree")
+            d: dict[object, object] = {} if kind == pb.NODE_KIND_DICT else OrderedDict()
+            for _ in range(arg):
+                k = self._next_key()
+                d[k] = self._node((*path, k), depth + 1)
+            return d
+        if kind in (pb.NODE_KIND_LIST, pb.NODE_KIND_TUPLE):
+            if arg > len(self._kinds):
+                raise ManifestError("list larger than the tree")
+            items = [self._node((*path, i), depth + 1) for i in range(arg)]
+            return items if kind == pb.NODE_KIND_LIST else tuple(items)
+        if kind == pb.NODE_KIND_VALUE:
+            if arg >= len(self._values):
+                raise ManifestError("value index out of range")
+            return decode_value(self._values[arg])
+        if kind in (pb.NODE_KIND_TENSOR, pb.NODE_KIND_DTENSOR, pb.NODE_KIND_SHARDED_TENSOR):
+            return self._leaf(kind, arg, path)
+        raise ManifestError(f"unknown node kind {kind}")
+
+
+def decode_value(v: pb.Value) -> object:
+    """Turns a manifest value back into the Python value it stands for."""
+    which = v.WhichOneof("kind")
+    if which is None or which == "none":
+        return None
+    if which == "bool_value":
+        return v.bool_value
+    if which == "int_value":
+        return v.int_value
+    if which == "float_value":
+        return v.float_value
+    if which == "str_value":
+        return v.str_value
+    if which == "bytes_value":
+        return v.bytes_value
+    if which == "complex_value":
+        return complex(v.complex_value.real, v.complex_value.imag)
+    if which == "dtype_value":
+        dtype = _dtypes.FROM_PB.get(v.dtype_value)
+        if dtype is None:
+            raise ManifestError(f"unknown dtype code {v.dtype_value}")
+        return dtype
+    if which == "size_value":
+        return torch.Size(v.size_value.items)
+    if which == "device_value":
+        try:
+            return torch.device(v.device_value)
+        except RuntimeError as e:
+            raise ManifestError(f"bad device {v.device_value!r}") from e
+    if which == "big_int_value":
+        text = v.big_int_value
+        if len(text) > 4300 or not text.lstrip("-").isdigit():
+            raise ManifestError("bad big int value")
+        return int(text)
+    raise ManifestError(f"unknown value kind {which}")
+
+
+def flatten_leaves(obj: object) -> dict[Path, object]:
+    """Every leaf of a state_dict by path (tensors, DTensor, ShardedTensor and values)."""
+    out: dict[Path, object] = {}
+
+    def walk(o: object, path: Path) -> None:
+        kind = type(o)
+        if kind is dict or kind is OrderedDict:
+            for k, v in o.items():  # type: ignore[attr-defined]
+                walk(v, (*path, k))
+        elif kind is list or kind is tuple:
+            for i, v in enumerate(o):  # type: ignore[arg-type]
+                walk(v, (*path, i))
+        else:
+            out[path] = o
+
+    walk(obj, ())
+    return out
+
+
+def local_of(leaf: object) -> list[torch.Tensor]:
+    """The plain tensors that hold a leaf's local data."""
+    if isinstance(leaf, DTensor):
+        return [leaf._local_tensor]
+    if isinstance(leaf, ShardedTensor):
+        return [s.tensor for s in leaf.local_shards()]
+    if isinstance(leaf, torch.Tensor):
+        return [leaf]
+    return []
+
+
+def byte_view(t: torch.Tensor, start: int, nbytes: int) -> torch.Tensor:
+    """A 1-D uint8 view of ``nbytes`` of ``t``'s storage from byte ``start``."""
+    view = torch.empty(0, dtype=torch.uint8, device=t.device)
+    if nbytes:
+        view.set_(t.untyped_storage(), start, (nbytes,))  # type: ignore[call-overload]
+    return view
+
+
+def typed_view(buf: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """The tensor ``spec`` describes, viewing the span buffer ``buf``."""
+    t = torch.empty(0, dtype=spec.dtype, device=buf.device)
+    if math.prod(spec.shape) == 0:
+        return t.reshape(spec.shape) if spec.shape else t.new_empty(())
+    start = buf.storage_offset() + spec.byte_offset
+    t.set_(buf.untyped_storage(), start // spec.dtype.itemsize, spec.shape, spec.stride)  # type: ignore[call-overload]
+    return t
+
+
+def allocate_targets(
+    sizes: list[int], device: torch.device, arena: Arena
+) -> list[torch.Tensor]:
+    """Fresh span buffers for an allocating receive."""
+    if device.type == "cpu":
+        return arena.empty_many(sizes)
+    return [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]
+
+
+def match_in_place(
+    m: pb.Manifest, tensors: list[TensorSpec], into: object
+) -> tuple[dict[int, torch.Tensor], dict[Path, object]]:
+    """Matches every incoming tensor to the receiver's tensor at the same path.
+
+    Returns:
+        The receiver tensor for each manifest tensor index, and the receiver's
+        leaves by path.
+
+    Raises:
+        StateMismatchError: naming every path that is missing, extra, or of
+            another kind, shape or dtype. Nothing has been written.
+    """
+    have = flatten_leaves(into)
+    sent: set[Path] = set()
+    dst: dict[int, torch.Tensor] = {}
+    problems: list[str] = []
+
+    def check(index: int, t: torch.Tensor, where: str) -> None:
+        spec = tensors[index]
+        if t.dtype != spec.dtype:
+            problems.append(f"{where}: dtype {t.dtype} here, {spec.dtype} sent")
+        elif tuple(t.shape) != spec.shape:
+            problems.append(f"{where}: shape {list(t.shape)} here, {list(spec.shape)} sent")
+        else:
+            dst[index] = t
+
+    def leaf(kind: int, arg: int, path: Path) -> object:
+        sent.add(path)
+        where = _path_str(path)
+        mine = have.get(path)
+        if mine is None and path not in have:
+            problems.append(f"{where}: missing in the receiver's state_dict")
+            return None
+        if kind == pb.NODE_KIND_TENSOR:
+            if type(mine) is not torch.Tensor and type(mine) is not torch.nn.Parameter:
+                problems.append(f"{where}: {type(mine).__name__} here, a tensor sent")
+            else:
+                check(arg, mine, where)
+        elif kind == pb.NODE_KIND_DTENSOR:
+            if arg >= len(m.dtensors):
+                raise ManifestError("DTensor index out of range")
+            if not isinstance(mine, DTensor):
+                problems.append(f"{where}: {type(mine).__name__} here, a DTensor sent")
+            else:
+                meta = m.dtensors[arg]
+                if list(mine.shape) != list(meta.global_shape):
+                    problems.append(
+                        f"{where}: global shape {list(mine.shape)} here, "
+                        f"{list(meta.global_shape)} sent"
+                    )
+                else:
+                    check(meta.local_tensor, mine._local_tensor, where)
+        else:
+            if arg >= len(m.sharded_tensors):
+                raise ManifestError("ShardedTensor index out of range")
+            if not isinstance(mine, ShardedTensor):
+                problems.append(f"{where}: {type(mine).__name__} here, a ShardedTensor sent")
+            else:
+                meta = m.sharded_tensors[arg]
+                shards = mine.local_shards()
+                if len(shards) != len(meta.local_tensor):
+                    problems.append(
+                        f"{where}: {len(shards)} local shards here, {len(meta.local_tensor)} sent"
+                    )
+                else:
+                    for j, (shard, ti, si) in enumerate(
+                        zip(shards, meta.local_tensor, meta.local_shard, strict=True)
+                    ):
+                        if list(shard.metadata.shard_offsets) != list(meta.shards[si].offsets):
+                            problems.append(f"{where}.<shard {j}>: offsets differ")
+                        else:
+                            check(ti, shard.tensor, f"{where}.<shard {j}>")
+        return None
+
+    TreeBuilder(m, leaf).build()
+    for path, obj in have.items():
+        if path not in sent and local_of(obj):
+            problems.append(f"{_path_str(path)}: not in the sender's state_dict")
+    if problems:
+        raise StateMismatchError(problems)
+    return dst, have
+
+
+def place_in_place(
+    tensors: list[TensorSpec], sizes: list[int], dst: dict[int, torch.Tensor], arena: Arena
+) -> tuple[list[torch.Tensor], list[bool], list[tuple[torch.Tensor, int]]]:
+    """Chooses, per span, the receiver's own memory (same layout) or scratch plus copies."""
+    by_span: list[list[int]] = [[] for _ in sizes]
+    for i, spec in enumerate(tensors):
+        by_span[spec.storage].append(i)
+    targets: list[torch.Tensor] = []
+    direct: list[bool] = []
+    copies: list[tuple[torch.Tensor, int]] = []
+    for s, members in enumerate(by_span):
+        target = _same_layout(members, tensors, dst, sizes[s])
+        if target is not None:
+            targets.append(target)
+            direct.append(True)
+        else:
+            targets.append(arena.empty(sizes[s]))
+            direct.append(False)
+            copies.extend((dst[i], i) for i in members)
+    return targets, direct, copies
+
+
+def _same_layout(
+    members: list[int], tensors: list[TensorSpec], dst: dict[int, torch.Tensor], nbytes: int
+) -> torch.Tensor | None:
+    """The receiver's bytes that mirror a sender span, if its tensors sit the same way in one storage."""
+    if not members:
+        return None
+    first = dst[members[0]]
+    ptr = first.untyped_storage().data_ptr()
+    base: int | None = None
+    for i in members:
+        t, spec = dst[i], tensors[i]
+        if t.untyped_storage().data_ptr() != ptr or t.device != first.device:
+            return None
+        if math.prod(spec.shape) and tuple(t.stride()) != spec.stride:
+            return None
+        b = t.storage_offset() * t.element_size() - spec.byte_offset
+        if base is None:
+            base = b
+        elif b != base:
+            return None
+    assert base is not None
+    if base < 0 or base + nbytes > first.untyped_storage().nbytes():
+        return None
+    return byte_view(first, base, nbytes)

@@ -1,0 +1,112 @@
+"""Rebuilding the received state_dict's tree: fresh tensors, DTensors, ShardedTensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed._shard.sharded_tensor.metadata import (
+    ShardedTensorMetadata,
+    TensorProperties,
+)
+from torch.distributed.tensor import DTensor, Replicate, Shard as ShardPlacement
+from torch.distributed.tensor.placement_types import Partial, Placement
+
+from recoveryd.errors import ManifestError, StateMismatchError
+from recoveryd.transport import _dtypes
+from recoveryd.transport._rebuild import Path, TensorSpec, TreeBuilder, typed_view
+from recoveryd.v1 import manifest_pb2 as pb
+
+
+def rebuild_in_place(m: pb.Manifest, have: dict[Path, object]) -> object:
+    """The sender's tree, with the receiver's own (now filled) tensor objects as leaves."""
+    return TreeBuilder(m, lambda _kind, _arg, path: have[path]).build()
+
+
+def rebuild_allocated(
+    m: pb.Manifest, tensors: list[TensorSpec], targets: list[torch.Tensor], mesh: Any | None
+) -> object:
+    """The sender's tree over freshly received span buffers (views keep their aliasing)."""
+
+    def plain(i: int) -> torch.Tensor:
+        spec = tensors[i]
+        t = typed_view(targets[spec.storage], spec)
+        if spec.requires_grad and (t.is_floating_point() or t.is_complex()):
+            t.requires_grad_(True)
+        return t
+
+    def leaf(kind: int, arg: int, path: Path) -> object:
+        if kind == pb.NODE_KIND_TENSOR:
+            if arg >= len(tensors):
+                raise ManifestError("tensor index out of range")
+            return plain(arg)
+        if kind == pb.NODE_KIND_DTENSOR:
+            if arg >= len(m.dtensors):
+                raise ManifestError("DTensor index out of range")
+            return _dtensor(m.dtensors[arg], plain(m.dtensors[arg].local_tensor), mesh, path)
+        if arg >= len(m.sharded_tensors):
+            raise ManifestError("ShardedTensor index out of range")
+        meta = m.sharded_tensors[arg]
+        return _sharded(meta, [plain(i) for i in meta.local_tensor])
+
+    return TreeBuilder(m, leaf).build()
+
+
+def _placement(p: pb.Placement) -> Placement:
+    if p.kind == pb.Placement.KIND_REPLICATE:
+        return Replicate()
+    if p.kind == pb.Placement.KIND_SHARD:
+        return ShardPlacement(p.dim)
+    if p.kind == pb.Placement.KIND_PARTIAL:
+        return Partial(p.reduce_op or "sum")
+    if p.kind == pb.Placement.KIND_STRIDED_SHARD:
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        return _StridedShard(p.dim, split_factor=p.split_factor)
+    raise ManifestError(f"unknown DTensor placement kind {p.kind}")
+
+
+def _dtensor(meta: pb.DTensorMeta, local: torch.Tensor, mesh: Any | None, path: Path) -> DTensor:
+    where = ".".join(str(p) for p in path)
+    if mesh is None:
+        raise StateMismatchError(
+            [
+                f"{where}: a DTensor was sent but the receiver has no DeviceMesh; pass "
+                "device_mesh= or receive in place into a state_dict holding this DTensor"
+            ]
+        )
+    if list(mesh.mesh.shape) != list(meta.mesh_shape):
+        raise StateMismatchError(
+            [f"{where}: mesh shape {list(mesh.mesh.shape)} here, {list(meta.mesh_shape)} sent"]
+        )
+    return DTensor.from_local(
+        local,
+        mesh,
+        [_placement(p) for p in meta.placements],
+        run_check=False,
+        shape=torch.Size(meta.global_shape),
+        stride=tuple(meta.global_stride),
+    )
+
+
+def _sharded(meta: pb.ShardedTensorMeta, locals_: list[torch.Tensor]) -> ShardedTensor:
+    dtype = _dtypes.FROM_PB.get(meta.dtype)
+    if dtype is None:
+        raise ManifestError(f"unknown ShardedTensor dtype {meta.dtype}")
+    try:
+        shards_md = [
+            ShardMetadata(list(s.offsets), list(s.sizes), s.placement) for s in meta.shards
+        ]
+    except (ValueError, RuntimeError) as e:
+        raise ManifestError(f"bad ShardedTensor shard metadata: {e}") from e
+    global_md = ShardedTensorMetadata(
+        shards_metadata=shards_md,
+        size=torch.Size(meta.global_size),
+        tensor_properties=TensorProperties(dtype=dtype, requires_grad=meta.requires_grad),
+    )
+    local_shards = [
+        Shard(tensor=t, metadata=shards_md[j]) for t, j in zip(locals_, meta.local_shard, strict=True)
+    ]
+    return ShardedTensor._init_from_local_shards_and_global_metadata(local_shards, global_md)

@@ -1,0 +1,179 @@
+"""Deadline-bounded point-to-point messaging over a ProcessGroup.
+
+Every wait here takes what is left of one deadline that the caller's timeout
+set, and every backend failure becomes a :class:`TransferTimeoutError` or a
+:class:`PeerLostError` naming the peer.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from recoveryd.errors import PeerLostError, TransferTimeoutError
+
+# Tags live far from 0 so the transport can share a group with a caller's own
+# point-to-point traffic.
+_TAG_BASE = 0x52440
+TAG_HEADER = _TAG_BASE + 1
+TAG_MANIFEST = _TAG_BASE + 2
+TAG_ACK = _TAG_BASE + 3
+TAG_GO = _TAG_BASE + 4
+TAG_DATA = _TAG_BASE + 5
+TAG_TRAILER = _TAG_BASE + 6
+TAG_DONE = _TAG_BASE + 7
+
+MAGIC = 0x5245434F56455259  # "RECOVERY"
+TRAILER_MAGIC = 0x454E444F46535452  # "ENDOFSTR"
+
+# Answers a receiver gives after reading the manifest, and the sender's go/abort.
+ACK_OK = 0
+ACK_STEP_MISMATCH = 1
+ACK_STATE_MISMATCH = 2
+ACK_BAD_MANIFEST = 3
+ACK_OTHER = 4
+GO = 0
+ABORT = 1
+
+ACK_REASONS = {
+    ACK_STEP_MISMATCH: "its demanded step differs from the sent step",
+    ACK_STATE_MISMATCH: "its in-place state_dict does not match the manifest",
+    ACK_BAD_MANIFEST: "it rejected the manifest",
+    ACK_OTHER: "it failed before receiving data",
+}
+
+# Gloo raises RuntimeError subclasses whose text is all we get to tell a
+# deadline from a dead peer.
+_TIMEOUT_HINTS = ("timed out", "timeout", "deadline")
+
+
+class Deadline:
+    """One deadline for a whole transfer; every wait takes what is left of it."""
+
+    def __init__(self, timeout: timedelta) -> None:
+        self.timeout = timeout
+        self._end = time.monotonic() + timeout.total_seconds()
+
+    def remaining(self) -> timedelta:
+        """Time left; raises :class:`TransferTimeoutError` once it is spent."""
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise TransferTimeoutError(f"transfer did not finish within {self.timeout}")
+        return timedelta(seconds=left)
+
+
+class Wire:
+    """Point-to-point messages on ``pg`` with one deadline.
+
+    Args:
+        pg: the process group; never the default group's identity is assumed.
+        device: where message buffers live (``cpu`` for Gloo, ``cuda`` for NCCL).
+        deadline: the transfer's deadline.
+    """
+
+    def __init__(self, pg: dist.ProcessGroup, device: torch.device, deadline: Deadline) -> None:
+        self.pg = pg
+        self.device = device
+        self.deadline = deadline
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.messages = 0
+        # Buffers of posted operations that failed: the backend may still write
+        # into or read from them, so they must outlive this transfer.
+        self._orphans: list[torch.Tensor] = []
+
+    def isend(self, t: torch.Tensor, dst: int, tag: int) -> Any:
+        self.bytes_sent += t.numel() * t.element_size()
+        self.messages += 1
+        try:
+            return self.pg.send([t], dst, tag)
+        except RuntimeError as e:
+            raise _translate(e, dst, self.deadline) from e
+
+    def irecv(self, t: torch.Tensor, src: int, tag: int) -> Any:
+        self.bytes_received += t.numel() * t.element_size()
+        self.messages += 1
+        try:
+            return self.pg.recv([t], src, tag)
+        except RuntimeError as e:
+            raise _translate(e, src, self.deadline) from e
+
+    def wait(self, work: Any, peer: int, buf: torch.Tensor | None = None) -> None:
+        """Waits for ``work`` within the deadline."""
+        try:
+            left = self.deadline.remaining()
+        except TransferTimeoutError as e:
+            self._orphan(buf)
+            e.peer_rank = peer
+            raise
+        try:
+            ok = work.wait(left)
+        except RuntimeError as e:
+            self._orphan(buf)
+            raise _translate(e, peer, self.deadline) from e
+        if ok is False:
+            self._orphan(buf)
+            raise TransferTimeoutError(
+                f"rank {peer} did not answer within {self.deadline.timeout}", peer_rank=peer
+            )
+
+    def send(self, t: torch.Tensor, dst: int, tag: int) -> None:
+        self.wait(self.isend(t, dst, tag), dst, t)
+
+    def recv(self, t: torch.Tensor, src: int, tag: int) -> None:
+        self.wait(self.irecv(t, src, tag), src, t)
+
+    def send_ints(self, values: list[int], dst: int, tag: int) -> None:
+        self.send(torch.tensor(values, dtype=torch.int64, device=self.device), dst, tag)
+
+    def recv_ints(self, n: int, src: int, tag: int) -> list[int]:
+        t = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self.recv(t, src, tag)
+        return [int(x) for x in t.tolist()]
+
+    def _orphan(self, buf: torch.Tensor | None) -> None:
+        if buf is not None:
+            self._orphans.append(buf)
+            # Park them on the group itself: they must live as long as it does.
+            parked: list[torch.Tensor] = getattr(self.pg, "_recoveryd_orphans", [])
+            parked.append(buf)
+            try:
+                self.pg._recoveryd_orphans = parked  # type: ignore[attr-defined]
+            except AttributeError:
+                pass
+
+
+def _translate(e: RuntimeError, peer: int, deadline: Deadline) -> Exception:
+    text = str(e)
+    if any(h in text.lower() for h in _TIMEOUT_HINTS):
+        return TransferTimeoutError(
+            f"rank {peer} did not answer within {deadline.timeout}: {text.strip()[:300]}",
+            peer_rank=peer,
+        )
+    return PeerLostError(
+        f"lost rank {peer} during the transfer: {text.strip()[:300]}; the process group must be "
+        "rebuilt before it is used again",
+        peer_rank=peer,
+    )
+
+
+def wire_device(pg: dist.ProcessGroup, device: torch.device | None) -> torch.device:
+    """The device message buffers live on: ``device`` if given, else cuda for NCCL groups."""
+    if device is not None:
+        return device
+    name = ""
+    for getter in ("_get_backend_name", "name", "getBackendName"):
+        fn = getattr(pg, getter, None)
+        if fn is not None:
+            try:
+                name = str(fn())
+                break
+            except (RuntimeError, NotImplementedError):
+                continue
+    if "nccl" in name.lower() and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

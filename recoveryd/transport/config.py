@@ -1,0 +1,88 @@
+"""Knobs of the data plane, as one frozen dataclass."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from recoveryd.errors import ConfigError
+
+_MiB = 1 << 20
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(name, raw, "must be an integer number of bytes") from None
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, raw, "must be one of 1/0, true/false, yes/no, on/off")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TransferConfig:
+    """How a state_dict is cut into messages and checked.
+
+    Every field can also be set through the environment variable named in its
+    description; an explicit argument wins over the environment.
+    """
+
+    bucket_bytes: int = field(default_factory=lambda: _env_int("RECOVERYD_BUCKET_BYTES", 16 * _MiB))
+    """Size of one staging bucket (``RECOVERYD_BUCKET_BYTES``, default 16 MiB).
+
+    Small tensors are packed into buckets, so the number of messages grows with
+    bytes, not with tensors; each side holds at most two buckets of extra memory.
+    Tensors whose storage span is at least this large travel straight from the
+    sender's memory into the receiver's, in messages of at most this size.
+    """
+
+    checksums: bool = field(default_factory=lambda: _env_bool("RECOVERYD_CHECKSUMS", True))
+    """Verify an xxh3-64 checksum of every message (``RECOVERYD_CHECKSUMS``, default on).
+
+    Costs about 4 % of a 1 GiB transfer on two cores (bench/RESULTS.md). Only
+    applies to CPU wires (Gloo); NCCL transfers are not checksummed.
+    """
+
+    fanout: Literal["chain", "star"] = field(
+        default_factory=lambda: os.environ.get("RECOVERYD_FANOUT", "chain")  # type: ignore[return-value]
+    )
+    """How one sender reaches several receivers (``RECOVERYD_FANOUT``).
+
+    ``"chain"`` (default): the sender sends each message once; every receiver
+    forwards it to the next, so the sender's link carries the state once
+    whatever the number of receivers. ``"star"``: the sender sends every message
+    to every receiver itself.
+    """
+
+    max_manifest_bytes: int = field(
+        default_factory=lambda: _env_int("RECOVERYD_MAX_MANIFEST_BYTES", 256 * _MiB)
+    )
+    """Largest manifest a receiver accepts (``RECOVERYD_MAX_MANIFEST_BYTES``)."""
+
+    hugepages: bool = field(default_factory=lambda: _env_bool("RECOVERYD_HUGEPAGES", True))
+    """Back large allocating receives with transparent huge pages (``RECOVERYD_HUGEPAGES``).
+
+    Fresh 4 KiB pages fault in at ~1.5 GB/s, slower than the wire; huge pages
+    fault 512 times less often (bench/RESULTS.md).
+    """
+
+    def __post_init__(self) -> None:
+        if self.bucket_bytes < 4096:
+            raise ConfigError("bucket_bytes", self.bucket_bytes, "must be at least 4096")
+        if self.fanout not in ("chain", "star"):
+            raise ConfigError("fanout", self.fanout, "must be 'chain' or 'star'")
+        if self.max_manifest_bytes < 1024:
+            raise ConfigError("max_manifest_bytes", self.max_manifest_bytes, "must be >= 1024")

@@ -1,0 +1,286 @@
+"""Receiving a state_dict from a rank of a ProcessGroup, allocating or in place."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from collections import deque
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from google.protobuf.message import DecodeError
+
+from recoveryd.errors import (
+    ConfigError,
+    IntegrityError,
+    ManifestError,
+    RecoverydError,
+    StateMismatchError,
+    StepMismatchError,
+    TransferError,
+)
+from recoveryd.transport import _rebuild as rb
+from recoveryd.transport import _wire as w
+from recoveryd.transport._alloc import Arena
+from recoveryd.transport._flatten import FORMAT_VERSION
+from recoveryd.transport._pieces import Message, Staging, cut
+from recoveryd.transport._tree import rebuild_allocated, rebuild_in_place
+from recoveryd.transport.config import TransferConfig
+from recoveryd.transport.stats import ReceivedState, TransferStats, checksum
+from recoveryd.v1 import manifest_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+WINDOW = 4
+
+
+def recv_state_dict(
+    pg: dist.ProcessGroup,
+    src_rank: int,
+    *,
+    timeout: timedelta,
+    into: object | None = None,
+    step: int | None = None,
+    config: TransferConfig | None = None,
+    device: torch.device | None = None,
+    alloc_device: torch.device | None = None,
+    device_mesh: Any | None = None,
+) -> ReceivedState:
+    """Receives the state_dict that ``src_rank`` sends with :func:`send_state_dict`.
+
+    The manifest is validated before anything is allocated; in place, it is
+    matched against ``into`` (every path, kind, shape and dtype) before any
+    byte is written, and the bytes land straight in ``into``'s tensors when
+    their layout matches the sender's. Every message is checksummed when the
+    sender enabled it, and the result is returned only when all bytes arrived
+    and verified.
+
+    Args:
+        pg: the group to receive on.
+        src_rank: group rank of the sender.
+        timeout: deadline for the whole call.
+        into: the receiver's own state_dict to receive into, or ``None`` to
+            allocate fresh tensors.
+        step: if given, the step the sender must be at.
+        config: limits (manifest size, huge pages); defaults from the environment.
+        device: the device message buffers live on; defaults to cuda for NCCL
+            groups and cpu otherwise.
+        alloc_device: where an allocating receive puts tensors (default cpu).
+        device_mesh: the receiver's DeviceMesh for DTensors received without
+            ``into``.
+
+    Returns:
+        The state_dict, the sender's step and the counters.
+
+    Raises:
+        StepMismatchError: the sender is at another step (nothing written).
+        StateMismatchError: ``into`` does not match the sender's state (nothing written).
+        ManifestError: the manifest is malformed or hostile.
+        IntegrityError: a message failed its checksum.
+        TransferTimeoutError: the deadline passed.
+        PeerLostError: the sender or the rank relaying to this one went away.
+    """
+    start = time.perf_counter()
+    config = config or TransferConfig()
+    me = pg.rank()
+    if src_rank == me or not 0 <= src_rank < pg.size():
+        raise ConfigError("src_rank", src_rank, f"must be another rank of the group (this is {me})")
+    dev = w.wire_device(pg, device)
+    wire = w.Wire(pg, dev, w.Deadline(timeout))
+    arena = Arena(hugepages=config.hugepages)
+    m, manifest_bytes = _recv_manifest(wire, src_rank, config)
+    try:
+        tensors = rb.decode_tensors(m)
+        rb.check_manifest(m, tensors)
+        chain = list(m.chain)
+        if not chain or chain[0] != src_rank or chain.count(me) != 1:
+            raise ManifestError(f"relay chain {chain} does not lead from rank {src_rank} to {me}")
+        if any(not 0 <= r < pg.size() for r in chain) or len(set(chain)) != len(chain):
+            raise ManifestError(f"relay chain {chain} names ranks outside the group or twice")
+        sent_step = m.step if m.HasField("step") else None
+        if step is not None and sent_step != step:
+            raise StepMismatchError(step, sent_step, peer_rank=src_rank)
+        sizes = list(m.storage_nbytes)
+        if into is None:
+            targets = rb.allocate_targets(sizes, alloc_device or torch.device("cpu"), arena)
+            direct = [True] * len(sizes)
+            copies: list[tuple[torch.Tensor, int]] = []
+            have: dict[rb.Path, object] = {}
+        else:
+            dst, have = rb.match_in_place(m, tensors, into)
+            targets, direct, copies = rb.place_in_place(tensors, sizes, dst, arena)
+    except BaseException as e:
+        code = {
+            StepMismatchError: w.ACK_STEP_MISMATCH,
+            StateMismatchError: w.ACK_STATE_MISMATCH,
+            ManifestError: w.ACK_BAD_MANIFEST,
+        }.get(type(e), w.ACK_OTHER)
+        _best_effort(wire, [code, 0], src_rank, w.TAG_ACK)
+        raise
+    wire.send_ints([w.ACK_OK, 0], src_rank, w.TAG_ACK)
+    if wire.recv_ints(2, src_rank, w.TAG_GO)[0] != w.GO:
+        raise TransferError(
+            f"rank {src_rank} aborted the transfer because another receiver refused it",
+            peer_rank=src_rank,
+        )
+    pos = chain.index(me)
+    pred = src_rank if m.star else chain[pos - 1]
+    succ = None if m.star or pos + 1 == len(chain) else chain[pos + 1]
+    try:
+        messages = cut(sizes, list(m.message_nbytes))
+        hashes = _stream(wire, messages, targets, pred, succ, m.checksums)
+        _verify(wire, src_rank, hashes, m.checksums)
+        for t, i in copies:
+            t.copy_(rb.typed_view(targets[tensors[i].storage], tensors[i]))
+        if into is None:
+            state = rebuild_allocated(m, tensors, targets, device_mesh)
+        else:
+            state = rebuild_in_place(m, have)
+    except RecoverydError as e:
+        _best_effort(wire, [w.ACK_OTHER, 0], src_rank, w.TAG_DONE)
+        logger.warning("receive from rank %d failed: %s", src_rank, e)
+        raise
+    wire.send_ints([w.ACK_OK, 0], src_rank, w.TAG_DONE)
+    stats = TransferStats(
+        role="receiver",
+        payload_bytes=sum(sizes),
+        bytes_sent=wire.bytes_sent,
+        bytes_received=wire.bytes_received,
+        messages=wire.messages,
+        manifest_bytes=manifest_bytes,
+        seconds=time.perf_counter() - start,
+    )
+    logger.info(
+        "received %d bytes (%d tensors, %d in place) from rank %d via %s in %.3fs (%.2f GB/s)",
+        stats.payload_bytes,
+        len(tensors),
+        sum(direct) if into is not None else 0,
+        pred,
+        "relay" if pred != src_rank else "direct",
+        stats.seconds,
+        stats.gbps,
+    )
+    return ReceivedState(state_dict=state, step=sent_step, stats=stats)
+
+
+def _recv_manifest(wire: w.Wire, src: int, config: TransferConfig) -> tuple[pb.Manifest, int]:
+    magic, version, nbytes, _ = wire.recv_ints(4, src, w.TAG_HEADER)
+    if magic != w.MAGIC:
+        raise ManifestError(f"rank {src} did not send a recoveryd header (magic {magic:#x})")
+    if version != FORMAT_VERSION:
+        raise ManifestError(
+            f"rank {src} speaks manifest format {version}, this recoveryd reads "
+            f"{FORMAT_VERSION}: run the same recoveryd version on both sides"
+        )
+    if not 0 < nbytes <= config.max_manifest_bytes:
+        raise ManifestError(
+            f"manifest of {nbytes} bytes outside (0, {config.max_manifest_bytes}]; raise "
+            "RECOVERYD_MAX_MANIFEST_BYTES if the state really is that large"
+        )
+    body = torch.empty(nbytes, dtype=torch.uint8, device=wire.device)
+    wire.recv(body, src, w.TAG_MANIFEST)
+    m = pb.Manifest()
+    try:
+        host = body.cpu()
+        m.ParseFromString(ctypes.string_at(host.data_ptr(), nbytes))
+    except (DecodeError, RecursionError, ValueError) as e:
+        raise ManifestError(f"manifest from rank {src} does not parse: {e}") from e
+    return m, nbytes
+
+
+def _stream(
+    wire: w.Wire,
+    messages: list[Message],
+    targets: list[torch.Tensor],
+    pred: int,
+    succ: int | None,
+    checksums: bool,
+) -> list[int]:
+    """Receives (and relays) the data messages; returns their checksums."""
+    dev = wire.device
+    staged = max((m.nbytes for m in messages if not _zero_copy(m, targets, dev)), default=0)
+    staging = Staging(max(staged, 1), dev)
+    hashes: list[int] = []
+    pending: deque[tuple[Message, Any, torch.Tensor, torch.Tensor | None]] = deque()
+    relays: deque[tuple[Any, torch.Tensor, torch.Tensor | None]] = deque()
+
+    def retire_relay() -> None:
+        work, buf, pooled = relays.popleft()
+        wire.wait(work, succ if succ is not None else pred, buf)
+        if pooled is not None:
+            staging.give(pooled)
+
+    def land() -> None:
+        m, work, buf, pooled = pending.popleft()
+        wire.wait(work, pred, buf)
+        if checksums:
+            hashes.append(checksum(buf))
+        if succ is not None:
+            relays.append((wire.isend(buf, succ, w.TAG_DATA), buf, pooled))
+        if pooled is not None:
+            _scatter(m, targets, buf)
+            if succ is None:
+                staging.give(pooled)
+        while len(relays) > WINDOW:
+            retire_relay()
+
+    for m in messages:
+        if _zero_copy(m, targets, dev):
+            buf = targets[m.span_ids[0]].narrow(0, m.offsets[0], m.sizes[0])
+            pooled = None
+        else:
+            while not staging.can_take():
+                if pending:
+                    land()
+                else:
+                    retire_relay()
+            pooled = staging.take()
+            buf = pooled[: m.nbytes]
+        pending.append((m, wire.irecv(buf, pred, w.TAG_DATA), buf, pooled))
+        while len(pending) > WINDOW:
+            land()
+    while pending:
+        land()
+    while relays:
+        retire_relay()
+    return hashes
+
+
+def _zero_copy(m: Message, targets: list[torch.Tensor], device: torch.device) -> bool:
+    return m.direct and targets[m.span_ids[0]].device == device
+
+
+def _scatter(m: Message, targets: list[torch.Tensor], buf: torch.Tensor) -> None:
+    parts = list(torch.split(buf, m.sizes))
+    dsts = [targets[s].narrow(0, o, n) for s, o, n in zip(m.span_ids, m.offsets, m.sizes, strict=True)]
+    if all(d.device == buf.device for d in dsts):
+        torch._foreach_copy_(dsts, parts)
+    else:
+        for d, p in zip(dsts, parts, strict=True):
+            d.copy_(p)
+
+
+def _verify(wire: w.Wire, src: int, hashes: list[int], checksums: bool) -> None:
+    n = len(hashes) if checksums else 0
+    trailer = wire.recv_ints(2 + n, src, w.TAG_TRAILER)
+    if trailer[0] != w.TRAILER_MAGIC or trailer[1] != n:
+        raise IntegrityError(f"rank {src} sent a bad trailer; the stream is not complete")
+    bad = [i for i, (a, b) in enumerate(zip(hashes, trailer[2:], strict=True)) if a != b]
+    if bad:
+        raise IntegrityError(
+            f"{len(bad)} of {n} messages from rank {src} failed their checksum (first: message "
+            f"{bad[0]}); the received state is corrupt and must not be used",
+            peer_rank=src,
+        )
+
+
+def _best_effort(wire: w.Wire, values: list[int], dst: int, tag: int) -> None:
+    """Tells the sender we failed, if it can still hear us; a failure here adds nothing."""
+    try:
+        work = wire.isend(torch.tensor(values, dtype=torch.int64, device=wire.device), dst, tag)
+        wire.wait(work, dst)
+    except RecoverydError:
+        pass

@@ -1,0 +1,70 @@
+"""What a transfer did: bytes, messages and time, for logs, metrics and benchmarks."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import xxhash
+
+
+@dataclass(frozen=True, slots=True)
+class TransferStats:
+    """Counters of one side of one transfer.
+
+    Attributes:
+        role: ``"sender"`` or ``"receiver"``.
+        payload_bytes: tensor bytes the state carries (each shared storage once).
+        bytes_sent: bytes this rank put on the wire (payload, forwards, control).
+        bytes_received: bytes this rank took off the wire.
+        messages: point-to-point operations this rank issued.
+        manifest_bytes: size of the encoded manifest.
+        seconds: wall time of the call.
+    """
+
+    role: Literal["sender", "receiver"]
+    payload_bytes: int
+    bytes_sent: int
+    bytes_received: int
+    messages: int
+    manifest_bytes: int
+    seconds: float
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes this rank moved in either direction."""
+        return self.bytes_sent + self.bytes_received
+
+    @property
+    def gbps(self) -> float:
+        """Payload throughput in GB/s (10^9 bytes per second)."""
+        return self.payload_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedState:
+    """The outcome of a receive.
+
+    Attributes:
+        state_dict: the received state_dict. In place, its tensors are the
+            receiver's own tensor objects, now holding the sender's values; its
+            containers and non-tensor values are the sender's.
+        step: the step the sender sent, or ``None`` if it sent none.
+        stats: the receive's counters.
+    """
+
+    state_dict: object
+    step: int | None
+    stats: TransferStats
+
+
+def checksum(buf: torch.Tensor) -> int:
+    """xxh3-64 of a contiguous CPU uint8 tensor, as a signed int64 (as it travels)."""
+    n = buf.numel()
+    if n == 0:
+        h = xxhash.xxh3_64_intdigest(b"")
+    else:
+        h = xxhash.xxh3_64_intdigest((ctypes.c_char * n).from_address(buf.data_ptr()))
+    return h - (1 << 64) if h >= 1 << 63 else h
