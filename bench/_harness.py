@@ -11,11 +11,16 @@ from __future__ import annotations
 import json
 import multiprocessing
 import multiprocessing.connection
+import os
+import resource
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
+
+import psutil  # type: ignore[import-untyped]
 
 from bench._transports import expected_wire_bytes
 from bench._worker import WORLD_SIZE, WorkerJob, worker_main
@@ -43,6 +48,8 @@ class PairOutcome:
     wall_s: float = 0.0
     log_path: str | None = None
     log_tail: str | None = None
+    foreign_cpu_share: float | None = None
+    """Share of the machine's CPU time used by processes outside this pair while it ran."""
 
 
 def transfer_timeout_s(transport: str, w: Workload, scale: float) -> float:
@@ -67,7 +74,7 @@ class Harness:
         self._repeats = repeats
         self._scale = timeout_scale
         self._ctx = multiprocessing.get_context("spawn")
-        self._store = dist.TCPStore(
+        self._store = dist.TCPStore(  # type: ignore[attr-defined]
             "127.0.0.1",
             0,
             None,
@@ -105,9 +112,13 @@ class Harness:
             for rank in range(WORLD_SIZE)
         ]
         procs = [
-            self._ctx.Process(target=worker_main, args=(job,), name=f"{tag}-rank{job.rank}")
+            self._ctx.Process(
+                target=worker_main, args=(job,), name=f"{tag}-rank{job.rank}", daemon=True
+            )
             for job in jobs
         ]
+        cpu0 = _busy_cpu_s()
+        own0 = _own_cpu_s()
         start = time.monotonic()
         status: Status = "ok"
         reason: str | None = None
@@ -122,6 +133,9 @@ class Harness:
             for p in procs:
                 p.join(_KILL_JOIN_S)
         wall_s = time.monotonic() - start
+        foreign_s = max(0.0, (_busy_cpu_s() - cpu0) - (_own_cpu_s() - own0))
+        ncpu = os.cpu_count() or 1
+        foreign = foreign_s / (wall_s * ncpu) if wall_s > 0 else None
         ranks = [_read_json(Path(j.result_path)) for j in jobs]
         for rank, res in enumerate(ranks):
             if res is not None and res.get("error"):
@@ -140,11 +154,12 @@ class Harness:
             wall_s=wall_s,
             log_path=str(log_path),
             log_tail=tail,
+            foreign_cpu_share=foreign,
         )
 
     def _wait(
         self,
-        procs: list[multiprocessing.process.BaseProcess],
+        procs: Sequence[multiprocessing.process.BaseProcess],
         deadline: float,
         deadline_s: float,
     ) -> tuple[Status, str | None]:
@@ -161,6 +176,20 @@ class Harness:
                 return "timeout", f"pair exceeded its {deadline_s:.0f} s deadline; killed"
             alive = [p.sentinel for p in procs if p.exitcode is None]
             multiprocessing.connection.wait(alive, timeout=min(left, 1.0))
+
+
+def _busy_cpu_s() -> float:
+    """Non-idle CPU seconds of the whole machine since boot."""
+    t = psutil.cpu_times()
+    # guest time is already inside user; steal is the hypervisor's, not a process's.
+    return float(t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0))
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process and its reaped children (the pair's ranks)."""
+    s = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -19,9 +19,14 @@ _STATS_FIELDS = ("wire_bytes", "payload_bytes", "messages", "seconds")
 
 
 def _stats_dict(stats: Any) -> dict[str, Any]:
+    """Every dataclass field of TransferStats plus the documented names (some are properties)."""
+    out: dict[str, Any] = {}
     if dataclasses.is_dataclass(stats) and not isinstance(stats, type):
-        return {f"stats.{k}": v for k, v in dataclasses.asdict(stats).items()}
-    return {f"stats.{k}": getattr(stats, k) for k in _STATS_FIELDS if hasattr(stats, k)}
+        out.update(dataclasses.asdict(stats))
+    for k in _STATS_FIELDS:
+        if hasattr(stats, k):
+            out[k] = getattr(stats, k)
+    return {f"stats.{k}": v for k, v in out.items()}
 
 
 class Recoveryd(Adapter):

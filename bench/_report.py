@@ -24,6 +24,8 @@ from bench._workloads import Workload
 
 _KIB = 1024
 _D_WIRE_SLACK = 0.01
+BUSY_SHARE = 0.15
+"""Above this share of the machine's CPU used by other processes, a pair's timings are flagged."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -42,6 +44,7 @@ class Row:
     sender_extra_bytes: int | None = None
     receiver_extra_bytes: int | None = None
     logical_bytes: int = 0
+    foreign_cpu_share: float | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -78,6 +81,8 @@ def build_row(o: PairOutcome, w: Workload) -> Row:
         row.notes.append(f"{o.status}: {o.reason or 'no result from a rank'}")
         return row
 
+    if o.foreign_cpu_share is not None and o.foreign_cpu_share > BUSY_SHARE:
+        row.notes.append(f"busy: other processes used {o.foreign_cpu_share:.0%} of the CPUs")
     b = _best_repeat(receiver)
     rr = receiver["repeats"][b]
     sr = sender["repeats"][b]
@@ -283,4 +288,25 @@ def render_targets(ts: list[Target], quick: bool) -> str:
     for t in ts:
         verdict = {True: "met", False: "NOT MET", None: "n/a"}[t.met]
         lines.append(f"  {t.workload}  {t.text:<72}  {verdict:<7}  {t.measured}")
+    return "\n".join(lines)
+
+
+def render_noise(rows: list[Row]) -> str:
+    """Lines that say how much to trust this run's timings (empty when nothing stands out)."""
+    lines: list[str] = []
+    busy = [r for r in rows if r.foreign_cpu_share is not None and r.foreign_cpu_share > BUSY_SHARE]
+    if busy:
+        worst = max(r.foreign_cpu_share or 0.0 for r in busy)
+        lines.append(
+            f"noise: {len(busy)} pair(s) ran while other processes used > {BUSY_SHARE:.0%} of the "
+            f"CPUs (up to {worst:.0%}); their timings are unreliable"
+        )
+    raw = {r.workload: r.seconds for r in rows if r.transport == ANCHOR and r.seconds}
+    a, e = raw.get("A"), raw.get("E")
+    if a and e:
+        spread = abs(a - e) / min(a, e)
+        lines.append(
+            f"noise: raw-gloo on A and on E is the same transfer: {a:.3f} s vs {e:.3f} s "
+            f"({spread:.0%} apart)"
+        )
     return "\n".join(lines)

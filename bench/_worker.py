@@ -6,6 +6,10 @@ receive) or a zero-filled copy of the structure (in place, and always for raw-gl
 joiner's sampler when recv returns (the donor's when the end barrier passes, so HTTP serving is
 covered), digest what the joiner now holds, drop it, end barrier. The result (or the traceback)
 goes to a JSON file the harness reads after the process exits.
+
+For testing the harness itself, ``TRANSPORT_BENCH_FAULT=crash:<rank>`` makes that rank die
+(exit code 3) and ``hang:<rank>`` makes it hang, right before its first transfer;
+``corrupt:1`` flips one received value on the joiner, which the checksum must catch.
 """
 
 from __future__ import annotations
@@ -25,6 +29,30 @@ from typing import Any
 _DONOR = 0
 _JOINER = 1
 WORLD_SIZE = 2
+_FAULT_ENV = "TRANSPORT_BENCH_FAULT"
+
+
+def _fault_for(rank: int) -> str | None:
+    """The fault ``TRANSPORT_BENCH_FAULT`` asks of this rank, if any."""
+    spec = os.environ.get(_FAULT_ENV, "")
+    kind, _, target = spec.partition(":")
+    if not spec or target != str(rank):
+        return None
+    if kind not in ("crash", "hang", "corrupt"):
+        raise ValueError(f"{_FAULT_ENV}={spec!r}: expected crash|hang|corrupt:<rank>")
+    return kind
+
+
+def _maybe_inject_fault(rank: int) -> None:
+    """Crashes or hangs this rank when ``TRANSPORT_BENCH_FAULT`` names it (harness self-test)."""
+    kind = _fault_for(rank)
+    if kind == "crash":
+        os._exit(3)
+    if kind == "hang":
+        import time
+
+        while True:
+            time.sleep(3600)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -62,6 +90,11 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
 
 def worker_main(job: WorkerJob) -> None:
     """Spawn target: runs the rank, writes its result, and exits without running finalizers."""
+    import time
+
+    import psutil  # type: ignore[import-untyped]
+
+    boot_s = time.time() - psutil.Process().create_time()
     _redirect_output(job.log_path)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     code = 0
@@ -75,6 +108,7 @@ def worker_main(job: WorkerJob) -> None:
             "traceback": traceback.format_exc(),
         }
         traceback.print_exc()
+    payload["boot_s"] = round(boot_s, 3)
     try:
         _write_json(job.result_path, payload)
     finally:
@@ -86,6 +120,17 @@ def worker_main(job: WorkerJob) -> None:
 
 
 def _run(job: WorkerJob) -> dict[str, Any]:
+    import time
+
+    phases: dict[str, float] = {}
+    t_phase = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal t_phase
+        now = time.perf_counter()
+        phases[name] = round(now - t_phase, 4)
+        t_phase = now
+
     import torch
     import torch.distributed as dist
 
@@ -109,9 +154,10 @@ def _run(job: WorkerJob) -> dict[str, Any]:
         tensor_leaves,
     )
 
+    phase("import")
     timeout = timedelta(seconds=job.timeout_s)
     t_setup = monotonic_s()
-    store = dist.TCPStore(
+    store = dist.TCPStore(  # type: ignore[attr-defined]
         "127.0.0.1",
         job.store_port,
         None,
@@ -119,12 +165,13 @@ def _run(job: WorkerJob) -> dict[str, Any]:
         timeout=timeout,
         wait_for_workers=False,
     )
-    prefixed = dist.PrefixStore(job.prefix, store)
+    prefixed = dist.PrefixStore(job.prefix, store)  # type: ignore[attr-defined]
     pg = dist.ProcessGroupGloo(prefixed, job.rank, WORLD_SIZE, timeout)
     counted = CountingProcessGroup(pg)
+    phase("pg_init")
 
     def barrier() -> None:
-        pg.barrier().wait(timeout)
+        pg.barrier().wait(timeout)  # type: ignore[attr-defined]
 
     w = get_workload(job.workload, quick=job.quick)
     raw = job.transport == ANCHOR
@@ -136,6 +183,7 @@ def _run(job: WorkerJob) -> dict[str, Any]:
         into = build_raw_buffer(w.logical_bytes, seed=None)
     elif w.in_place:
         into = build_template(w)
+    phase("build")
     # Bytes the joiner legitimately holds after an allocating receive (none when in place).
     retained_bytes = w.logical_bytes if (job.rank == _JOINER and into is None) else 0
 
@@ -151,6 +199,7 @@ def _run(job: WorkerJob) -> dict[str, Any]:
     }
     if sd is not None:
         out["sender_digest"] = state_digest(sd)
+    phase("digest")
 
     adapter = make_adapter(job.transport)
     adapter.open(
@@ -162,9 +211,12 @@ def _run(job: WorkerJob) -> dict[str, Any]:
             sockets=SocketByteCounter(),
         )
     )
+    phase("open")
     barrier()
+    phase("barrier")
     out["setup_s"] = monotonic_s() - t_setup
 
+    _maybe_inject_fault(job.rank)
     for r in range(job.repeats):
         step = 100 + r
         gc.collect()
@@ -188,6 +240,8 @@ def _run(job: WorkerJob) -> dict[str, Any]:
             rec["extras"] = extras
             rec["final_rss"] = current_rss()
             held = into if into is not None else got
+            if _fault_for(job.rank) == "corrupt":
+                tensor_leaves(held)[0][1].view(-1)[0] += 1
             if into is not None:
                 theirs = dict(tensor_leaves(got))
                 rec["in_place"] = all(
@@ -206,5 +260,8 @@ def _run(job: WorkerJob) -> dict[str, Any]:
         rec["wire"] = dataclasses.asdict(adapter.wire())
         out["repeats"].append(rec)
 
+    phase("repeats")
     adapter.close()
+    phase("close")
+    out["phases_s"] = phases
     return out

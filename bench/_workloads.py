@@ -275,7 +275,7 @@ def state_digest(sd: StateDict) -> str:
             h.update(f"|{v.dtype}|{tuple(v.shape)}|".encode())
             flat = v.detach().reshape(-1)
             if flat.numel():
-                h.update(flat.contiguous().view(torch.uint8).numpy())
+                h.update(flat.contiguous().view(torch.uint8).numpy().data)
         else:
             h.update(f"|{type(v).__name__}|{v!r}|".encode())
     return h.hexdigest()

@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _skip_reason(
     transport: str, w: Workload, args: argparse.Namespace, broken: dict[str, str]
 ) -> str | None:
-    import psutil
+    import psutil  # type: ignore[import-untyped]
 
     from bench._transports import expected_receiver_bytes, expected_wire_bytes
 
@@ -117,7 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark; returns the exit status (1 if any pair failed its checks)."""
     args = parse_args(argv)
     from bench._harness import Harness, PairOutcome
-    from bench._report import LEGEND, build_row, fill_ratios, render_table, render_targets, targets
+    from bench._report import (
+        LEGEND,
+        build_row,
+        fill_ratios,
+        render_noise,
+        render_table,
+        render_targets,
+        targets,
+    )
     from bench._transports import ANCHOR, import_problem
 
     transports = [t for t in TRANSPORT_ORDER if t in args.transports or t == ANCHOR]
@@ -151,14 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label} ...", end="", file=sys.stderr, flush=True)
         o = harness.run_pair(t, w)
         outcomes.append(o)
-        receiver = o.ranks[1] if len(o.ranks) > 1 else None
-        best = (
-            min((r["seconds"] for r in receiver["repeats"]), default=None)
-            if receiver and receiver.get("repeats")
-            else None
-        )
-        shown = f"{best:.3f} s" if best is not None else "-"
-        print(f" {o.status} {shown} (pair wall {o.wall_s:.1f} s)", file=sys.stderr, flush=True)
+        row = build_row(o, w)
+        shown = f"{row.seconds:.3f} s" if row.seconds is not None else "-"
+        print(f" {row.status} {shown} (pair wall {o.wall_s:.1f} s)", file=sys.stderr, flush=True)
         if o.status != "ok":
             print(f"    {o.reason}\n    log: {o.log_path}", file=sys.stderr)
             if o.log_tail:
@@ -179,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {describe(w)}")
     print()
     print(render_table(rows))
+    noise = render_noise(rows)
+    if noise:
+        print(noise)
     print()
     print(LEGEND)
     print()

@@ -2,5 +2,6 @@
 
 from recoveryd.testing.faults import FaultyGroup
 from recoveryd.testing.ranks import RankFailed, gloo_group, run_ranks
+from recoveryd.testing.threads import run_threads
 
-__all__ = ["FaultyGroup", "RankFailed", "gloo_group", "run_ranks"]
+__all__ = ["FaultyGroup", "RankFailed", "gloo_group", "run_ranks", "run_threads"]

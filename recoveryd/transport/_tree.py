@@ -26,7 +26,11 @@ def rebuild_in_place(m: pb.Manifest, have: dict[Path, object]) -> object:
 
 
 def rebuild_allocated(
-    m: pb.Manifest, tensors: list[TensorSpec], targets: list[torch.Tensor], mesh: Any | None
+    m: pb.Manifest,
+    tensors: list[TensorSpec],
+    targets: list[torch.Tensor],
+    mesh: Any | None,
+    shard_group: Any | None,
 ) -> object:
     """The sender's tree over freshly received span buffers (views keep their aliasing)."""
 
@@ -49,7 +53,7 @@ def rebuild_allocated(
         if arg >= len(m.sharded_tensors):
             raise ManifestError("ShardedTensor index out of range")
         meta = m.sharded_tensors[arg]
-        return _sharded(meta, [plain(i) for i in meta.local_tensor])
+        return _sharded(meta, [plain(i) for i in meta.local_tensor], shard_group)
 
     return TreeBuilder(m, leaf).build()
 
@@ -91,7 +95,9 @@ def _dtensor(meta: pb.DTensorMeta, local: torch.Tensor, mesh: Any | None, path: 
     )
 
 
-def _sharded(meta: pb.ShardedTensorMeta, locals_: list[torch.Tensor]) -> ShardedTensor:
+def _sharded(
+    meta: pb.ShardedTensorMeta, locals_: list[torch.Tensor], group: Any | None
+) -> ShardedTensor:
     dtype = _dtypes.FROM_PB.get(meta.dtype)
     if dtype is None:
         raise ManifestError(f"unknown ShardedTensor dtype {meta.dtype}")
@@ -109,4 +115,11 @@ def _sharded(meta: pb.ShardedTensorMeta, locals_: list[torch.Tensor]) -> Sharded
     local_shards = [
         Shard(tensor=t, metadata=shards_md[j]) for t, j in zip(locals_, meta.local_shard, strict=True)
     ]
-    return ShardedTensor._init_from_local_shards_and_global_metadata(local_shards, global_md)
+    try:
+        return ShardedTensor._init_from_local_shards_and_global_metadata(
+            local_shards, global_md, process_group=group
+        )
+    except (ValueError, RuntimeError) as e:
+        raise StateMismatchError(
+            [f"a ShardedTensor cannot be rebuilt on this rank ({e}); pass shard_group= or receive in place"]
+        ) from e

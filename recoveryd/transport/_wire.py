@@ -102,10 +102,14 @@ class Wire:
         except RuntimeError as e:
             raise _translate(e, src, self.deadline) from e
 
-    def wait(self, work: Any, peer: int, buf: torch.Tensor | None = None) -> None:
-        """Waits for ``work`` within the deadline."""
+    def wait(
+        self, work: Any, peer: int, buf: torch.Tensor | None = None, cap: timedelta | None = None
+    ) -> None:
+        """Waits for ``work`` within the deadline (and within ``cap``, if given)."""
         try:
             left = self.deadline.remaining()
+            if cap is not None:
+                left = min(left, cap)
         except TransferTimeoutError as e:
             self._orphan(buf)
             e.peer_rank = peer

@@ -17,10 +17,12 @@ from recoveryd.errors import (
     ConfigError,
     IntegrityError,
     ManifestError,
+    PeerLostError,
     RecoverydError,
     StateMismatchError,
     StepMismatchError,
     TransferError,
+    TransferTimeoutError,
 )
 from recoveryd.transport import _rebuild as rb
 from recoveryd.transport import _wire as w
@@ -48,6 +50,7 @@ def recv_state_dict(
     device: torch.device | None = None,
     alloc_device: torch.device | None = None,
     device_mesh: Any | None = None,
+    shard_group: dist.ProcessGroup | None = None,
 ) -> ReceivedState:
     """Receives the state_dict that ``src_rank`` sends with :func:`send_state_dict`.
 
@@ -71,6 +74,9 @@ def recv_state_dict(
         alloc_device: where an allocating receive puts tensors (default cpu).
         device_mesh: the receiver's DeviceMesh for DTensors received without
             ``into``.
+        shard_group: the group ShardedTensors received without ``into`` are
+            rebuilt on (default: the default group); this rank's rank in it
+            must be the sender's in its own.
 
     Returns:
         The state_dict, the sender's step and the counters.
@@ -91,8 +97,8 @@ def recv_state_dict(
     dev = w.wire_device(pg, device)
     wire = w.Wire(pg, dev, w.Deadline(timeout))
     arena = Arena(hugepages=config.hugepages)
-    m, manifest_bytes = _recv_manifest(wire, src_rank, config)
     try:
+        m, manifest_bytes = _recv_manifest(wire, src_rank, config)
         tensors = rb.decode_tensors(m)
         rb.check_manifest(m, tensors)
         chain = list(m.chain)
@@ -108,10 +114,15 @@ def recv_state_dict(
             targets = rb.allocate_targets(sizes, alloc_device or torch.device("cpu"), arena)
             direct = [True] * len(sizes)
             copies: list[tuple[torch.Tensor, int]] = []
-            have: dict[rb.Path, object] = {}
+            # Built before any data arrives (views over the empty targets), so a
+            # malformed tree is refused before the sender streams anything.
+            state = rebuild_allocated(m, tensors, targets, device_mesh, shard_group)
         else:
             dst, have = rb.match_in_place(m, tensors, into)
             targets, direct, copies = rb.place_in_place(tensors, sizes, dst, arena)
+            state = rebuild_in_place(m, have)
+    except (TransferTimeoutError, PeerLostError):
+        raise  # the sender is gone or silent: nobody would read a refusal
     except BaseException as e:
         code = {
             StepMismatchError: w.ACK_STEP_MISMATCH,
@@ -135,10 +146,6 @@ def recv_state_dict(
         _verify(wire, src_rank, hashes, m.checksums)
         for t, i in copies:
             t.copy_(rb.typed_view(targets[tensors[i].storage], tensors[i]))
-        if into is None:
-            state = rebuild_allocated(m, tensors, targets, device_mesh)
-        else:
-            state = rebuild_in_place(m, have)
     except RecoverydError as e:
         _best_effort(wire, [w.ACK_OTHER, 0], src_rank, w.TAG_DONE)
         logger.warning("receive from rank %d failed: %s", src_rank, e)
@@ -278,9 +285,9 @@ def _verify(wire: w.Wire, src: int, hashes: list[int], checksums: bool) -> None:
 
 
 def _best_effort(wire: w.Wire, values: list[int], dst: int, tag: int) -> None:
-    """Tells the sender we failed, if it can still hear us; a failure here adds nothing."""
+    """Tells the sender we failed, if it listens within a second; a failure here adds nothing."""
     try:
-        work = wire.isend(torch.tensor(values, dtype=torch.int64, device=wire.device), dst, tag)
-        wire.wait(work, dst)
+        t = torch.tensor(values, dtype=torch.int64, device=wire.device)
+        wire.wait(wire.isend(t, dst, tag), dst, t, cap=timedelta(seconds=1))
     except RecoverydError:
         pass

@@ -145,8 +145,11 @@ def _handshake(wire: w.Wire, dst: list[int], blob: bytes) -> None:
         if int(t[0]) != w.ACK_OK:
             refused.append((d, int(t[0])))
     verdict = w.ABORT if refused else w.GO
+    refusers = {d for d, _ in refused}
+    # A refusing receiver has stopped listening: a message to it would never match.
     for d in dst:
-        wire.send_ints([verdict, 0], d, w.TAG_GO)
+        if d not in refusers:
+            wire.send_ints([verdict, 0], d, w.TAG_GO)
     if refused:
         d, code = refused[0]
         raise TransferError(

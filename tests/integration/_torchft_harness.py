@@ -24,7 +24,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["Child", "ChildFailedError", "Children", "Deadline", "WaitTimeoutError"]
+__all__ = [
+    "AbortCheck",
+    "Child",
+    "ChildFailedError",
+    "Children",
+    "Deadline",
+    "WaitAbortedError",
+    "WaitTimeoutError",
+]
+
+AbortCheck = Callable[[], str | None]
+"""Polled during a wait: returns why to give up now, or ``None`` to keep waiting."""
 
 _POLL_S = 0.05
 _LOG_TAIL_BYTES = 8000
@@ -101,6 +112,22 @@ class ChildFailedError(AssertionError):
         self.exitcode = child.exitcode
 
 
+class WaitAbortedError(AssertionError):
+    """A wait's ``abort_if`` check reported a failure before the wait was over.
+
+    Attributes:
+        what: what was being waited for.
+        reason: what ``abort_if`` reported.
+    """
+
+    def __init__(self, what: str, reason: str, children: Sequence[Child]) -> None:
+        super().__init__(
+            f"gave up waiting for {what}: {reason}; logs follow\n{_describe(children)}"
+        )
+        self.what = what
+        self.reason = reason
+
+
 class WaitTimeoutError(AssertionError, TimeoutError):
     """A wait ran out of time.
 
@@ -116,6 +143,11 @@ class WaitTimeoutError(AssertionError, TimeoutError):
         )
         self.what = what
         self.timeout = timeout
+
+
+def _check_abort(what: str, abort_if: AbortCheck | None, children: Sequence[Child]) -> None:
+    if abort_if is not None and (reason := abort_if()) is not None:
+        raise WaitAbortedError(what, reason, children)
 
 
 def _watchdog(parent_pid: int, lifetime_s: float) -> None:
@@ -209,12 +241,20 @@ class Children:
         *,
         timeout: timedelta,
         watch: Sequence[Child],
+        abort_if: AbortCheck | None = None,
     ) -> None:
-        """Poll ``predicate`` until true; fail at once if a watched child exits first."""
+        """Poll ``predicate`` until true; fail at once if a watched child exits first.
+
+        Raises:
+            ChildFailedError: a watched child exited before ``predicate`` held.
+            WaitAbortedError: ``abort_if`` returned a reason.
+            WaitTimeoutError: ``timeout`` passed.
+        """
         deadline = time.monotonic() + timeout.total_seconds()
         while True:
             if predicate():
                 return
+            _check_abort(what, abort_if, watch)
             for child in watch:
                 if child.exitcode is not None:
                     others = [c for c in watch if c is not child]
@@ -223,11 +263,25 @@ class Children:
                 raise WaitTimeoutError(what, timeout, watch)
             time.sleep(_POLL_S)
 
-    def wait_exit_ok(self, children: Sequence[Child], *, timeout: timedelta) -> None:
-        """Wait until every child in ``children`` exits 0; the first other exit code fails."""
+    def wait_exit_ok(
+        self,
+        children: Sequence[Child],
+        *,
+        timeout: timedelta,
+        abort_if: AbortCheck | None = None,
+    ) -> None:
+        """Wait until every child in ``children`` exits 0; the first other exit code fails.
+
+        Raises:
+            ChildFailedError: a child exited with a non-zero code.
+            WaitAbortedError: ``abort_if`` returned a reason.
+            WaitTimeoutError: ``timeout`` passed.
+        """
         deadline = time.monotonic() + timeout.total_seconds()
         pending = list(children)
+        what = "{} to exit".format(", ".join(c.name for c in children))
         while pending:
+            _check_abort(what, abort_if, children)
             for child in list(pending):
                 code = child.exitcode
                 if code is None:
@@ -238,8 +292,7 @@ class Children:
                 child.process.join()
                 pending.remove(child)
             if pending and time.monotonic() > deadline:
-                names = ", ".join(c.name for c in pending)
-                raise WaitTimeoutError(f"{names} to exit", timeout, children)
+                raise WaitTimeoutError(what, timeout, children)
             time.sleep(_POLL_S)
 
     def close(self) -> None:
