@@ -72,20 +72,21 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 def assert_same(a: object, b: object, path: str = "") -> None:
     """Bit-exact equality of two state_dicts, containers and types included."""
-    assert type(a) is type(b) or (
-        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-    ), f"{path}: {type(a)} vs {type(b)}"
+    assert type(a) is type(b) or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)), (
+        f"{path}: {type(a)} vs {type(b)}"
+    )
     if isinstance(a, dict):
         assert list(a) == list(b), f"{path}: keys {list(a)} vs {list(b)}"  # type: ignore[call-overload]
         for k in a:
             assert_same(a[k], b[k], f"{path}.{k}")  # type: ignore[index]
     elif isinstance(a, (list, tuple)) and not isinstance(a, torch.Size):
         assert len(a) == len(b), path  # type: ignore[arg-type]
-        for i, (x, y) in enumerate(zip(a, b)):  # type: ignore[call-overload]
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):  # type: ignore[call-overload]
             assert_same(x, y, f"{path}.{i}")
     elif isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor)
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
+        assert a.dtype == b.dtype, f"{path}: dtype {a.dtype} vs {b.dtype}"
+        assert a.shape == b.shape, f"{path}: shape {a.shape} vs {b.shape}"
         assert torch.equal(bits(a), bits(b)), f"{path}: values differ"
     else:
         assert a == b, f"{path}: {a!r} vs {b!r}"

@@ -41,10 +41,11 @@ def gloo_group(
     store: dist.Store, rank: int, world_size: int, timeout: timedelta, prefix: str = "pg"
 ) -> dist.ProcessGroup:
     """An explicit Gloo group on loopback (never the default group)."""
-    opts = dist.ProcessGroupGloo._Options()
+    gloo: Any = dist.ProcessGroupGloo
+    opts = gloo._Options()
     opts._timeout = timeout
-    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=_HOST)]
-    return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, world_size, opts)
+    opts._devices = [gloo.create_device(hostname=_HOST)]
+    return gloo(dist.PrefixStore(prefix, store), rank, world_size, opts)  # type: ignore[no-any-return]
 
 
 def _child(
@@ -128,7 +129,9 @@ def run_ranks(
                         if r in allow_death:
                             out[r] = None
                             continue
-                        raise RankFailed(r, f"exited with status {p.exitcode} and no result") from None
+                        raise RankFailed(
+                            r, f"exited with status {p.exitcode} and no result"
+                        ) from None
                     break
                 else:
                     if time.monotonic() > end:

@@ -31,14 +31,18 @@ def run_threads(
     Raises:
         RankFailed: a rank raised, or did not finish within ``timeout``.
     """
-    store = dist.TCPStore("127.0.0.1", 0, world_size, True, timedelta(seconds=30), wait_for_workers=False)
+    store = dist.TCPStore(
+        "127.0.0.1", 0, world_size, True, timedelta(seconds=30), wait_for_workers=False
+    )
     prefix = f"t{id(store)}"
     out: list[Any] = [None] * world_size
     errors: dict[int, str] = {}
 
     def body(rank: int) -> None:
         try:
-            client = dist.TCPStore("127.0.0.1", store.port, world_size, False, timedelta(seconds=30))
+            client = dist.TCPStore(
+                "127.0.0.1", store.port, world_size, False, timedelta(seconds=30)
+            )
             pg = gloo_group(client, rank, world_size, pg_timeout, prefix=prefix)
             out[rank] = fn(rank, world_size, pg, client, *args)
         except BaseException:
@@ -54,6 +58,8 @@ def run_threads(
             raise RankFailed(r, f"no result within {timeout}")
     if errors:
         r = min(errors)
-        others = "".join(f"\n--- rank {o} also failed:\n{errors[o]}" for o in sorted(errors) if o != r)
+        others = "".join(
+            f"\n--- rank {o} also failed:\n{errors[o]}" for o in sorted(errors) if o != r
+        )
         raise RankFailed(r, errors[r] + others)
     return out

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
@@ -49,8 +50,8 @@ def _extent(t: torch.Tensor) -> tuple[int, int]:
     size = t.element_size()
     if t.numel() == 0:
         return 0, 0
-    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
-    start = t.storage_offset()
+    last = sum((int(n) - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    start = int(t.storage_offset())
     return start * size, (start + last + 1) * size
 
 
@@ -185,11 +186,17 @@ class _Walker:
         meta.dtype = code  # type: ignore[assignment]
         meta.requires_grad = bool(md.tensor_properties.requires_grad)
         where: dict[tuple[int, ...], int] = {}
+        group = getattr(t, "_process_group", None)
         for i, sm in enumerate(md.shards_metadata):
             out = meta.shards.add()
             out.offsets.extend(sm.shard_offsets)
             out.sizes.extend(sm.shard_sizes)
-            out.placement = str(sm.placement)
+            # Placements name global ranks; the joiner's global ranks differ from
+            # the donor's, its ranks within the sharding group do not.
+            rank = (sm.placement.rank() if sm.placement is not None else None) or 0
+            if group is not None and dist.is_initialized():
+                rank = dist.get_group_rank(group, rank) or 0
+            out.group_rank = rank
             where[tuple(sm.shard_offsets)] = i
         for j, shard in enumerate(t.local_shards()):
             meta.local_shard.append(where[tuple(shard.metadata.shard_offsets)])
@@ -217,7 +224,7 @@ def _value(out: pb.Value, v: object, path: list[object]) -> None:
         out.complex_value.real = v.real  # type: ignore[attr-defined]
         out.complex_value.imag = v.imag  # type: ignore[attr-defined]
     elif kind is torch.dtype and v in _dtypes.TO_PB:
-        out.dtype_value = _dtypes.TO_PB[v]  # type: ignore[index,assignment]
+        out.dtype_value = _dtypes.TO_PB[v]  # type: ignore[assignment]
     elif kind is torch.Size:
         out.size_value.items.extend(v)  # type: ignore[arg-type]
     elif kind is torch.device:
@@ -271,7 +278,9 @@ def build_plan(
             view.set_(base.untyped_storage(), lo, (hi - lo,))  # type: ignore[call-overload]
         for leaf in group:
             storage_of[leaf.index] = len(spans)
-            offset_of[leaf.index] = leaf.tensor.storage_offset() * leaf.tensor.element_size() - lo
+            offset_of[leaf.index] = (
+                int(leaf.tensor.storage_offset()) * leaf.tensor.element_size() - lo
+            )
         spans.append(view)
         span_sizes.append(hi - lo)
     m.node_kind.extend(w.kinds)  # type: ignore[arg-type]

@@ -104,7 +104,10 @@ def decode_tensors(m: pb.Manifest) -> list[TensorSpec]:
         if off % itemsize:
             raise ManifestError(f"tensor {i}: byte offset {off} not a multiple of {itemsize}")
         if math.prod(shape):
-            end = off + (sum((d - 1) * st for d, st in zip(shape, stride, strict=True)) + 1) * itemsize
+            end = (
+                off
+                + (sum((d - 1) * st for d, st in zip(shape, stride, strict=True)) + 1) * itemsize
+            )
             if end > span[s]:
                 raise ManifestError(f"tensor {i}: reaches byte {end} of a {span[s]}-byte span")
         out.append(TensorSpec(dtype, shape, stride, s, off, grads[i]))
@@ -283,13 +286,11 @@ def typed_view(buf: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
     if math.prod(spec.shape) == 0:
         return t.reshape(spec.shape) if spec.shape else t.new_empty(())
     start = buf.storage_offset() + spec.byte_offset
-    t.set_(buf.untyped_storage(), start // spec.dtype.itemsize, spec.shape, spec.stride)  # type: ignore[call-overload]
+    t.set_(buf.untyped_storage(), start // spec.dtype.itemsize, spec.shape, spec.stride)
     return t
 
 
-def allocate_targets(
-    sizes: list[int], device: torch.device, arena: Arena
-) -> list[torch.Tensor]:
+def allocate_targets(sizes: list[int], device: torch.device, arena: Arena) -> list[torch.Tensor]:
     """Fresh span buffers for an allocating receive."""
     if device.type == "cpu":
         return arena.empty_many(sizes)
@@ -341,14 +342,14 @@ def match_in_place(
             if not isinstance(mine, DTensor):
                 problems.append(f"{where}: {type(mine).__name__} here, a DTensor sent")
             else:
-                meta = m.dtensors[arg]
-                if list(mine.shape) != list(meta.global_shape):
+                dmeta = m.dtensors[arg]
+                if list(mine.shape) != list(dmeta.global_shape):
                     problems.append(
                         f"{where}: global shape {list(mine.shape)} here, "
-                        f"{list(meta.global_shape)} sent"
+                        f"{list(dmeta.global_shape)} sent"
                     )
                 else:
-                    check(meta.local_tensor, mine._local_tensor, where)
+                    check(dmeta.local_tensor, mine._local_tensor, where)
         else:
             if arg >= len(m.sharded_tensors):
                 raise ManifestError("ShardedTensor index out of range")
@@ -417,7 +418,7 @@ def _same_layout(
             return None
         if math.prod(spec.shape) and tuple(t.stride()) != spec.stride:
             return None
-        b = t.storage_offset() * t.element_size() - spec.byte_offset
+        b = int(t.storage_offset()) * t.element_size() - spec.byte_offset
         if base is None:
             base = b
         elif b != base:

@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import (
     ShardedTensorMetadata,
     TensorProperties,
 )
-from torch.distributed.tensor import DTensor, Replicate, Shard as ShardPlacement
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import Shard as ShardPlacement
 from torch.distributed.tensor.placement_types import Partial, Placement
 
 from recoveryd.errors import ManifestError, StateMismatchError
@@ -101,9 +103,17 @@ def _sharded(
     dtype = _dtypes.FROM_PB.get(meta.dtype)
     if dtype is None:
         raise ManifestError(f"unknown ShardedTensor dtype {meta.dtype}")
+    device = locals_[0].device if locals_ else torch.device("cpu")
+
+    def placement(group_rank: int) -> str:
+        if group is None or not dist.is_initialized():
+            return f"rank:{group_rank}/{device}"
+        return f"rank:{dist.get_global_rank(group, group_rank)}/{device}"
+
     try:
         shards_md = [
-            ShardMetadata(list(s.offsets), list(s.sizes), s.placement) for s in meta.shards
+            ShardMetadata(list(s.offsets), list(s.sizes), placement(s.group_rank))
+            for s in meta.shards
         ]
     except (ValueError, RuntimeError) as e:
         raise ManifestError(f"bad ShardedTensor shard metadata: {e}") from e
@@ -113,7 +123,8 @@ def _sharded(
         tensor_properties=TensorProperties(dtype=dtype, requires_grad=meta.requires_grad),
     )
     local_shards = [
-        Shard(tensor=t, metadata=shards_md[j]) for t, j in zip(locals_, meta.local_shard, strict=True)
+        Shard(tensor=t, metadata=shards_md[j])
+        for t, j in zip(locals_, meta.local_shard, strict=True)
     ]
     try:
         return ShardedTensor._init_from_local_shards_and_global_metadata(
@@ -121,5 +132,7 @@ def _sharded(
         )
     except (ValueError, RuntimeError) as e:
         raise StateMismatchError(
-            [f"a ShardedTensor cannot be rebuilt on this rank ({e}); pass shard_group= or receive in place"]
+            [
+                f"a ShardedTensor cannot be rebuilt on this rank ({e}); pass shard_group= or receive in place"
+            ]
         ) from e

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 
 from recoveryd.errors import PeerLostError, TransferTimeoutError
 
@@ -51,6 +50,31 @@ ACK_REASONS = {
 _TIMEOUT_HINTS = ("timed out", "timeout", "deadline")
 
 
+class Group(Protocol):
+    """What the transport needs of a process group: its rank, size and point-to-point ops.
+
+    torch's ProcessGroup and Gloo/NCCL backends and torchft's process groups
+    all qualify.
+    """
+
+    def rank(self) -> int: ...
+
+    def size(self) -> int: ...
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int, /) -> Any: ...
+
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int, /) -> Any: ...
+
+
+def group_rank(pg: Group) -> int:
+    """This rank in ``pg``, asked at call time (torchft reconfigures its groups)."""
+    # torchft's ProcessGroupWrapper reports rank 0 itself; its live inner group knows.
+    parent = getattr(pg, "parent", None)
+    if parent is not None and callable(getattr(parent, "rank", None)):
+        return int(parent.rank())
+    return int(pg.rank())
+
+
 class Deadline:
     """One deadline for a whole transfer; every wait takes what is left of it."""
 
@@ -75,7 +99,7 @@ class Wire:
         deadline: the transfer's deadline.
     """
 
-    def __init__(self, pg: dist.ProcessGroup, device: torch.device, deadline: Deadline) -> None:
+    def __init__(self, pg: Group, device: torch.device, deadline: Deadline) -> None:
         self.pg = pg
         self.device = device
         self.deadline = deadline
@@ -165,7 +189,7 @@ def _translate(e: RuntimeError, peer: int, deadline: Deadline) -> Exception:
     )
 
 
-def wire_device(pg: dist.ProcessGroup, device: torch.device | None) -> torch.device:
+def wire_device(pg: Group, device: torch.device | None) -> torch.device:
     """The device message buffers live on: ``device`` if given, else cuda for NCCL groups."""
     if device is not None:
         return device

@@ -21,9 +21,9 @@ from datetime import timedelta
 from typing import Any, Generic, TypeVar
 
 import torch
-import torch.distributed as dist
 from torchft.checkpointing.transport import CheckpointTransport
 
+from recoveryd.transport._wire import Group
 from recoveryd.transport.config import TransferConfig
 from recoveryd.transport.receiver import recv_state_dict
 from recoveryd.transport.sender import send_state_dict
@@ -45,7 +45,7 @@ class PGTransport:
 
     def __init__(
         self,
-        pg: dist.ProcessGroup,
+        pg: Group,
         timeout: timedelta,
         device: torch.device,
         state_dict: Callable[[], object] | None = None,
@@ -82,7 +82,7 @@ class PGTransport:
         ).state_dict
 
 
-class TorchftTransport(CheckpointTransport[T], Generic[T]):
+class TorchftTransport(CheckpointTransport[T], Generic[T]):  # type: ignore[misc]
     """A torchft ``CheckpointTransport`` that heals through recoveryd.
 
     Pass it as ``torchft.Manager(checkpoint_transport=TorchftTransport(pg, ...))``.

@@ -32,6 +32,15 @@ def _env_bool(name: str, default: bool) -> bool:
     raise ConfigError(name, raw, "must be one of 1/0, true/false, yes/no, on/off")
 
 
+def _env_fanout() -> Literal["chain", "star"]:
+    raw = os.environ.get("RECOVERYD_FANOUT", "chain")
+    if raw == "chain":
+        return "chain"
+    if raw == "star":
+        return "star"
+    raise ConfigError("RECOVERYD_FANOUT", raw, "must be 'chain' or 'star'")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TransferConfig:
     """How a state_dict is cut into messages and checked.
@@ -56,9 +65,7 @@ class TransferConfig:
     applies to CPU wires (Gloo); NCCL transfers are not checksummed.
     """
 
-    fanout: Literal["chain", "star"] = field(
-        default_factory=lambda: os.environ.get("RECOVERYD_FANOUT", "chain")  # type: ignore[return-value]
-    )
+    fanout: Literal["chain", "star"] = field(default_factory=lambda: _env_fanout())
     """How one sender reaches several receivers (``RECOVERYD_FANOUT``).
 
     ``"chain"`` (default): the sender sends each message once; every receiver

@@ -30,6 +30,7 @@ from recoveryd.transport._alloc import Arena
 from recoveryd.transport._flatten import FORMAT_VERSION
 from recoveryd.transport._pieces import Message, Staging, cut
 from recoveryd.transport._tree import rebuild_allocated, rebuild_in_place
+from recoveryd.transport._wire import Group
 from recoveryd.transport.config import TransferConfig
 from recoveryd.transport.stats import ReceivedState, TransferStats, checksum
 from recoveryd.v1 import manifest_pb2 as pb
@@ -40,7 +41,7 @@ WINDOW = 4
 
 
 def recv_state_dict(
-    pg: dist.ProcessGroup,
+    pg: Group,
     src_rank: int,
     *,
     timeout: timedelta,
@@ -91,7 +92,7 @@ def recv_state_dict(
     """
     start = time.perf_counter()
     config = config or TransferConfig()
-    me = pg.rank()
+    me = w.group_rank(pg)
     if src_rank == me or not 0 <= src_rank < pg.size():
         raise ConfigError("src_rank", src_rank, f"must be another rank of the group (this is {me})")
     dev = w.wire_device(pg, device)
@@ -262,7 +263,9 @@ def _zero_copy(m: Message, targets: list[torch.Tensor], device: torch.device) ->
 
 def _scatter(m: Message, targets: list[torch.Tensor], buf: torch.Tensor) -> None:
     parts = list(torch.split(buf, m.sizes))
-    dsts = [targets[s].narrow(0, o, n) for s, o, n in zip(m.span_ids, m.offsets, m.sizes, strict=True)]
+    dsts = [
+        targets[s].narrow(0, o, n) for s, o, n in zip(m.span_ids, m.offsets, m.sizes, strict=True)
+    ]
     if all(d.device == buf.device for d in dsts):
         torch._foreach_copy_(dsts, parts)
     else:

@@ -10,12 +10,12 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from recoveryd.errors import ConfigError, TransferError
 from recoveryd.transport import _wire as w
 from recoveryd.transport._flatten import FORMAT_VERSION, SendPlan, build_plan
 from recoveryd.transport._pieces import Message, Staging, cut
+from recoveryd.transport._wire import Group
 from recoveryd.transport.config import TransferConfig
 from recoveryd.transport.stats import TransferStats, checksum
 
@@ -27,7 +27,7 @@ WINDOW = 4
 
 
 def send_state_dict(
-    pg: dist.ProcessGroup,
+    pg: Group,
     dst_ranks: Sequence[int],
     state_dict: object,
     *,
@@ -67,7 +67,7 @@ def send_state_dict(
     start = time.perf_counter()
     config = config or TransferConfig()
     dst = list(dst_ranks)
-    me = pg.rank()
+    me = w.group_rank(pg)
     if not dst or len(set(dst)) != len(dst) or me in dst:
         raise ConfigError("dst_ranks", dst, f"must be distinct ranks other than this one ({me})")
     if any(not 0 <= d < pg.size() for d in dst):
@@ -203,7 +203,9 @@ def _zero_copy(m: Message, spans: list[torch.Tensor], device: torch.device) -> b
 
 
 def _pack(m: Message, spans: list[torch.Tensor], buf: torch.Tensor) -> None:
-    parts = [spans[s].narrow(0, o, n) for s, o, n in zip(m.span_ids, m.offsets, m.sizes, strict=True)]
+    parts = [
+        spans[s].narrow(0, o, n) for s, o, n in zip(m.span_ids, m.offsets, m.sizes, strict=True)
+    ]
     if all(p.device == buf.device for p in parts):
         torch.cat(parts, out=buf)
         return

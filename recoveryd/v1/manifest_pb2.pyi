@@ -167,14 +167,14 @@ class DTensorMeta(_message.Message):
     def __init__(self, local_tensor: _Optional[int] = ..., global_shape: _Optional[_Iterable[int]] = ..., global_stride: _Optional[_Iterable[int]] = ..., device_type: _Optional[str] = ..., mesh_shape: _Optional[_Iterable[int]] = ..., mesh_dim_names: _Optional[_Iterable[str]] = ..., placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ...) -> None: ...
 
 class ShardMeta(_message.Message):
-    __slots__ = ("offsets", "sizes", "placement")
+    __slots__ = ("offsets", "sizes", "group_rank")
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     SIZES_FIELD_NUMBER: _ClassVar[int]
-    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    GROUP_RANK_FIELD_NUMBER: _ClassVar[int]
     offsets: _containers.RepeatedScalarFieldContainer[int]
     sizes: _containers.RepeatedScalarFieldContainer[int]
-    placement: str
-    def __init__(self, offsets: _Optional[_Iterable[int]] = ..., sizes: _Optional[_Iterable[int]] = ..., placement: _Optional[str] = ...) -> None: ...
+    group_rank: int
+    def __init__(self, offsets: _Optional[_Iterable[int]] = ..., sizes: _Optional[_Iterable[int]] = ..., group_rank: _Optional[int] = ...) -> None: ...
 
 class ShardedTensorMeta(_message.Message):
     __slots__ = ("global_size", "dtype", "requires_grad", "shards", "local_shard", "local_tensor")

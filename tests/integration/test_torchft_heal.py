@@ -84,23 +84,6 @@ def _class_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _import_error(name: str) -> str | None:
-    try:
-        _transport_class(name)
-    except Exception as e:  # half-written code may raise anything on import
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-_RECOVERYD_IMPORT_ERROR = _import_error("recoveryd")
-# Temporary while recoveryd.transport is being written: once it lands, drop `marks=` below
-# (and this block).
-_RECOVERYD_PENDING = pytest.mark.skipif(
-    _RECOVERYD_IMPORT_ERROR is not None,
-    reason=f"recoveryd.transport.TorchftTransport not importable yet ({_RECOVERYD_IMPORT_ERROR})",
-)
-
-
 # --- what runs in each replica process --------------------------------------------------
 
 
@@ -356,7 +339,7 @@ def lighthouse_addr() -> Iterator[str]:
     "transport",
     [
         pytest.param("torchft-pg", id="torchft-pg"),
-        pytest.param("recoveryd", id="recoveryd", marks=_RECOVERYD_PENDING),
+        pytest.param("recoveryd", id="recoveryd"),
     ],
 )
 def test_manager_heals_killed_replica_through_transport(

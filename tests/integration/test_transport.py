@@ -172,7 +172,8 @@ def _drop_in(rank: int, ws: int, pg: object, store: object) -> None:
         t.send_checkpoint([1], {"w": torch.arange(8.0), "b": torch.ones(2)})
     else:
         out = t.recv_checkpoint(0)
-        assert isinstance(out, dict) and out["w"] is mine["w"]
+        assert isinstance(out, dict)
+        assert out["w"] is mine["w"]
         assert torch.equal(mine["w"], torch.arange(8.0))
 
 

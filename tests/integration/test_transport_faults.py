@@ -36,7 +36,13 @@ def _state() -> dict[str, torch.Tensor]:
 
 def _killed_sender(rank: int, ws: int, pg: object, store: object, timeout_s: float) -> object:
     if rank == 0:
-        send_state_dict(FaultyGroup(pg, after=3, mode="kill"), [1], _state(), timeout=timedelta(seconds=30), config=_CFG)  # type: ignore[arg-type]
+        send_state_dict(
+            FaultyGroup(pg, after=3, mode="kill"),
+            [1],
+            _state(),
+            timeout=timedelta(seconds=30),
+            config=_CFG,
+        )  # type: ignore[arg-type]
         raise AssertionError("should have been killed")
     mine = {k: torch.zeros_like(v) for k, v in _state().items()}
     start = time.monotonic()
@@ -88,7 +94,13 @@ def test_receiver_killed_mid_transfer_fails_the_sender() -> None:
 def _silent_sender(rank: int, ws: int, pg: object, store: object) -> object:
     if rank == 0:
         try:
-            send_state_dict(FaultyGroup(pg, after=2, mode="silence"), [1], _state(), timeout=timedelta(seconds=6), config=_CFG)  # type: ignore[arg-type]
+            send_state_dict(
+                FaultyGroup(pg, after=2, mode="silence"),
+                [1],
+                _state(),
+                timeout=timedelta(seconds=6),
+                config=_CFG,
+            )  # type: ignore[arg-type]
         except TransferError:
             pass
         time.sleep(1)
@@ -108,7 +120,13 @@ def test_peer_silent_mid_stream_times_out_within_deadline() -> None:
 def _corrupt(rank: int, ws: int, pg: object, store: object) -> object:
     if rank == 0:
         with pytest.raises(TransferError, match="broken"):
-            send_state_dict(FaultyGroup(pg, after=5, mode="corrupt"), [1], _state(), timeout=timedelta(seconds=30), config=_CFG)  # type: ignore[arg-type]
+            send_state_dict(
+                FaultyGroup(pg, after=5, mode="corrupt"),
+                [1],
+                _state(),
+                timeout=timedelta(seconds=30),
+                config=_CFG,
+            )  # type: ignore[arg-type]
         return None
     with pytest.raises(IntegrityError, match="checksum") as e:
         recv_state_dict(pg, 0, timeout=timedelta(seconds=30), config=_CFG)  # type: ignore[arg-type]
