@@ -232,7 +232,7 @@ def targets(rows: list[Row], workloads: dict[str, Workload]) -> list[Target]:
     def why_not(wl: str) -> str:
         r = by.get((wl, "recoveryd"))
         if r is None:
-            return "not run"
+            return "recoveryd not in this run"
         return "; ".join(r.notes) or r.status
 
     for wl, floor in (("A", 0.85), ("B", 0.85), ("E", 0.95)):

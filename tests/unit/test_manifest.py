@@ -1,0 +1,110 @@
+"""The manifest on plain data: what the sender plans and what the receiver accepts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recoveryd.errors import ManifestError, UnsupportedValueError
+from recoveryd.transport._flatten import build_plan, cut_messages
+from recoveryd.transport._rebuild import TreeBuilder, check_manifest, decode_tensors
+from recoveryd.v1 import manifest_pb2 as pb
+from tests.statedicts import every_kind
+
+
+def _plan(sd: object, bucket: int = 1 << 20) -> pb.Manifest:
+    return build_plan(sd, step=1, chain=[0, 1], bucket_bytes=bucket, checksums=True).manifest
+
+
+def test_tied_weights_and_views_share_one_span_of_exact_bytes() -> None:
+    buf = torch.zeros(64, 1024)
+    sd = {"a": buf, "b": buf, **{f"v{i}": buf[i] for i in range(64)}}
+    m = _plan(sd)
+    assert list(m.storage_nbytes) == [buf.numel() * 4]
+    assert set(m.tensor_storage) == {0}
+
+
+def test_disjoint_slices_of_one_buffer_send_only_their_bytes() -> None:
+    big = torch.zeros(1 << 20)
+    m = _plan({"head": big[:16], "tail": big[-16:]})
+    assert sorted(m.storage_nbytes) == [64, 64]
+
+
+def test_gappy_strided_view_is_sent_dense() -> None:
+    big = torch.zeros(1000, 1000)
+    m = _plan({"col": big[:, ::500]})
+    assert list(m.storage_nbytes) == [1000 * 2 * 4]
+    assert list(m.tensor_stride) == [2, 1]
+
+
+def test_unsupported_leaf_names_its_path() -> None:
+    with pytest.raises(UnsupportedValueError) as e:
+        _plan({"optim": {"state": {0: {"fn": object()}}}})
+    assert e.value.path == "optim.state.0.fn"
+    assert isinstance(e.value, TypeError)
+
+
+def test_unsupported_key_names_its_path() -> None:
+    with pytest.raises(UnsupportedValueError, match=r"a\.<key \(1, 2\)>"):
+        _plan({"a": {(1, 2): 3}})
+
+
+def test_messages_grow_with_bytes_not_tensor_count() -> None:
+    m = _plan({i: torch.zeros(256) for i in range(20_000)}, bucket=16 << 20)
+    assert len(m.message_nbytes) == 2  # 19.5 MiB in 16 MiB buckets
+    assert sum(m.message_nbytes) == 20_000 * 1024
+
+
+@pytest.mark.parametrize(
+    ("spans", "bucket"),
+    [([10, 20, 30], 25), ([100], 7), ([5, 0, 5, 200, 3], 64), ([], 16), ([64, 64], 64)],
+)
+def test_cut_messages_covers_every_byte_within_bucket_size(spans: list[int], bucket: int) -> None:
+    msgs = cut_messages(spans, bucket)
+    assert sum(msgs) == sum(spans)
+    assert all(0 < n <= bucket for n in msgs)
+
+
+def test_every_kind_plan_decodes_and_its_tree_rebuilds() -> None:
+    m = pb.Manifest.FromString(_plan(every_kind()).SerializeToString())
+    tensors = decode_tensors(m)
+    check_manifest(m, tensors)
+    tree = TreeBuilder(m, lambda kind, arg, path: ("leaf", arg)).build()
+    assert isinstance(tree, dict)
+    assert tree["values"]["big"] == 1 << 70
+    assert tree["nested"]["tuple"][2] == torch.Size([3, 4])
+    assert list(tree["optim"]["state"]) == [0, 1]
+
+
+def _tensor_manifest(**over: object) -> pb.Manifest:
+    m = _plan({"w": torch.zeros(4)})
+    for k, v in over.items():
+        field = getattr(m, k)
+        del field[:]
+        field.extend(v)  # type: ignore[arg-type]
+    return m
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        ({"tensor_shape": [5]}, "reaches byte"),
+        ({"tensor_storage": [3]}, "out of range"),
+        ({"tensor_byte_offset": [2]}, "not a multiple"),
+        ({"tensor_dtype": [99]}, "unknown dtype"),
+        ({"tensor_ndim": [2]}, "dimensions"),
+        ({"message_nbytes": [8]}, "cover"),
+    ],
+)
+def test_inconsistent_manifests_are_rejected(over: dict[str, object], needle: str) -> None:
+    m = _tensor_manifest(**over)
+    with pytest.raises(ManifestError, match=needle):
+        check_manifest(m, decode_tensors(m))
+
+
+def test_tree_with_missing_nodes_is_rejected() -> None:
+    m = _plan({"a": [1, 2, 3]})
+    del m.node_kind[-1]
+    del m.node_arg[-1]
+    with pytest.raises(ManifestError, match="runs out"):
+        TreeBuilder(m, lambda *a: None).build()
