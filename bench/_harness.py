@@ -74,7 +74,7 @@ class Harness:
         self._repeats = repeats
         self._scale = timeout_scale
         self._ctx = multiprocessing.get_context("spawn")
-        self._store = dist.TCPStore(  # type: ignore[attr-defined]
+        self._store = dist.TCPStore(  # type: ignore[attr-defined,unused-ignore]
             "127.0.0.1",
             0,
             None,

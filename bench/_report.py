@@ -24,6 +24,7 @@ from bench._workloads import Workload
 
 _KIB = 1024
 _D_WIRE_SLACK = 0.01
+_FIRST_CALL_SLOW = 1.5
 BUSY_SHARE = 0.15
 """Above this share of the machine's CPU used by other processes, a pair's timings are flagged."""
 
@@ -37,6 +38,8 @@ class Row:
     status: str
     """``ok``, ``FAIL``, ``skipped`` or ``error``."""
     seconds: float | None = None
+    first_seconds: float | None = None
+    """Joiner time of the first repeat (a fresh process's first transfer, as in a real heal)."""
     sender_seconds: float | None = None
     gbps: float | None = None
     ratio: float | None = None
@@ -87,6 +90,9 @@ def build_row(o: PairOutcome, w: Workload) -> Row:
     rr = receiver["repeats"][b]
     sr = sender["repeats"][b]
     row.seconds = float(rr["seconds"])
+    row.first_seconds = float(receiver["repeats"][0]["seconds"])
+    if len(receiver["repeats"]) > 1 and row.first_seconds > _FIRST_CALL_SLOW * row.seconds:
+        row.notes.append(f"first call {row.first_seconds:.3f} s")
     row.sender_seconds = float(sr["seconds"])
     row.gbps = w.logical_bytes / row.seconds / 1e9 if row.seconds > 0 else None
 
@@ -197,7 +203,8 @@ def render_table(rows: list[Row]) -> str:
 
 
 LEGEND = """\
-time s   joiner wall time: barrier, then start of recv -> recv returned (best of the repeats)
+time s   joiner wall time: barrier, then start of recv -> recv returned (best of the repeats;
+         a note gives the first repeat's time when it was > 1.5x the best)
 GB/s     logical tensor bytes / time s / 1e9
 x raw    raw-gloo time on the same workload in this run / time s (1.00 = the ProcessGroup limit)
 wire     PG transports: sum of tensor nbytes both ranks passed to pg.send (counting proxy);

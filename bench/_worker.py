@@ -157,7 +157,7 @@ def _run(job: WorkerJob) -> dict[str, Any]:
     phase("import")
     timeout = timedelta(seconds=job.timeout_s)
     t_setup = monotonic_s()
-    store = dist.TCPStore(  # type: ignore[attr-defined]
+    store = dist.TCPStore(  # type: ignore[attr-defined,unused-ignore]
         "127.0.0.1",
         job.store_port,
         None,
@@ -165,13 +165,13 @@ def _run(job: WorkerJob) -> dict[str, Any]:
         timeout=timeout,
         wait_for_workers=False,
     )
-    prefixed = dist.PrefixStore(job.prefix, store)  # type: ignore[attr-defined]
+    prefixed = dist.PrefixStore(job.prefix, store)  # type: ignore[attr-defined,unused-ignore]
     pg = dist.ProcessGroupGloo(prefixed, job.rank, WORLD_SIZE, timeout)
     counted = CountingProcessGroup(pg)
     phase("pg_init")
 
     def barrier() -> None:
-        pg.barrier().wait(timeout)  # type: ignore[attr-defined]
+        pg.barrier().wait(timeout)  # type: ignore[attr-defined,unused-ignore]
 
     w = get_workload(job.workload, quick=job.quick)
     raw = job.transport == ANCHOR

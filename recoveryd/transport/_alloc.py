@@ -1,48 +1,113 @@
 """Receive-side allocation that does not fall into the page-fault trap.
 
-A freshly allocated buffer faults its 4 KiB pages in at ~1.5 GB/s on these
-machines, slower than a loopback Gloo link (~3.6 GB/s), so an allocating
-receive would run at a fraction of the wire. Large buffers here come from an
-anonymous mapping advised with ``MADV_HUGEPAGE`` (2 MiB pages: 512 times fewer
-faults) and wrapped by ``torch.frombuffer``, so each tensor still owns a storage
-of exactly its own size; the mapping is unmapped when the last tensor that uses
-it is freed.
+Received bytes written into fresh memory pay for its page faults inside the
+wire's critical path. Measured on these machines (2-core VMs, 1 GiB into a
+fresh process, bench/RESULTS.md): plain pages faulted by the receive 1.0 s,
+``MADV_HUGEPAGE`` mappings 2.0-2.6 s (first touch of never-used guest memory,
+in 2 MiB blocks), pages populated by a thread running ahead of the wire
+(``MADV_POPULATE_WRITE``) 0.63-0.78 s. So buffers here are anonymous mappings
+that a background :class:`Prefaulter` populates in stream order while earlier
+messages are still on the wire. Huge pages stay available as an option for
+hosts where they pay (warm memory, large pages backed by the host).
+
+Buffers are wrapped by ``torch.frombuffer``, so each tensor still owns a
+storage of exactly its own size; a mapping is unmapped when the last tensor
+that uses it is freed.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
+import threading
+from datetime import timedelta
 
 import torch
 
+from recoveryd.transport._pieces import Message
+
+logger = logging.getLogger(__name__)
+
 _HUGE = 2 << 20
-_HAS_MADV_HUGEPAGE = hasattr(mmap, "MADV_HUGEPAGE")
+_PAGE = mmap.PAGESIZE
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; older kernels answer EINVAL
+_CHUNK = 16 << 20
+
+_libc: ctypes.CDLL | None
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+except (OSError, AttributeError):  # not Linux/glibc: fall back to touching pages
+    _libc = None
 
 
-def _aligned_mapping(nbytes: int) -> tuple[mmap.mmap, int]:
-    """Maps ``nbytes`` (plus alignment slack); returns the mapping and the 2 MiB-aligned offset."""
+def _mapping(nbytes: int, hugepages: bool) -> tuple[mmap.mmap, int]:
+    """Maps ``nbytes`` (plus alignment slack); returns the mapping and a 2 MiB-aligned offset."""
     m = mmap.mmap(-1, nbytes + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     anchor = ctypes.c_char.from_buffer(m)
     addr = ctypes.addressof(anchor)
     del anchor  # the mapping cannot be closed while a ctypes export is alive
     offset = (-addr) % _HUGE
-    if _HAS_MADV_HUGEPAGE:
+    if hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             m.madvise(mmap.MADV_HUGEPAGE, offset, nbytes)
         except OSError:
-            pass  # THP disabled ("never"): plain pages still work, only slower
+            pass  # THP disabled ("never"): plain pages still work
     return m, offset
 
 
+def _carve(mapping: mmap.mmap, offset: int, nbytes: int) -> torch.Tensor:
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=offset)
+
+
+class Prefaulter:
+    """Populates fresh buffers' pages in a background thread, in stream order.
+
+    The wire then writes into memory that is already there. If the wire
+    catches up, it faults pages in itself as usual; nothing waits on this.
+    """
+
+    def __init__(self, buffers: list[torch.Tensor]) -> None:
+        self._buffers = [b for b in buffers if b.numel() and b.device.type == "cpu"]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="recoveryd-prefault", daemon=True)
+        if self._buffers:
+            self._thread.start()
+
+    def _run(self) -> None:
+        populate = _libc is not None
+        for buf in self._buffers:
+            start, end = buf.data_ptr(), buf.data_ptr() + buf.numel()
+            for lo in range(start, end, _CHUNK):
+                if self._stop.is_set():
+                    return
+                hi = min(lo + _CHUNK, end)
+                if populate and _libc is not None:
+                    base = lo - lo % _PAGE
+                    if _libc.madvise(base, hi - base, _MADV_POPULATE_WRITE) == 0:
+                        continue
+                    populate = False  # old kernel: touch pages instead, from now on
+                ctypes.memset(lo, 0, hi - lo)
+
+    def stop(self, timeout: timedelta = timedelta(seconds=5)) -> None:
+        """Stops and joins the thread (it never touches memory after this returns)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout.total_seconds())
+            if self._thread.is_alive():
+                logger.warning("prefault thread did not stop within %s", timeout)
+
+
 class Arena:
-    """Hands out exact-size CPU storages carved from huge-page-backed mappings.
+    """Hands out exact-size CPU storages carved from anonymous mappings.
 
     Args:
-        hugepages: whether to use huge-page mappings at all; when false every
-            request is a plain ``torch.empty``.
+        hugepages: advise mappings with ``MADV_HUGEPAGE``.
         min_bytes: requests smaller than this are plain ``torch.empty`` (the
-            allocator's own heap serves them without fresh faults).
+            allocator's heap serves them from warm memory).
     """
 
     def __init__(self, *, hugepages: bool, min_bytes: int = 1 << 20) -> None:
@@ -50,34 +115,48 @@ class Arena:
         self._min_bytes = min_bytes
 
     def empty(self, nbytes: int) -> torch.Tensor:
-        """Returns an uninitialised 1-D uint8 CPU tensor of ``nbytes`` owning its storage."""
-        if not self._hugepages or nbytes < self._min_bytes:
+        """An uninitialised 1-D uint8 CPU tensor of ``nbytes`` owning its storage."""
+        if nbytes < self._min_bytes:
             return torch.empty(nbytes, dtype=torch.uint8)
-        m, offset = _aligned_mapping(nbytes)
-        return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=offset)
+        m, offset = _mapping(nbytes, self._hugepages)
+        return _carve(m, offset, nbytes)
 
-    def empty_many(self, sizes: list[int]) -> list[torch.Tensor]:
-        """Like :meth:`empty` for many sizes, packing mid-size ones into shared mappings.
+    def for_stream(
+        self, sizes: list[int], messages: list[Message]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Span buffers for an allocating receive, laid out so packed messages land in place.
 
-        Each returned tensor still has its own exact-size storage; tensors carved
-        from one mapping keep it mapped until the last of them is freed.
+        The spans of each packed message are carved, in stream order, from one
+        region of a shared mapping, so the message is received straight into
+        them with no scatter copy; each span still gets its own exact-size
+        storage. Spans sent in messages of their own get their own mapping.
+
+        Returns:
+            One buffer per span, and per message the buffer to receive it into
+            (``None`` when it must be staged and scattered).
         """
-        out: list[torch.Tensor | None] = [None] * len(sizes)
-        packed: list[int] = []
-        for i, n in enumerate(sizes):
-            if not self._hugepages or n < 64 * 1024:
-                out[i] = torch.empty(n, dtype=torch.uint8)
-            elif n >= self._min_bytes:
-                out[i] = self.empty(n)
-            else:
-                packed.append(i)
-        if packed:
-            # 64-byte alignment keeps every dtype's natural alignment.
-            offsets, total = [], 0
-            for i in packed:
-                offsets.append(total)
-                total += (sizes[i] + 63) & ~63
-            m, base = _aligned_mapping(total)
-            for i, off in zip(packed, offsets, strict=True):
-                out[i] = torch.frombuffer(m, dtype=torch.uint8, count=sizes[i], offset=base + off)
-        return [t for t in out if t is not None]
+        targets: list[torch.Tensor | None] = [None] * len(sizes)
+        landing: list[torch.Tensor | None] = [None] * len(messages)
+        # A packed message lands in place when every span in it starts 16-byte
+        # aligned (the largest itemsize) within the message.
+        carve = [
+            i
+            for i, m in enumerate(messages)
+            if not m.direct and all(n % 16 == 0 for n in m.sizes[:-1])
+        ]
+        total = sum((messages[i].nbytes + 63) & ~63 for i in carve)
+        if total >= self._min_bytes:
+            mapping, base = _mapping(total, self._hugepages)
+            for i in carve:
+                m = messages[i]
+                landing[i] = _carve(mapping, base, m.nbytes)
+                pos = base
+                for s, n in zip(m.span_ids, m.sizes, strict=True):
+                    targets[s] = _carve(mapping, pos, n)
+                    pos += n
+                base += (m.nbytes + 63) & ~63
+        out = [t if t is not None else self.empty(n) for t, n in zip(targets, sizes, strict=True)]
+        for i, m in enumerate(messages):
+            if m.direct:
+                landing[i] = out[m.span_ids[0]].narrow(0, m.offsets[0], m.sizes[0])
+        return out, landing

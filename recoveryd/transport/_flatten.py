@@ -250,7 +250,13 @@ def _merge(leaves: list[_Leaf]) -> list[list[_Leaf]]:
 
 
 def build_plan(
-    state_dict: object, *, step: int | None, chain: list[int], bucket_bytes: int, checksums: bool
+    state_dict: object,
+    *,
+    step: int | None,
+    chain: list[int],
+    bucket_bytes: int,
+    direct_bytes: int,
+    checksums: bool,
 ) -> SendPlan:
     """Walks ``state_dict`` into a :class:`SendPlan`.
 
@@ -296,22 +302,22 @@ def build_plan(
     m.tensor_byte_offset.extend(offset_of)
     m.tensor_requires_grad.extend(w.requires_grad)
     m.storage_nbytes.extend(span_sizes)
-    m.message_nbytes.extend(cut_messages(span_sizes, bucket_bytes))
+    m.message_nbytes.extend(cut_messages(span_sizes, bucket_bytes, direct_bytes))
     m.chain.extend(chain)
     return SendPlan(manifest=m, spans=spans, payload_bytes=sum(span_sizes))
 
 
-def cut_messages(span_sizes: list[int], bucket_bytes: int) -> list[int]:
+def cut_messages(span_sizes: list[int], bucket_bytes: int, direct_bytes: int) -> list[int]:
     """Cuts the concatenated spans into messages.
 
-    A span of at least ``bucket_bytes`` goes in messages of its own (straight from
-    and into tensor memory, no staging copy); smaller spans are packed whole into
-    buckets of at most ``bucket_bytes``.
+    A span of at least ``direct_bytes`` goes in messages of its own of at most
+    ``bucket_bytes`` (straight from and into tensor memory, no staging copy);
+    smaller spans are packed whole into buckets of at most ``bucket_bytes``.
     """
     out: list[int] = []
     bucket = 0
     for n in span_sizes:
-        if n >= bucket_bytes:
+        if n >= direct_bytes:
             if bucket:
                 out.append(bucket)
                 bucket = 0

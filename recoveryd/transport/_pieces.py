@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
+
+# Messages in flight at once. Zero-copy messages cost no memory, so the window
+# is wide enough to hide each message's round trip; staged ones are bounded by
+# the two staging buffers, not by this.
+WINDOW = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,3 +73,32 @@ class Staging:
     def give(self, buf: torch.Tensor) -> None:
         """Returns a buffer :meth:`take` handed out."""
         self._free.append(buf)
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copies equal-sized 1-D uint8 tensors.
+
+    On CPU a plain ``memmove`` (ctypes releases the GIL for it) runs ~3x faster
+    here than ``torch.cat``/``copy_`` on many small uint8 pieces.
+    """
+    n = src.numel()
+    if n and dst.device.type == "cpu" and src.device.type == "cpu":
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), n)
+    elif n:
+        dst.copy_(src, non_blocking=dst.device.type == "cuda" and src.is_pinned())
+
+
+def pack(m: Message, spans: list[torch.Tensor], buf: torch.Tensor) -> None:
+    """Copies the message's span pieces into the staging buffer ``buf``, in order."""
+    pos = 0
+    for s, o, n in zip(m.span_ids, m.offsets, m.sizes, strict=True):
+        _copy(buf.narrow(0, pos, n), spans[s].narrow(0, o, n))
+        pos += n
+
+
+def scatter(m: Message, buf: torch.Tensor, targets: list[torch.Tensor]) -> None:
+    """Copies a received staging buffer out to the message's span pieces."""
+    pos = 0
+    for s, o, n in zip(m.span_ids, m.offsets, m.sizes, strict=True):
+        _copy(targets[s].narrow(0, o, n), buf.narrow(0, pos, n))
+        pos += n

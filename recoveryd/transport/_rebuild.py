@@ -21,6 +21,7 @@ from recoveryd.errors import ManifestError, StateMismatchError
 from recoveryd.transport import _dtypes
 from recoveryd.transport._alloc import Arena
 from recoveryd.transport._flatten import FORMAT_VERSION
+from recoveryd.transport._pieces import Message
 from recoveryd.v1 import manifest_pb2 as pb
 
 _MAX_DEPTH = 256
@@ -290,11 +291,24 @@ def typed_view(buf: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
     return t
 
 
-def allocate_targets(sizes: list[int], device: torch.device, arena: Arena) -> list[torch.Tensor]:
-    """Fresh span buffers for an allocating receive."""
+def allocate_targets(
+    sizes: list[int], messages: list[Message], device: torch.device, arena: Arena
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Fresh span buffers for an allocating receive, and where each message lands."""
     if device.type == "cpu":
-        return arena.empty_many(sizes)
-    return [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]
+        return arena.for_stream(sizes, messages)
+    targets = [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]
+    return targets, landing_in_place(messages, targets)
+
+
+def landing_in_place(
+    messages: list[Message], targets: list[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    """Per message, the target bytes it can be received into directly, if any."""
+    return [
+        targets[m.span_ids[0]].narrow(0, m.offsets[0], m.sizes[0]) if m.direct else None
+        for m in messages
+    ]
 
 
 def match_in_place(

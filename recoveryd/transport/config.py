@@ -54,15 +54,25 @@ class TransferConfig:
 
     Small tensors are packed into buckets, so the number of messages grows with
     bytes, not with tensors; each side holds at most two buckets of extra memory.
-    Tensors whose storage span is at least this large travel straight from the
-    sender's memory into the receiver's, in messages of at most this size.
+    Large spans travel in messages of at most this size.
     """
 
-    checksums: bool = field(default_factory=lambda: _env_bool("RECOVERYD_CHECKSUMS", True))
-    """Verify an xxh3-64 checksum of every message (``RECOVERYD_CHECKSUMS``, default on).
+    direct_bytes: int = field(default_factory=lambda: _env_int("RECOVERYD_DIRECT_BYTES", 1 * _MiB))
+    """Spans of at least this many bytes skip the buckets (``RECOVERYD_DIRECT_BYTES``, default 1 MiB).
 
-    Costs about 4 % of a 1 GiB transfer on two cores (bench/RESULTS.md). Only
-    applies to CPU wires (Gloo); NCCL transfers are not checksummed.
+    They travel straight from the sender's tensor memory into the receiver's, in
+    messages of at most ``bucket_bytes``; smaller spans are packed. Below ~1 MiB
+    a message's fixed cost outweighs the copy a bucket costs. Values above
+    ``bucket_bytes`` act as ``bucket_bytes``.
+    """
+
+    checksums: bool = field(default_factory=lambda: _env_bool("RECOVERYD_CHECKSUMS", False))
+    """Verify an xxh3-64 checksum of every message (``RECOVERYD_CHECKSUMS``, default off).
+
+    Off by default because it cost more than 5 % on the 1 GiB benchmark here
+    (both ends on one 2-core machine, where hashing competes with the kernel's
+    socket copies; bench/RESULTS.md). Only applies to CPU wires (Gloo); NCCL
+    transfers are not checksummed.
     """
 
     fanout: Literal["chain", "star"] = field(default_factory=lambda: _env_fanout())
@@ -79,16 +89,19 @@ class TransferConfig:
     )
     """Largest manifest a receiver accepts (``RECOVERYD_MAX_MANIFEST_BYTES``)."""
 
-    hugepages: bool = field(default_factory=lambda: _env_bool("RECOVERYD_HUGEPAGES", True))
-    """Back large allocating receives with transparent huge pages (``RECOVERYD_HUGEPAGES``).
+    hugepages: bool = field(default_factory=lambda: _env_bool("RECOVERYD_HUGEPAGES", False))
+    """Advise allocating receives' buffers with ``MADV_HUGEPAGE`` (``RECOVERYD_HUGEPAGES``).
 
-    Fresh 4 KiB pages fault in at ~1.5 GB/s, slower than the wire; huge pages
-    fault 512 times less often (bench/RESULTS.md).
+    Off by default: on the VMs measured here the first touch of huge pages in
+    a fresh process was 2-3x slower than 4 KiB pages populated ahead of the
+    wire (bench/RESULTS.md). Worth trying on hosts with warm, host-backed memory.
     """
 
     def __post_init__(self) -> None:
         if self.bucket_bytes < 4096:
             raise ConfigError("bucket_bytes", self.bucket_bytes, "must be at least 4096")
+        if self.direct_bytes <= 0:
+            raise ConfigError("direct_bytes", self.direct_bytes, "must be positive")
         if self.fanout not in ("chain", "star"):
             raise ConfigError("fanout", self.fanout, "must be 'chain' or 'star'")
         if self.max_manifest_bytes < 1024:

@@ -26,9 +26,9 @@ from recoveryd.errors import (
 )
 from recoveryd.transport import _rebuild as rb
 from recoveryd.transport import _wire as w
-from recoveryd.transport._alloc import Arena
+from recoveryd.transport._alloc import Arena, Prefaulter
 from recoveryd.transport._flatten import FORMAT_VERSION
-from recoveryd.transport._pieces import Message, Staging, cut
+from recoveryd.transport._pieces import WINDOW, Message, Staging, cut, scatter
 from recoveryd.transport._tree import rebuild_allocated, rebuild_in_place
 from recoveryd.transport._wire import Group
 from recoveryd.transport.config import TransferConfig
@@ -36,8 +36,6 @@ from recoveryd.transport.stats import ReceivedState, TransferStats, checksum
 from recoveryd.v1 import manifest_pb2 as pb
 
 logger = logging.getLogger(__name__)
-
-WINDOW = 4
 
 
 def recv_state_dict(
@@ -98,6 +96,7 @@ def recv_state_dict(
     dev = w.wire_device(pg, device)
     wire = w.Wire(pg, dev, w.Deadline(timeout))
     arena = Arena(hugepages=config.hugepages)
+    prefaulter: Prefaulter | None = None
     try:
         m, manifest_bytes = _recv_manifest(wire, src_rank, config)
         tensors = rb.decode_tensors(m)
@@ -111,8 +110,13 @@ def recv_state_dict(
         if step is not None and sent_step != step:
             raise StepMismatchError(step, sent_step, peer_rank=src_rank)
         sizes = list(m.storage_nbytes)
+        messages = cut(sizes, list(m.message_nbytes))
         if into is None:
-            targets = rb.allocate_targets(sizes, alloc_device or torch.device("cpu"), arena)
+            targets, landing = rb.allocate_targets(
+                sizes, messages, alloc_device or torch.device("cpu"), arena
+            )
+            # Fresh memory: populate it ahead of the wire, in stream order.
+            prefaulter = Prefaulter([b for b in landing if b is not None])
             direct = [True] * len(sizes)
             copies: list[tuple[torch.Tensor, int]] = []
             # Built before any data arrives (views over the empty targets), so a
@@ -121,10 +125,15 @@ def recv_state_dict(
         else:
             dst, have = rb.match_in_place(m, tensors, into)
             targets, direct, copies = rb.place_in_place(tensors, sizes, dst, arena)
+            landing = rb.landing_in_place(messages, targets)
             state = rebuild_in_place(m, have)
     except (TransferTimeoutError, PeerLostError):
+        if prefaulter is not None:
+            prefaulter.stop()
         raise  # the sender is gone or silent: nobody would read a refusal
     except BaseException as e:
+        if prefaulter is not None:
+            prefaulter.stop()
         code = {
             StepMismatchError: w.ACK_STEP_MISMATCH,
             StateMismatchError: w.ACK_STATE_MISMATCH,
@@ -132,18 +141,22 @@ def recv_state_dict(
         }.get(type(e), w.ACK_OTHER)
         _best_effort(wire, [code, 0], src_rank, w.TAG_ACK)
         raise
-    wire.send_ints([w.ACK_OK, 0], src_rank, w.TAG_ACK)
-    if wire.recv_ints(2, src_rank, w.TAG_GO)[0] != w.GO:
-        raise TransferError(
-            f"rank {src_rank} aborted the transfer because another receiver refused it",
-            peer_rank=src_rank,
-        )
+    try:
+        wire.send_ints([w.ACK_OK, 0], src_rank, w.TAG_ACK)
+        if wire.recv_ints(2, src_rank, w.TAG_GO)[0] != w.GO:
+            raise TransferError(
+                f"rank {src_rank} aborted the transfer because another receiver refused it",
+                peer_rank=src_rank,
+            )
+    except BaseException:
+        if prefaulter is not None:
+            prefaulter.stop()
+        raise
     pos = chain.index(me)
     pred = src_rank if m.star else chain[pos - 1]
     succ = None if m.star or pos + 1 == len(chain) else chain[pos + 1]
     try:
-        messages = cut(sizes, list(m.message_nbytes))
-        hashes = _stream(wire, messages, targets, pred, succ, m.checksums)
+        hashes = _stream(wire, messages, targets, landing, pred, succ, m.checksums)
         _verify(wire, src_rank, hashes, m.checksums)
         for t, i in copies:
             t.copy_(rb.typed_view(targets[tensors[i].storage], tensors[i]))
@@ -151,6 +164,9 @@ def recv_state_dict(
         _best_effort(wire, [w.ACK_OTHER, 0], src_rank, w.TAG_DONE)
         logger.warning("receive from rank %d failed: %s", src_rank, e)
         raise
+    finally:
+        if prefaulter is not None:
+            prefaulter.stop()
     wire.send_ints([w.ACK_OK, 0], src_rank, w.TAG_DONE)
     stats = TransferStats(
         role="receiver",
@@ -203,13 +219,19 @@ def _stream(
     wire: w.Wire,
     messages: list[Message],
     targets: list[torch.Tensor],
+    landing: list[torch.Tensor | None],
     pred: int,
     succ: int | None,
     checksums: bool,
 ) -> list[int]:
     """Receives (and relays) the data messages; returns their checksums."""
     dev = wire.device
-    staged = max((m.nbytes for m in messages if not _zero_copy(m, targets, dev)), default=0)
+
+    def zero_copy(i: int) -> bool:
+        buf = landing[i]
+        return buf is not None and buf.device == dev
+
+    staged = max((m.nbytes for i, m in enumerate(messages) if not zero_copy(i)), default=0)
     staging = Staging(max(staged, 1), dev)
     hashes: list[int] = []
     pending: deque[tuple[Message, Any, torch.Tensor, torch.Tensor | None]] = deque()
@@ -229,16 +251,16 @@ def _stream(
         if succ is not None:
             relays.append((wire.isend(buf, succ, w.TAG_DATA), buf, pooled))
         if pooled is not None:
-            _scatter(m, targets, buf)
+            scatter(m, buf, targets)
             if succ is None:
                 staging.give(pooled)
         while len(relays) > WINDOW:
             retire_relay()
 
-    for m in messages:
-        if _zero_copy(m, targets, dev):
-            buf = targets[m.span_ids[0]].narrow(0, m.offsets[0], m.sizes[0])
-            pooled = None
+    for i, m in enumerate(messages):
+        landed = landing[i]
+        if landed is not None and zero_copy(i):
+            buf, pooled = landed, None
         else:
             while not staging.can_take():
                 if pending:
@@ -255,22 +277,6 @@ def _stream(
     while relays:
         retire_relay()
     return hashes
-
-
-def _zero_copy(m: Message, targets: list[torch.Tensor], device: torch.device) -> bool:
-    return m.direct and targets[m.span_ids[0]].device == device
-
-
-def _scatter(m: Message, targets: list[torch.Tensor], buf: torch.Tensor) -> None:
-    parts = list(torch.split(buf, m.sizes))
-    dsts = [
-        targets[s].narrow(0, o, n) for s, o, n in zip(m.span_ids, m.offsets, m.sizes, strict=True)
-    ]
-    if all(d.device == buf.device for d in dsts):
-        torch._foreach_copy_(dsts, parts)
-    else:
-        for d, p in zip(dsts, parts, strict=True):
-            d.copy_(p)
 
 
 def _verify(wire: w.Wire, src: int, hashes: list[int], checksums: bool) -> None:

@@ -14,16 +14,12 @@ import torch
 from recoveryd.errors import ConfigError, TransferError
 from recoveryd.transport import _wire as w
 from recoveryd.transport._flatten import FORMAT_VERSION, SendPlan, build_plan
-from recoveryd.transport._pieces import Message, Staging, cut
+from recoveryd.transport._pieces import WINDOW, Message, Staging, cut, pack
 from recoveryd.transport._wire import Group
 from recoveryd.transport.config import TransferConfig
 from recoveryd.transport.stats import TransferStats, checksum
 
 logger = logging.getLogger(__name__)
-
-# Messages in flight at once: enough to keep the wire busy while the next
-# bucket is packed and hashed, few enough to bound staging to two buckets.
-WINDOW = 4
 
 
 def send_state_dict(
@@ -80,6 +76,7 @@ def send_state_dict(
         step=step,
         chain=[me, *dst],
         bucket_bytes=config.bucket_bytes,
+        direct_bytes=min(config.direct_bytes, config.bucket_bytes),
         checksums=checksums,
     )
     plan.manifest.star = config.fanout == "star"
@@ -186,7 +183,7 @@ def _stream(
                 retire()
             pooled = staging.take()
             buf = pooled[: m.nbytes]
-            _pack(m, spans, buf)
+            pack(m, spans, buf)
         works = [(wire.isend(buf, d, w.TAG_DATA), d) for d in targets]
         if checksums:
             hashes.append(checksum(buf))
@@ -200,16 +197,3 @@ def _stream(
 
 def _zero_copy(m: Message, spans: list[torch.Tensor], device: torch.device) -> bool:
     return m.direct and spans[m.span_ids[0]].device == device
-
-
-def _pack(m: Message, spans: list[torch.Tensor], buf: torch.Tensor) -> None:
-    parts = [
-        spans[s].narrow(0, o, n) for s, o, n in zip(m.span_ids, m.offsets, m.sizes, strict=True)
-    ]
-    if all(p.device == buf.device for p in parts):
-        torch.cat(parts, out=buf)
-        return
-    pos = 0
-    for p in parts:
-        buf.narrow(0, pos, p.numel()).copy_(p)
-        pos += p.numel()

@@ -18,7 +18,7 @@ T = timedelta(seconds=30)
 
 
 def _roundtrip(rank: int, ws: int, pg: object, store: object, fanout: str) -> object:
-    cfg = TransferConfig(fanout=fanout, bucket_bytes=4096)  # type: ignore[arg-type]
+    cfg = TransferConfig(fanout=fanout, bucket_bytes=4096, direct_bytes=1024, checksums=True)  # type: ignore[arg-type]
     if rank == 0:
         return send_state_dict(pg, list(range(1, ws)), every_kind(), step=5, timeout=T, config=cfg)  # type: ignore[arg-type]
     got = recv_state_dict(pg, 0, step=5, timeout=T, config=cfg)  # type: ignore[arg-type]

@@ -27,7 +27,7 @@ from recoveryd.v1 import manifest_pb2 as pb
 
 pytestmark = pytest.mark.integration
 
-_CFG = TransferConfig(bucket_bytes=1 << 20)
+_CFG = TransferConfig(bucket_bytes=1 << 20, checksums=True)
 
 
 def _state() -> dict[str, torch.Tensor]:

@@ -18,16 +18,17 @@ from recoveryd.transport import TransferConfig
 def test_defaults() -> None:
     c = TransferConfig()
     assert c.bucket_bytes == 16 << 20
-    assert c.checksums
+    assert not c.checksums
+    assert not c.hugepages
     assert c.fanout == "chain"
 
 
 def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RECOVERYD_BUCKET_BYTES", "65536")
-    monkeypatch.setenv("RECOVERYD_CHECKSUMS", "off")
+    monkeypatch.setenv("RECOVERYD_CHECKSUMS", "on")
     monkeypatch.setenv("RECOVERYD_FANOUT", "star")
     c = TransferConfig()
-    assert (c.bucket_bytes, c.checksums, c.fanout) == (65536, False, "star")
+    assert (c.bucket_bytes, c.checksums, c.fanout) == (65536, True, "star")
     assert TransferConfig(bucket_bytes=8192).bucket_bytes == 8192
 
 

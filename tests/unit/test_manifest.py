@@ -13,7 +13,9 @@ from tests.statedicts import every_kind
 
 
 def _plan(sd: object, bucket: int = 1 << 20) -> pb.Manifest:
-    return build_plan(sd, step=1, chain=[0, 1], bucket_bytes=bucket, checksums=True).manifest
+    return build_plan(
+        sd, step=1, chain=[0, 1], bucket_bytes=bucket, direct_bytes=bucket, checksums=True
+    ).manifest
 
 
 def test_tied_weights_and_views_share_one_span_of_exact_bytes() -> None:
@@ -59,8 +61,11 @@ def test_messages_grow_with_bytes_not_tensor_count() -> None:
     ("spans", "bucket"),
     [([10, 20, 30], 25), ([100], 7), ([5, 0, 5, 200, 3], 64), ([], 16), ([64, 64], 64)],
 )
-def test_cut_messages_covers_every_byte_within_bucket_size(spans: list[int], bucket: int) -> None:
-    msgs = cut_messages(spans, bucket)
+@pytest.mark.parametrize("direct", [1, 8, 64])
+def test_cut_messages_covers_every_byte_within_bucket_size(
+    spans: list[int], bucket: int, direct: int
+) -> None:
+    msgs = cut_messages(spans, bucket, min(direct, bucket))
     assert sum(msgs) == sum(spans)
     assert all(0 < n <= bucket for n in msgs)
 
