@@ -123,7 +123,7 @@ class Arena:
 
     def for_stream(
         self, sizes: list[int], messages: list[Message]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    ) -> tuple[SpanBuffers, list[torch.Tensor | None]]:
         """Span buffers for an allocating receive, laid out so packed messages land in place.
 
         The spans of each packed message are carved, in stream order, from one
@@ -132,10 +132,10 @@ class Arena:
         storage. Spans sent in messages of their own get their own mapping.
 
         Returns:
-            One buffer per span, and per message the buffer to receive it into
+            The span buffers, and per message the buffer to receive it into
             (``None`` when it must be staged and scattered).
         """
-        targets: list[torch.Tensor | None] = [None] * len(sizes)
+        buffers = SpanBuffers(sizes, self)
         landing: list[torch.Tensor | None] = [None] * len(messages)
         # A packed message lands in place when every span in it starts 16-byte
         # aligned (the largest itemsize) within the message.
@@ -152,11 +152,52 @@ class Arena:
                 landing[i] = _carve(mapping, base, m.nbytes)
                 pos = base
                 for s, n in zip(m.span_ids, m.sizes, strict=True):
-                    targets[s] = _carve(mapping, pos, n)
+                    buffers.carved[s] = (mapping, pos)
                     pos += n
                 base += (m.nbytes + 63) & ~63
-        out = [t if t is not None else self.empty(n) for t, n in zip(targets, sizes, strict=True)]
         for i, m in enumerate(messages):
             if m.direct:
-                landing[i] = out[m.span_ids[0]].narrow(0, m.offsets[0], m.sizes[0])
-        return out, landing
+                landing[i] = buffers[m.span_ids[0]].narrow(0, m.offsets[0], m.sizes[0])
+        return buffers, landing
+
+
+class SpanBuffers:
+    """The span buffers of an allocating receive, made when first asked for.
+
+    Spans carved from a shared mapping are not wrapped as uint8 tensors unless
+    something needs them so: a span holding one tensor becomes that tensor
+    straight from the mapping (one ``frombuffer`` instead of three calls).
+    """
+
+    def __init__(
+        self, sizes: list[int], arena: Arena, *, device: torch.device | None = None
+    ) -> None:
+        self._sizes = sizes
+        self._arena = arena
+        self._device = device
+        self._made: list[torch.Tensor | None] = [None] * len(sizes)
+        self.carved: dict[int, tuple[mmap.mmap, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def __getitem__(self, s: int) -> torch.Tensor:
+        t = self._made[s]
+        if t is None:
+            where = self.carved.get(s)
+            n = self._sizes[s]
+            if where is not None:
+                t = _carve(where[0], where[1], n)
+            elif self._device is not None and self._device.type != "cpu":
+                t = torch.empty(n, dtype=torch.uint8, device=self._device)
+            else:
+                t = self._arena.empty(n)
+            self._made[s] = t
+        return t
+
+    def sole_tensor(self, s: int, dtype: torch.dtype, numel: int) -> torch.Tensor | None:
+        """The span's only tensor, typed and flat, if the span is carved and not yet wrapped."""
+        where = self.carved.get(s)
+        if where is None or self._made[s] is not None:
+            return None
+        return torch.frombuffer(where[0], dtype=dtype, count=numel, offset=where[1])

@@ -27,14 +27,39 @@ FORMAT_VERSION = 1
 _SPAN_ALIGN = 16
 # A strided tensor whose extent is this many times its own bytes is sent dense.
 _GAPPY_RATIO = 2
+# Enum values as plain ints: looked up once per node, not once per module access.
+_TENSOR = pb.NODE_KIND_TENSOR
+_KEY_STR = pb.KEY_KIND_STR
+_KEY_INT = pb.KEY_KIND_INT
+
+
+@dataclass(slots=True)
+class Span:
+    """Bytes ``[lo, lo + nbytes)`` of ``owner``'s storage, which starts at address ``base``."""
+
+    owner: torch.Tensor
+    base: int
+    lo: int
+    nbytes: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.owner.device
+
+    def view(self, offset: int, n: int) -> torch.Tensor:
+        """A 1-D uint8 tensor over ``n`` bytes of the span from ``offset``."""
+        out = torch.empty(0, dtype=torch.uint8, device=self.owner.device)
+        if n:
+            out.set_(self.owner.untyped_storage(), self.lo + offset, (n,))  # type: ignore[call-overload]
+        return out
 
 
 @dataclass(slots=True)
 class SendPlan:
-    """What the sender streams: the manifest, the span views, the message cuts."""
+    """What the sender streams: the manifest and the spans, in stream order."""
 
     manifest: pb.Manifest
-    spans: list[torch.Tensor]  # 1-D uint8 views, in stream order
+    spans: list[Span]
     payload_bytes: int
 
 
@@ -42,6 +67,7 @@ class SendPlan:
 class _Leaf:
     tensor: torch.Tensor
     index: int  # position in the tensor_* columns
+    base: int  # address of the storage's first byte
     lo: int  # byte extent within its storage
     hi: int
 
@@ -73,22 +99,25 @@ class _Walker:
         self.stride: list[int] = []
         self.requires_grad: list[bool] = []
         self.tensors: list[torch.Tensor] = []
-        self.by_storage: dict[tuple[str, int], list[_Leaf]] = {}
+        self.by_storage: dict[tuple[int, int], list[_Leaf]] = {}
         self.dense: list[_Leaf] = []
 
     def walk(self, obj: object, path: list[object]) -> None:
         kind = type(obj)
-        if kind is dict or kind is OrderedDict:
+        if kind is torch.Tensor or kind is torch.nn.Parameter:  # most leaves: test first
+            self.kinds.append(_TENSOR)
+            self.args.append(self._tensor(obj, path))  # type: ignore[arg-type]
+        elif kind is dict or kind is OrderedDict:
             d: dict[object, object] = obj  # type: ignore[assignment]
             self.kinds.append(pb.NODE_KIND_DICT if kind is dict else pb.NODE_KIND_ORDERED_DICT)
             self.args.append(len(d))
             for k, v in d.items():
                 tk = type(k)
                 if tk is str:
-                    self.key_kind.append(pb.KEY_KIND_STR)
+                    self.key_kind.append(_KEY_STR)
                     self.key_str.append(k)  # type: ignore[arg-type]
                 elif tk is int and -(1 << 63) <= k < (1 << 63):  # type: ignore[operator]
-                    self.key_kind.append(pb.KEY_KIND_INT)
+                    self.key_kind.append(_KEY_INT)
                     self.key_int.append(k)  # type: ignore[arg-type]
                 else:
                     raise UnsupportedValueError(_path([*path, f"<key {k!r}>"]), k)
@@ -112,7 +141,7 @@ class _Walker:
             self.args.append(len(self.m.sharded_tensors))
             self._sharded(obj, path)
         elif isinstance(obj, torch.Tensor):
-            self.kinds.append(pb.NODE_KIND_TENSOR)
+            self.kinds.append(_TENSOR)
             self.args.append(self._tensor(obj, path))
         else:
             self.kinds.append(pb.NODE_KIND_VALUE)
@@ -122,24 +151,32 @@ class _Walker:
     def _tensor(self, t: torch.Tensor, path: list[object]) -> int:
         if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
             raise UnsupportedValueError(_path(path), t)
-        if t.layout is not torch.strided or t.device.type == "meta":
-            raise UnsupportedValueError(_path(path), t)
         code = _dtypes.TO_PB.get(t.dtype)
-        if code is None:
+        if code is None or t.layout is not torch.strided or t.is_meta:
             raise UnsupportedValueError(_path(path), t)
         index = len(self.tensors)
-        lo, hi = _extent(t)
-        nbytes = t.numel() * t.element_size()
-        if hi - lo > _GAPPY_RATIO * nbytes and hi - lo > 64 * 1024:
-            t = t.detach().contiguous()
-            lo, hi = 0, nbytes
-            self.dense.append(_Leaf(t, index, lo, hi))
-        elif t.numel() == 0:
-            self.dense.append(_Leaf(t, index, 0, 0))
+        itemsize = t.element_size()
+        nbytes = t.numel() * itemsize
+        if t.is_contiguous():
+            lo = int(t.storage_offset()) * itemsize
+            hi = lo + nbytes
         else:
-            storage = t.untyped_storage()
-            key = (str(t.device), storage.data_ptr())
-            self.by_storage.setdefault(key, []).append(_Leaf(t, index, lo, hi))
+            lo, hi = _extent(t)
+        if nbytes == 0:
+            self.dense.append(_Leaf(t, index, t.data_ptr(), 0, 0))
+        elif hi - lo > _GAPPY_RATIO * nbytes and hi - lo > 64 * 1024:
+            t = t.detach().contiguous()
+            self.dense.append(_Leaf(t, index, t.data_ptr(), 0, nbytes))
+        else:
+            # The storage's own address, without building a storage object per tensor.
+            base = t.data_ptr() - lo
+            leaf = _Leaf(t, index, base, lo, hi)
+            key = (t.get_device(), base)
+            group = self.by_storage.get(key)
+            if group is None:
+                self.by_storage[key] = [leaf]
+            else:
+                group.append(leaf)
         self.tensors.append(t)
         self.dtype.append(code)
         self.ndim.append(t.dim())
@@ -235,6 +272,8 @@ def _value(out: pb.Value, v: object, path: list[object]) -> None:
 
 def _merge(leaves: list[_Leaf]) -> list[list[_Leaf]]:
     """Groups leaves of one storage into runs whose aligned extents overlap or touch."""
+    if len(leaves) == 1:
+        return [leaves]
     leaves.sort(key=lambda leaf: leaf.lo)
     groups: list[list[_Leaf]] = []
     hi = -1
@@ -270,24 +309,24 @@ def build_plan(
     w.walk(state_dict, [])
     storage_of = [0] * len(w.tensors)
     offset_of = [0] * len(w.tensors)
-    spans: list[torch.Tensor] = []
+    spans: list[Span] = []
     span_sizes: list[int] = []
     groups = [g for leaves in w.by_storage.values() for g in _merge(leaves)]
     groups.extend([leaf] for leaf in w.dense)
     for group in groups:
-        lo = min(leaf.lo for leaf in group)
-        lo -= lo % _SPAN_ALIGN
-        hi = max(leaf.hi for leaf in group)
-        base = group[0].tensor
-        view = torch.empty(0, dtype=torch.uint8, device=base.device)
-        if hi > lo:
-            view.set_(base.untyped_storage(), lo, (hi - lo,))  # type: ignore[call-overload]
+        if len(group) == 1:
+            first = group[0]
+            lo, hi = first.lo - first.lo % _SPAN_ALIGN, first.hi
+        else:
+            first = group[0]
+            lo = min(leaf.lo for leaf in group)
+            lo -= lo % _SPAN_ALIGN
+            hi = max(leaf.hi for leaf in group)
         for leaf in group:
+            # A leaf's extent starts at its storage offset (strides are never negative).
             storage_of[leaf.index] = len(spans)
-            offset_of[leaf.index] = (
-                int(leaf.tensor.storage_offset()) * leaf.tensor.element_size() - lo
-            )
-        spans.append(view)
+            offset_of[leaf.index] = leaf.lo - lo
+        spans.append(Span(first.tensor, first.base, lo, hi - lo))
         span_sizes.append(hi - lo)
     m.node_kind.extend(w.kinds)  # type: ignore[arg-type]
     m.node_arg.extend(w.args)

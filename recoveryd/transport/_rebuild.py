@@ -19,9 +19,9 @@ from torch.distributed.tensor import DTensor
 
 from recoveryd.errors import ManifestError, StateMismatchError
 from recoveryd.transport import _dtypes
-from recoveryd.transport._alloc import Arena
+from recoveryd.transport._alloc import Arena, SpanBuffers
 from recoveryd.transport._flatten import FORMAT_VERSION
-from recoveryd.transport._pieces import Message
+from recoveryd.transport._pieces import Buffers, Message
 from recoveryd.v1 import manifest_pb2 as pb
 
 _MAX_DEPTH = 256
@@ -30,6 +30,13 @@ _MAX_DEPTH = 256
 MAX_MESSAGE_BYTES = 1 << 30
 
 Path = tuple[object, ...]
+
+# Enum values as plain ints, looked up once.
+_DICT, _ODICT = pb.NODE_KIND_DICT, pb.NODE_KIND_ORDERED_DICT
+_LIST, _TUPLE, _VALUE = pb.NODE_KIND_LIST, pb.NODE_KIND_TUPLE, pb.NODE_KIND_VALUE
+_TENSOR = pb.NODE_KIND_TENSOR
+_LEAVES = frozenset((pb.NODE_KIND_TENSOR, pb.NODE_KIND_DTENSOR, pb.NODE_KIND_SHARDED_TENSOR))
+_KEY_STR, _KEY_INT = pb.KEY_KIND_STR, pb.KEY_KIND_INT
 
 
 @dataclass(slots=True)
@@ -42,6 +49,8 @@ class TensorSpec:
     storage: int
     byte_offset: int
     requires_grad: bool
+    numel: int
+    contiguous: bool
 
 
 @dataclass(slots=True)
@@ -95,8 +104,6 @@ def decode_tensors(m: pb.Manifest) -> list[TensorSpec]:
         shape = tuple(shapes[pos : pos + nd])
         stride = tuple(strides[pos : pos + nd])
         pos += nd
-        if any(d < 0 for d in shape) or any(s < 0 for s in stride):
-            raise ManifestError(f"tensor {i}: negative size or stride")
         s = storages[i]
         if s >= len(span):
             raise ManifestError(f"tensor {i}: storage {s} out of range")
@@ -104,15 +111,33 @@ def decode_tensors(m: pb.Manifest) -> list[TensorSpec]:
         off = offsets[i]
         if off % itemsize:
             raise ManifestError(f"tensor {i}: byte offset {off} not a multiple of {itemsize}")
-        if math.prod(shape):
-            end = (
-                off
-                + (sum((d - 1) * st for d, st in zip(shape, stride, strict=True)) + 1) * itemsize
-            )
+        if nd == 1:  # the common case, without the generic loops
+            numel, last = shape[0], shape[0] - 1
+            contiguous = stride[0] == 1 or numel < 2
+            if numel < 0 or stride[0] < 0:
+                raise ManifestError(f"tensor {i}: negative size or stride")
+            last *= stride[0]
+        else:
+            if any(d < 0 for d in shape) or any(st < 0 for st in stride):
+                raise ManifestError(f"tensor {i}: negative size or stride")
+            numel = math.prod(shape)
+            last = sum((d - 1) * st for d, st in zip(shape, stride, strict=True))
+            contiguous = _is_contiguous(shape, stride)
+        if numel:
+            end = off + (last + 1) * itemsize
             if end > span[s]:
                 raise ManifestError(f"tensor {i}: reaches byte {end} of a {span[s]}-byte span")
-        out.append(TensorSpec(dtype, shape, stride, s, off, grads[i]))
+        out.append(TensorSpec(dtype, shape, stride, s, off, grads[i], numel, contiguous))
     return out
+
+
+def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    expected = 1
+    for d, st in zip(reversed(shape), reversed(stride), strict=True):
+        if d != 1 and st != expected:
+            return False
+        expected *= d
+    return True
 
 
 def check_manifest(m: pb.Manifest, tensors: list[TensorSpec]) -> None:
@@ -143,7 +168,9 @@ def check_manifest(m: pb.Manifest, tensors: list[TensorSpec]) -> None:
 class TreeBuilder:
     """Walks the manifest's pre-order tree, calling ``leaf`` for tensor-like nodes."""
 
-    def __init__(self, m: pb.Manifest, leaf: Callable[[int, int, Path], object]) -> None:
+    def __init__(
+        self, m: pb.Manifest, leaf: Callable[[int, int, Path], object], *, paths: bool = True
+    ) -> None:
         self._kinds = list(m.node_kind)
         self._args = list(m.node_arg)
         self._key_kind = list(m.key_kind)
@@ -151,6 +178,7 @@ class TreeBuilder:
         self._key_int = list(m.key_int)
         self._values = m.values
         self._leaf = leaf
+        self._paths = paths
         self._pos = 0
         self._key = 0
         self._str = 0
@@ -169,10 +197,10 @@ class TreeBuilder:
             raise ManifestError("tree runs out of dict keys")
         kind = self._key_kind[self._key]
         self._key += 1
-        if kind == pb.KEY_KIND_STR and self._str < len(self._key_str):
+        if kind == _KEY_STR and self._str < len(self._key_str):
             self._str += 1
             return self._key_str[self._str - 1]
-        if kind == pb.KEY_KIND_INT and self._int < len(self._key_int):
+        if kind == _KEY_INT and self._int < len(self._key_int):
             self._int += 1
             return self._key_int[self._int - 1]
         raise ManifestError(f"bad dict key kind {kind}")
@@ -180,29 +208,33 @@ class TreeBuilder:
     def _node(self, path: Path, depth: int) -> object:
         if depth > _MAX_DEPTH:
             raise ManifestError(f"tree deeper than {_MAX_DEPTH}")
-        if self._pos >= len(self._kinds):
+        pos = self._pos
+        if pos >= len(self._kinds):
             raise ManifestError("tree runs out of nodes")
-        kind, arg = self._kinds[self._pos], self._args[self._pos]
-        self._pos += 1
-        if kind in (pb.NODE_KIND_DICT, pb.NODE_KIND_ORDERED_DICT):
+        kind, arg = self._kinds[pos], self._args[pos]
+        self._pos = pos + 1
+        if kind in _LEAVES:
+            return self._leaf(kind, arg, path)
+        if kind in (_DICT, _ODICT):
             if arg > len(self._kinds):
                 raise ManifestError("dict larger than the tree")
-            d: dict[object, object] = {} if kind == pb.NODE_KIND_DICT else OrderedDict()
+            d: dict[object, object] = {} if kind == _DICT else OrderedDict()
             for _ in range(arg):
                 k = self._next_key()
-                d[k] = self._node((*path, k), depth + 1)
+                d[k] = self._node((*path, k) if self._paths else path, depth + 1)
             return d
-        if kind in (pb.NODE_KIND_LIST, pb.NODE_KIND_TUPLE):
+        if kind in (_LIST, _TUPLE):
             if arg > len(self._kinds):
                 raise ManifestError("list larger than the tree")
-            items = [self._node((*path, i), depth + 1) for i in range(arg)]
-            return items if kind == pb.NODE_KIND_LIST else tuple(items)
-        if kind == pb.NODE_KIND_VALUE:
+            if self._paths:
+                items = [self._node((*path, i), depth + 1) for i in range(arg)]
+            else:
+                items = [self._node(path, depth + 1) for _ in range(arg)]
+            return items if kind == _LIST else tuple(items)
+        if kind == _VALUE:
             if arg >= len(self._values):
                 raise ManifestError("value index out of range")
             return decode_value(self._values[arg])
-        if kind in (pb.NODE_KIND_TENSOR, pb.NODE_KIND_DTENSOR, pb.NODE_KIND_SHARDED_TENSOR):
-            return self._leaf(kind, arg, path)
         raise ManifestError(f"unknown node kind {kind}")
 
 
@@ -283,9 +315,13 @@ def byte_view(t: torch.Tensor, start: int, nbytes: int) -> torch.Tensor:
 
 def typed_view(buf: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
     """The tensor ``spec`` describes, viewing the span buffer ``buf``."""
+    if spec.numel == 0:
+        return torch.empty(spec.shape, dtype=spec.dtype, device=buf.device)
+    nbytes = spec.numel * spec.dtype.itemsize
+    if spec.contiguous and spec.byte_offset == 0 and buf.numel() == nbytes:
+        # The usual case: one tensor fills its span (2 calls instead of a set_).
+        return buf.view(spec.dtype).view(spec.shape)
     t = torch.empty(0, dtype=spec.dtype, device=buf.device)
-    if math.prod(spec.shape) == 0:
-        return t.reshape(spec.shape) if spec.shape else t.new_empty(())
     start = buf.storage_offset() + spec.byte_offset
     t.set_(buf.untyped_storage(), start // spec.dtype.itemsize, spec.shape, spec.stride)
     return t
@@ -293,17 +329,15 @@ def typed_view(buf: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
 
 def allocate_targets(
     sizes: list[int], messages: list[Message], device: torch.device, arena: Arena
-) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+) -> tuple[SpanBuffers, list[torch.Tensor | None]]:
     """Fresh span buffers for an allocating receive, and where each message lands."""
     if device.type == "cpu":
         return arena.for_stream(sizes, messages)
-    targets = [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]
-    return targets, landing_in_place(messages, targets)
+    buffers = SpanBuffers(sizes, arena, device=device)
+    return buffers, landing_in_place(messages, buffers)
 
 
-def landing_in_place(
-    messages: list[Message], targets: list[torch.Tensor]
-) -> list[torch.Tensor | None]:
+def landing_in_place(messages: list[Message], targets: Buffers) -> list[torch.Tensor | None]:
     """Per message, the target bytes it can be received into directly, if any."""
     return [
         targets[m.span_ids[0]].narrow(0, m.offsets[0], m.sizes[0]) if m.direct else None
@@ -313,12 +347,12 @@ def landing_in_place(
 
 def match_in_place(
     m: pb.Manifest, tensors: list[TensorSpec], into: object
-) -> tuple[dict[int, torch.Tensor], dict[Path, object]]:
+) -> tuple[dict[int, torch.Tensor], object]:
     """Matches every incoming tensor to the receiver's tensor at the same path.
 
     Returns:
-        The receiver tensor for each manifest tensor index, and the receiver's
-        leaves by path.
+        The receiver tensor for each manifest tensor index, and the sender's
+        tree with the receiver's own tensor objects as its tensor leaves.
 
     Raises:
         StateMismatchError: naming every path that is missing, extra, or of
@@ -329,27 +363,29 @@ def match_in_place(
     dst: dict[int, torch.Tensor] = {}
     problems: list[str] = []
 
-    def check(index: int, t: torch.Tensor, where: str) -> None:
+    def check(index: int, t: torch.Tensor, path: Path, suffix: str = "") -> None:
         spec = tensors[index]
         if t.dtype != spec.dtype:
+            where = _path_str(path) + suffix
             problems.append(f"{where}: dtype {t.dtype} here, {spec.dtype} sent")
-        elif tuple(t.shape) != spec.shape:
+        elif t.shape != spec.shape:
+            where = _path_str(path) + suffix
             problems.append(f"{where}: shape {list(t.shape)} here, {list(spec.shape)} sent")
         else:
             dst[index] = t
 
     def leaf(kind: int, arg: int, path: Path) -> object:
         sent.add(path)
-        where = _path_str(path)
         mine = have.get(path)
+        if kind == _TENSOR and (type(mine) is torch.Tensor or type(mine) is torch.nn.Parameter):
+            check(arg, mine, path)  # the common case first
+            return mine
+        where = _path_str(path)
         if mine is None and path not in have:
             problems.append(f"{where}: missing in the receiver's state_dict")
             return None
-        if kind == pb.NODE_KIND_TENSOR:
-            if type(mine) is not torch.Tensor and type(mine) is not torch.nn.Parameter:
-                problems.append(f"{where}: {type(mine).__name__} here, a tensor sent")
-            else:
-                check(arg, mine, where)
+        if kind == _TENSOR:
+            problems.append(f"{where}: {type(mine).__name__} here, a tensor sent")
         elif kind == pb.NODE_KIND_DTENSOR:
             if arg >= len(m.dtensors):
                 raise ManifestError("DTensor index out of range")
@@ -363,7 +399,7 @@ def match_in_place(
                         f"{list(dmeta.global_shape)} sent"
                     )
                 else:
-                    check(dmeta.local_tensor, mine._local_tensor, where)
+                    check(dmeta.local_tensor, mine._local_tensor, path)
         else:
             if arg >= len(m.sharded_tensors):
                 raise ManifestError("ShardedTensor index out of range")
@@ -383,16 +419,16 @@ def match_in_place(
                         if list(shard.metadata.shard_offsets) != list(meta.shards[si].offsets):
                             problems.append(f"{where}.<shard {j}>: offsets differ")
                         else:
-                            check(ti, shard.tensor, f"{where}.<shard {j}>")
-        return None
+                            check(ti, shard.tensor, path, f".<shard {j}>")
+        return mine
 
-    TreeBuilder(m, leaf).build()
+    state = TreeBuilder(m, leaf).build()
     for path, obj in have.items():
         if path not in sent and local_of(obj):
             problems.append(f"{_path_str(path)}: not in the sender's state_dict")
     if problems:
         raise StateMismatchError(problems)
-    return dst, have
+    return dst, state
 
 
 def place_in_place(
@@ -430,7 +466,7 @@ def _same_layout(
         t, spec = dst[i], tensors[i]
         if t.untyped_storage().data_ptr() != ptr or t.device != first.device:
             return None
-        if math.prod(spec.shape) and tuple(t.stride()) != spec.stride:
+        if spec.numel and tuple(t.stride()) != spec.stride:
             return None
         b = int(t.storage_offset()) * t.element_size() - spec.byte_offset
         if base is None:

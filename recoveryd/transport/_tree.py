@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -18,27 +19,30 @@ from torch.distributed.tensor.placement_types import Partial, Placement
 
 from recoveryd.errors import ManifestError, StateMismatchError
 from recoveryd.transport import _dtypes
+from recoveryd.transport._alloc import SpanBuffers
 from recoveryd.transport._rebuild import Path, TensorSpec, TreeBuilder, typed_view
 from recoveryd.v1 import manifest_pb2 as pb
-
-
-def rebuild_in_place(m: pb.Manifest, have: dict[Path, object]) -> object:
-    """The sender's tree, with the receiver's own (now filled) tensor objects as leaves."""
-    return TreeBuilder(m, lambda _kind, _arg, path: have[path]).build()
 
 
 def rebuild_allocated(
     m: pb.Manifest,
     tensors: list[TensorSpec],
-    targets: list[torch.Tensor],
+    targets: SpanBuffers,
     mesh: Any | None,
     shard_group: Any | None,
 ) -> object:
     """The sender's tree over freshly received span buffers (views keep their aliasing)."""
+    per_span = Counter(spec.storage for spec in tensors)
 
     def plain(i: int) -> torch.Tensor:
         spec = tensors[i]
-        t = typed_view(targets[spec.storage], spec)
+        t = None
+        if spec.contiguous and spec.numel and spec.byte_offset == 0 and per_span[spec.storage] == 1:
+            t = targets.sole_tensor(spec.storage, spec.dtype, spec.numel)
+            if t is not None and len(spec.shape) != 1:
+                t = t.view(spec.shape)
+        if t is None:
+            t = typed_view(targets[spec.storage], spec)
         if spec.requires_grad and (t.is_floating_point() or t.is_complex()):
             t.requires_grad_(True)
         return t
@@ -57,7 +61,8 @@ def rebuild_allocated(
         meta = m.sharded_tensors[arg]
         return _sharded(meta, [plain(i) for i in meta.local_tensor], shard_group)
 
-    return TreeBuilder(m, leaf).build()
+    # Paths only name a DTensor in an error; not building them saves a tuple per node.
+    return TreeBuilder(m, leaf, paths=False).build()
 
 
 def _placement(p: pb.Placement) -> Placement:

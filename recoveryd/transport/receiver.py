@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import time
 from collections import deque
 from datetime import timedelta
 from typing import Any
@@ -28,16 +27,18 @@ from recoveryd.transport import _rebuild as rb
 from recoveryd.transport import _wire as w
 from recoveryd.transport._alloc import Arena, Prefaulter
 from recoveryd.transport._flatten import FORMAT_VERSION
-from recoveryd.transport._pieces import WINDOW, Message, Staging, cut, scatter
-from recoveryd.transport._tree import rebuild_allocated, rebuild_in_place
+from recoveryd.transport._gc import gc_paused
+from recoveryd.transport._pieces import WINDOW, Buffers, Message, Staging, cut, scatter
+from recoveryd.transport._tree import rebuild_allocated
 from recoveryd.transport._wire import Group
 from recoveryd.transport.config import TransferConfig
-from recoveryd.transport.stats import ReceivedState, TransferStats, checksum
+from recoveryd.transport.stats import PhaseClock, ReceivedState, TransferStats, checksum
 from recoveryd.v1 import manifest_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
 
+@gc_paused()
 def recv_state_dict(
     pg: Group,
     src_rank: int,
@@ -88,7 +89,7 @@ def recv_state_dict(
         TransferTimeoutError: the deadline passed.
         PeerLostError: the sender or the rank relaying to this one went away.
     """
-    start = time.perf_counter()
+    clock = PhaseClock()
     config = config or TransferConfig()
     me = w.group_rank(pg)
     if src_rank == me or not 0 <= src_rank < pg.size():
@@ -99,6 +100,7 @@ def recv_state_dict(
     prefaulter: Prefaulter | None = None
     try:
         m, manifest_bytes = _recv_manifest(wire, src_rank, config)
+        clock.mark("manifest")
         tensors = rb.decode_tensors(m)
         rb.check_manifest(m, tensors)
         chain = list(m.chain)
@@ -111,22 +113,24 @@ def recv_state_dict(
             raise StepMismatchError(step, sent_step, peer_rank=src_rank)
         sizes = list(m.storage_nbytes)
         messages = cut(sizes, list(m.message_nbytes))
+        targets: Buffers
         if into is None:
-            targets, landing = rb.allocate_targets(
+            spans, landing = rb.allocate_targets(
                 sizes, messages, alloc_device or torch.device("cpu"), arena
             )
+            targets = spans
             # Fresh memory: populate it ahead of the wire, in stream order.
             prefaulter = Prefaulter([b for b in landing if b is not None])
             direct = [True] * len(sizes)
             copies: list[tuple[torch.Tensor, int]] = []
             # Built before any data arrives (views over the empty targets), so a
             # malformed tree is refused before the sender streams anything.
-            state = rebuild_allocated(m, tensors, targets, device_mesh, shard_group)
+            state = rebuild_allocated(m, tensors, spans, device_mesh, shard_group)
         else:
-            dst, have = rb.match_in_place(m, tensors, into)
-            targets, direct, copies = rb.place_in_place(tensors, sizes, dst, arena)
-            landing = rb.landing_in_place(messages, targets)
-            state = rebuild_in_place(m, have)
+            dst, state = rb.match_in_place(m, tensors, into)
+            mine, direct, copies = rb.place_in_place(tensors, sizes, dst, arena)
+            landing = rb.landing_in_place(messages, mine)
+            targets = mine
     except (TransferTimeoutError, PeerLostError):
         if prefaulter is not None:
             prefaulter.stop()
@@ -141,6 +145,7 @@ def recv_state_dict(
         }.get(type(e), w.ACK_OTHER)
         _best_effort(wire, [code, 0], src_rank, w.TAG_ACK)
         raise
+    clock.mark("prepare")
     try:
         wire.send_ints([w.ACK_OK, 0], src_rank, w.TAG_ACK)
         if wire.recv_ints(2, src_rank, w.TAG_GO)[0] != w.GO:
@@ -156,7 +161,9 @@ def recv_state_dict(
     pred = src_rank if m.star else chain[pos - 1]
     succ = None if m.star or pos + 1 == len(chain) else chain[pos + 1]
     try:
+        clock.mark("handshake")
         hashes = _stream(wire, messages, targets, landing, pred, succ, m.checksums)
+        clock.mark("data")
         _verify(wire, src_rank, hashes, m.checksums)
         for t, i in copies:
             t.copy_(rb.typed_view(targets[tensors[i].storage], tensors[i]))
@@ -168,6 +175,7 @@ def recv_state_dict(
         if prefaulter is not None:
             prefaulter.stop()
     wire.send_ints([w.ACK_OK, 0], src_rank, w.TAG_DONE)
+    clock.mark("verify")
     stats = TransferStats(
         role="receiver",
         payload_bytes=sum(sizes),
@@ -175,7 +183,8 @@ def recv_state_dict(
         bytes_received=wire.bytes_received,
         messages=wire.messages,
         manifest_bytes=manifest_bytes,
-        seconds=time.perf_counter() - start,
+        seconds=clock.total(),
+        phases=clock.phases,
     )
     logger.info(
         "received %d bytes (%d tensors, %d in place) from rank %d via %s in %.3fs (%.2f GB/s)",
@@ -218,7 +227,7 @@ def _recv_manifest(wire: w.Wire, src: int, config: TransferConfig) -> tuple[pb.M
 def _stream(
     wire: w.Wire,
     messages: list[Message],
-    targets: list[torch.Tensor],
+    targets: Buffers,
     landing: list[torch.Tensor | None],
     pred: int,
     succ: int | None,

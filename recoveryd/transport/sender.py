@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
-import time
 from collections import deque
 from collections.abc import Sequence
 from datetime import timedelta
@@ -13,15 +13,17 @@ import torch
 
 from recoveryd.errors import ConfigError, TransferError
 from recoveryd.transport import _wire as w
-from recoveryd.transport._flatten import FORMAT_VERSION, SendPlan, build_plan
-from recoveryd.transport._pieces import WINDOW, Message, Staging, cut, pack
+from recoveryd.transport._flatten import FORMAT_VERSION, SendPlan, Span, build_plan
+from recoveryd.transport._gc import gc_paused
+from recoveryd.transport._pieces import WINDOW, Message, Staging, copy_bytes, cut
 from recoveryd.transport._wire import Group
 from recoveryd.transport.config import TransferConfig
-from recoveryd.transport.stats import TransferStats, checksum
+from recoveryd.transport.stats import PhaseClock, TransferStats, checksum
 
 logger = logging.getLogger(__name__)
 
 
+@gc_paused()
 def send_state_dict(
     pg: Group,
     dst_ranks: Sequence[int],
@@ -60,7 +62,7 @@ def send_state_dict(
         TransferTimeoutError: the deadline passed.
         PeerLostError: a receiver went away.
     """
-    start = time.perf_counter()
+    clock = PhaseClock()
     config = config or TransferConfig()
     dst = list(dst_ranks)
     me = w.group_rank(pg)
@@ -81,9 +83,12 @@ def send_state_dict(
     )
     plan.manifest.star = config.fanout == "star"
     blob = plan.manifest.SerializeToString()
+    clock.mark("plan")
     _handshake(wire, dst, blob)
+    clock.mark("handshake")
     first_hop = dst if plan.manifest.star else dst[:1]
     hashes = _stream(wire, plan, first_hop, config.bucket_bytes, checksums)
+    clock.mark("data")
     trailer = torch.tensor([w.TRAILER_MAGIC, len(hashes), *hashes], dtype=torch.int64, device=dev)
     works = [(wire.isend(trailer, d, w.TAG_TRAILER), d) for d in dst]
     done = [(torch.zeros(2, dtype=torch.int64, device=dev), d) for d in dst]
@@ -101,6 +106,7 @@ def send_state_dict(
             "local failure; see their logs)",
             peer_rank=failed[0],
         )
+    clock.mark("confirm")
     stats = TransferStats(
         role="sender",
         payload_bytes=plan.payload_bytes,
@@ -108,7 +114,8 @@ def send_state_dict(
         bytes_received=wire.bytes_received,
         messages=wire.messages,
         manifest_bytes=len(blob),
-        seconds=time.perf_counter() - start,
+        seconds=clock.total(),
+        phases=clock.phases,
     )
     logger.info(
         "sent %d bytes (%d tensors, %d messages) to ranks %s in %.3fs (%.2f GB/s)",
@@ -161,7 +168,7 @@ def _stream(
 ) -> list[int]:
     """Sends the data messages; returns their checksums (empty when off)."""
     spans = plan.spans
-    messages = cut([s.numel() for s in spans], list(plan.manifest.message_nbytes))
+    messages = cut([s.nbytes for s in spans], list(plan.manifest.message_nbytes))
     staged = max((m.nbytes for m in messages if not _zero_copy(m, spans, wire.device)), default=0)
     staging = Staging(max(staged, 1), wire.device)
     hashes: list[int] = []
@@ -176,14 +183,14 @@ def _stream(
 
     for m in messages:
         if _zero_copy(m, spans, wire.device):
-            buf = spans[m.span_ids[0]].narrow(0, m.offsets[0], m.sizes[0])
+            buf = spans[m.span_ids[0]].view(m.offsets[0], m.sizes[0])
             pooled = None
         else:
             while not staging.can_take():
                 retire()
             pooled = staging.take()
             buf = pooled[: m.nbytes]
-            pack(m, spans, buf)
+            _pack(m, spans, buf)
         works = [(wire.isend(buf, d, w.TAG_DATA), d) for d in targets]
         if checksums:
             hashes.append(checksum(buf))
@@ -195,5 +202,22 @@ def _stream(
     return hashes
 
 
-def _zero_copy(m: Message, spans: list[torch.Tensor], device: torch.device) -> bool:
+def _zero_copy(m: Message, spans: list[Span], device: torch.device) -> bool:
     return m.direct and spans[m.span_ids[0]].device == device
+
+
+def _pack(m: Message, spans: list[Span], buf: torch.Tensor) -> None:
+    """Copies the message's span pieces into the staging buffer ``buf``, in order."""
+    if buf.device.type == "cpu" and all(spans[s].owner.is_cpu for s in m.span_ids):
+        # The hot loop of a many-small-tensors state: one memmove per piece.
+        move = ctypes.memmove
+        dst = buf.data_ptr()
+        for s, o, n in zip(m.span_ids, m.offsets, m.sizes, strict=True):
+            span = spans[s]
+            move(dst, span.base + span.lo + o, n)
+            dst += n
+        return
+    pos = 0
+    for s, o, n in zip(m.span_ids, m.offsets, m.sizes, strict=True):
+        copy_bytes(buf.narrow(0, pos, n), spans[s].view(o, n))
+        pos += n

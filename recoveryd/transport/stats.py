@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -22,6 +23,12 @@ class TransferStats:
         messages: point-to-point operations this rank issued.
         manifest_bytes: size of the encoded manifest.
         seconds: wall time of the call.
+        phases: seconds spent in each phase, in order. Sender: ``plan``
+            (walk the state, build the manifest), ``handshake`` (manifest out,
+            receivers' verdicts in), ``data``, ``confirm`` (trailer out,
+            receivers' confirmations in). Receiver: ``manifest`` (wait for
+            and parse it), ``prepare`` (validate, match or allocate),
+            ``handshake``, ``data``, ``verify``.
     """
 
     role: Literal["sender", "receiver"]
@@ -31,6 +38,7 @@ class TransferStats:
     messages: int
     manifest_bytes: int
     seconds: float
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def wire_bytes(self) -> int:
@@ -41,6 +49,25 @@ class TransferStats:
     def gbps(self) -> float:
         """Payload throughput in GB/s (10^9 bytes per second)."""
         return self.payload_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+class PhaseClock:
+    """Splits a call's wall time into named phases."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self._last = self.start
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        """Ends ``phase`` now."""
+        now = time.perf_counter()
+        self.phases[phase] = now - self._last
+        self._last = now
+
+    def total(self) -> float:
+        """Seconds since the clock started."""
+        return time.perf_counter() - self.start
 
 
 @dataclass(frozen=True, slots=True)
