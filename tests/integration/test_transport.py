@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recoveryd.errors import StateMismatchError, StepMismatchError, TransferError
-from recoveryd.testing import run_threads
+from recoveryd.testing import run_ranks, run_threads
 from recoveryd.transport import PGTransport, TransferConfig, recv_state_dict, send_state_dict
 from tests.statedicts import assert_same, bits, every_kind
 
@@ -205,7 +205,8 @@ def _ring(rank: int, ws: int, pg: object, store: object) -> None:
 
 
 def test_ring_exchange_on_eight_ranks() -> None:
-    run_threads(_ring, 8)
+    # Real processes: every rank sends to its right and receives from its left at once.
+    run_ranks(_ring, 8, timeout=timedelta(seconds=240))
 
 
 def _silent(rank: int, ws: int, pg: object, store: object) -> float:
