@@ -35,6 +35,8 @@ class Env:
     """Deadline for any single transfer call."""
     sockets: SocketByteCounter
     """Counts HTTP bytes; installed only by adapters that use sockets."""
+    logical_bytes: int
+    """Sum of the workload's tensor nbytes (the raw anchors' buffer size)."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -2,6 +2,10 @@
 
 * ``raw-gloo``: one preallocated, touched uint8 buffer of the workload's tensor bytes, sent with
   a single ``pg.send``/``pg.recv`` -- the limit of this ProcessGroup on this machine.
+* ``raw-gloo-fresh``: the same single ``pg.send``/``pg.recv``, but the joiner receives into a
+  buffer it allocates inside the timed region (``torch.empty``), on every workload, as an
+  allocating receiver must -- the limit for allocating workloads on a fresh process, since the
+  first touch of fresh memory is part of the cost.
 * ``torch-pg``: ``torch.distributed.checkpoint._pg_transport.PGTransport``.
 * ``torchft-pg``: ``torchft.checkpointing.pg_transport.PGTransport``.
 * ``torchft-http``: ``torchft.checkpointing.http_transport.HTTPTransport`` (``num_chunks=0``,
@@ -38,6 +42,19 @@ class RawGloo(Adapter):
             raise ValueError("raw-gloo receives into a preallocated buffer only")
         self.env.pg.recv([into["buf"]], _DONOR, 0).wait(self.env.timeout)
         return into, {}
+
+
+class RawGlooFresh(RawGloo):
+    """``raw-gloo`` received into a ``torch.empty`` buffer allocated inside the timed region."""
+
+    name = "raw-gloo-fresh"
+
+    def recv(self, into: StateDict | None, step: int) -> tuple[StateDict, dict[str, Any]]:
+        if into is not None:
+            raise ValueError("raw-gloo-fresh allocates its receive buffer itself")
+        buf = torch.empty(self.env.logical_bytes, dtype=torch.uint8)
+        self.env.pg.recv([buf], _DONOR, 0).wait(self.env.timeout)
+        return {"buf": buf}, {}
 
 
 class TorchPG(Adapter):

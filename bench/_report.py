@@ -4,7 +4,11 @@ Per pair the row takes the repeat with the best (lowest) joiner time; memory is 
 (highest) over repeats. Definitions printed with the table:
 
 * time: joiner wall time from the start of ``recv`` (right after a barrier) to ``recv`` returned.
-* ratio: raw-gloo's time on the same workload in the same run / this time (1.0 = the limit).
+* first: the same for the first repeat, i.e. the first transfer of fresh processes (a real heal).
+* ratio (x raw): raw-gloo's time on the same workload in the same run / this time (1.0 = the
+  ProcessGroup limit with a preallocated, touched receive buffer).
+* fresh ratio (x fresh): raw-gloo-fresh's time on the same workload in the same run / this time
+  (1.0 = the limit for a receiver that allocates); allocating workloads only.
 * wire: bytes both ranks handed to ``pg.send`` (PG transports, via a counting proxy), or HTTP
   response bytes the joiner read (torchft-http).
 * extra RSS: donor = peak RSS - baseline RSS; joiner = peak RSS - baseline RSS - bytes it
@@ -19,12 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench._harness import PairOutcome
-from bench._transports import ANCHOR
+from bench._transports import ANCHOR, FRESH_ANCHOR
 from bench._workloads import Workload
 
 _KIB = 1024
 _D_WIRE_SLACK = 0.01
-_FIRST_CALL_SLOW = 1.5
 BUSY_SHARE = 0.15
 """Above this share of the machine's CPU used by other processes, a pair's timings are flagged."""
 
@@ -43,6 +46,11 @@ class Row:
     sender_seconds: float | None = None
     gbps: float | None = None
     ratio: float | None = None
+    """raw-gloo's time / this time (same workload, same run)."""
+    fresh_ratio: float | None = None
+    """raw-gloo-fresh's time / this time; None on in-place workloads."""
+    in_place: bool = False
+    """The workload is received in place (so ``x fresh`` does not apply)."""
     wire_bytes: int | None = None
     sender_extra_bytes: int | None = None
     receiver_extra_bytes: int | None = None
@@ -72,7 +80,11 @@ def _best_repeat(receiver: dict[str, Any]) -> int:
 def build_row(o: PairOutcome, w: Workload) -> Row:
     """The table row for one outcome (ratio filled in later by :func:`fill_ratios`)."""
     row = Row(
-        workload=o.workload, transport=o.transport, status="ok", logical_bytes=w.logical_bytes
+        workload=o.workload,
+        transport=o.transport,
+        status="ok",
+        logical_bytes=w.logical_bytes,
+        in_place=w.in_place,
     )
     if o.status == "skipped":
         row.status = "skipped"
@@ -91,8 +103,6 @@ def build_row(o: PairOutcome, w: Workload) -> Row:
     sr = sender["repeats"][b]
     row.seconds = float(rr["seconds"])
     row.first_seconds = float(receiver["repeats"][0]["seconds"])
-    if len(receiver["repeats"]) > 1 and row.first_seconds > _FIRST_CALL_SLOW * row.seconds:
-        row.notes.append(f"first call {row.first_seconds:.3f} s")
     row.sender_seconds = float(sr["seconds"])
     row.gbps = w.logical_bytes / row.seconds / 1e9 if row.seconds > 0 else None
 
@@ -150,12 +160,26 @@ def build_row(o: PairOutcome, w: Workload) -> Row:
 
 
 def fill_ratios(rows: list[Row]) -> None:
-    """Sets each row's ratio to raw-gloo's time on the same workload / its time."""
-    anchor = {r.workload: r.seconds for r in rows if r.transport == ANCHOR and r.status == "ok"}
+    """Sets each row's ratio (vs raw-gloo) and, on allocating workloads, fresh_ratio (vs
+    raw-gloo-fresh): the anchor's best time on the same workload / the row's best time."""
+
+    def best(name: str) -> dict[str, float]:
+        return {
+            r.workload: r.seconds
+            for r in rows
+            if r.transport == name and r.status == "ok" and r.seconds
+        }
+
+    raw, fresh = best(ANCHOR), best(FRESH_ANCHOR)
     for r in rows:
-        base = anchor.get(r.workload)
-        if base and r.seconds:
+        if not r.seconds:
+            continue
+        base = raw.get(r.workload)
+        if base:
             r.ratio = base / r.seconds
+        base = fresh.get(r.workload)
+        if base and not r.in_place:
+            r.fresh_ratio = base / r.seconds
 
 
 def render_table(rows: list[Row]) -> str:
@@ -164,8 +188,10 @@ def render_table(rows: list[Row]) -> str:
         "wl",
         "transport",
         "time s",
+        "1st s",
         "GB/s",
         "x raw",
+        "x fresh",
         "wire",
         "donor +RSS",
         "joiner +RSS",
@@ -180,8 +206,10 @@ def render_table(rows: list[Row]) -> str:
                 r.workload,
                 r.transport,
                 "-" if r.seconds is None else f"{r.seconds:.3f}",
+                "-" if r.first_seconds is None else f"{r.first_seconds:.3f}",
                 "-" if r.gbps is None else f"{r.gbps:.2f}",
                 "-" if r.ratio is None else f"{r.ratio:.2f}",
+                _fresh_cell(r),
                 fmt_bytes(r.wire_bytes),
                 fmt_bytes(r.sender_extra_bytes, signed=True),
                 fmt_bytes(r.receiver_extra_bytes, signed=True),
@@ -202,11 +230,23 @@ def render_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def _fresh_cell(r: Row) -> str:
+    if r.fresh_ratio is not None:
+        return f"{r.fresh_ratio:.2f}"
+    # In place: x fresh does not apply, so the cell stays blank rather than "-".
+    return "" if r.in_place else "-"
+
+
 LEGEND = """\
-time s   joiner wall time: barrier, then start of recv -> recv returned (best of the repeats;
-         a note gives the first repeat's time when it was > 1.5x the best)
+time s   joiner wall time: barrier, then start of recv -> recv returned (best of the repeats)
+1st s    the same for the first repeat: the first transfer of two fresh processes, as in a real
+         heal (equal to time s with 1 repeat)
 GB/s     logical tensor bytes / time s / 1e9
-x raw    raw-gloo time on the same workload in this run / time s (1.00 = the ProcessGroup limit)
+x raw    raw-gloo time on the same workload in this run / time s (1.00 = the ProcessGroup limit,
+         receiving into a preallocated, already touched buffer)
+x fresh  raw-gloo-fresh time on the same workload in this run / time s (1.00 = the limit for a
+         receiver that allocates: one pg.recv into torch.empty(total bytes) allocated inside the
+         timed region, so first-touch page faults are paid); blank on in-place workloads (E)
 wire     PG transports: sum of tensor nbytes both ranks passed to pg.send (counting proxy);
          torchft-http: HTTP response bytes the joiner read from its socket
 +RSS     donor:  peak RSS - baseline RSS during the transfer
@@ -308,12 +348,13 @@ def render_noise(rows: list[Row]) -> str:
             f"noise: {len(busy)} pair(s) ran while other processes used > {BUSY_SHARE:.0%} of the "
             f"CPUs (up to {worst:.0%}); their timings are unreliable"
         )
-    raw = {r.workload: r.seconds for r in rows if r.transport == ANCHOR and r.seconds}
-    a, e = raw.get("A"), raw.get("E")
-    if a and e:
-        spread = abs(a - e) / min(a, e)
-        lines.append(
-            f"noise: raw-gloo on A and on E is the same transfer: {a:.3f} s vs {e:.3f} s "
-            f"({spread:.0%} apart)"
-        )
+    for name in (ANCHOR, FRESH_ANCHOR):
+        raw = {r.workload: r.seconds for r in rows if r.transport == name and r.seconds}
+        a, e = raw.get("A"), raw.get("E")
+        if a and e:
+            spread = abs(a - e) / min(a, e)
+            lines.append(
+                f"noise: {name} on A and on E is the same transfer: {a:.3f} s vs {e:.3f} s "
+                f"({spread:.0%} apart)"
+            )
     return "\n".join(lines)

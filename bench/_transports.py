@@ -32,6 +32,12 @@ def _raw() -> Adapter:
     return RawGloo()
 
 
+def _raw_fresh() -> Adapter:
+    from bench._anchors import RawGlooFresh
+
+    return RawGlooFresh()
+
+
 def _torch_pg() -> Adapter:
     from bench._anchors import TorchPG
 
@@ -56,6 +62,12 @@ def _recoveryd() -> Adapter:
     return Recoveryd()
 
 
+def _recoveryd_checksums() -> Adapter:
+    from bench._recoveryd import RecoverydChecksums
+
+    return RecoverydChecksums()
+
+
 TRANSPORTS: dict[str, TransportInfo] = {
     t.name: t
     for t in (
@@ -67,10 +79,24 @@ TRANSPORTS: dict[str, TransportInfo] = {
             ships_whole_storages=False,
         ),
         TransportInfo(
+            name="raw-gloo-fresh",
+            module="torch.distributed",
+            attrs=("ProcessGroupGloo",),
+            factory=_raw_fresh,
+            ships_whole_storages=False,
+        ),
+        TransportInfo(
             name="recoveryd",
             module="recoveryd.transport",
             attrs=("send_state_dict", "recv_state_dict"),
             factory=_recoveryd,
+            ships_whole_storages=False,
+        ),
+        TransportInfo(
+            name="recoveryd-checksums",
+            module="recoveryd.transport",
+            attrs=("send_state_dict", "recv_state_dict", "TransferConfig"),
+            factory=_recoveryd_checksums,
             ships_whole_storages=False,
         ),
         TransportInfo(
@@ -99,6 +125,24 @@ TRANSPORTS: dict[str, TransportInfo] = {
 }
 
 ANCHOR = "raw-gloo"
+"""The ProcessGroup limit: preallocated, touched receive buffer (``x raw``)."""
+FRESH_ANCHOR = "raw-gloo-fresh"
+"""The limit for an allocating receive in a fresh process (``x fresh``)."""
+RAW_ANCHORS: tuple[str, ...] = (ANCHOR, FRESH_ANCHOR)
+"""Transports that move the workload's bytes as one uint8 buffer (not its state_dict)."""
+
+
+def joiner_template(name: str, w: Workload) -> bool:
+    """Whether the joiner of ``name`` on ``w`` builds (and receives into) a preexisting buffer.
+
+    raw-gloo always does (one zeroed uint8 buffer), raw-gloo-fresh never does (it allocates
+    inside the timed region), every other transport does on in-place workloads only.
+    """
+    if name == ANCHOR:
+        return True
+    if name == FRESH_ANCHOR:
+        return False
+    return w.in_place
 
 
 def make_adapter(name: str) -> Adapter:
@@ -128,5 +172,5 @@ def expected_wire_bytes(name: str, w: Workload) -> int:
 def expected_receiver_bytes(name: str, w: Workload) -> int:
     """Bytes the joiner is expected to hold at its peak (template + received + staging)."""
     held = expected_wire_bytes(name, w)
-    template = w.logical_bytes if (w.in_place or name == ANCHOR) else 0
+    template = w.logical_bytes if joiner_template(name, w) else 0
     return template + held

@@ -1,7 +1,8 @@
 """One rank of a (transport, workload) pair: runs in a fresh spawned process.
 
-Rank 0 (donor) builds the workload's state_dict; rank 1 (joiner) builds nothing (allocating
-receive) or a zero-filled copy of the structure (in place, and always for raw-gloo). Each repeat:
+Rank 0 (donor) builds the workload's state_dict (one uint8 buffer for the raw anchors); rank 1
+(joiner) builds nothing (allocating receive, and always for raw-gloo-fresh) or a zero-filled copy
+of the structure (in place, and always for raw-gloo). Each repeat:
 ``gc.collect()``, baseline RSS, start the RSS sampler, barrier, time the send/recv call, stop the
 joiner's sampler when recv returns (the donor's when the end barrier passes, so HTTP serving is
 covered), digest what the joiner now holds, drop it, end barrier. The result (or the traceback)
@@ -142,7 +143,7 @@ def _run(job: WorkerJob) -> dict[str, Any]:
         current_rss,
         monotonic_s,
     )
-    from bench._transports import ANCHOR, make_adapter
+    from bench._transports import RAW_ANCHORS, joiner_template, make_adapter
     from bench._workloads import (
         StateDict,
         build_raw_buffer,
@@ -174,15 +175,13 @@ def _run(job: WorkerJob) -> dict[str, Any]:
         pg.barrier().wait(timeout)  # type: ignore[attr-defined,unused-ignore]
 
     w = get_workload(job.workload, quick=job.quick)
-    raw = job.transport == ANCHOR
+    raw = job.transport in RAW_ANCHORS
     sd: StateDict | None = None
     into: StateDict | None = None
     if job.rank == _DONOR:
         sd = build_raw_buffer(w.logical_bytes, seed=1) if raw else build_state_dict(w, seed=1)
-    elif raw:
-        into = build_raw_buffer(w.logical_bytes, seed=None)
-    elif w.in_place:
-        into = build_template(w)
+    elif joiner_template(job.transport, w):
+        into = build_raw_buffer(w.logical_bytes, seed=None) if raw else build_template(w)
     phase("build")
     # Bytes the joiner legitimately holds after an allocating receive (none when in place).
     retained_bytes = w.logical_bytes if (job.rank == _JOINER and into is None) else 0
@@ -209,6 +208,7 @@ def _run(job: WorkerJob) -> dict[str, Any]:
             store=prefixed,
             timeout=timeout,
             sockets=SocketByteCounter(),
+            logical_bytes=w.logical_bytes,
         )
     )
     phase("open")

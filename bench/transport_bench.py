@@ -1,9 +1,10 @@
 """Side-by-side benchmark of recoveryd's state_dict transport against its anchors.
 
 Runs every selected (transport, workload) pair in two fresh spawned processes (rank 0 donor,
-rank 1 joiner) over an explicit ProcessGroupGloo on loopback, and prints time, GB/s, the ratio
-to raw-gloo measured in the same run, bytes on the wire, transient memory on both sides and a
-checksum verdict, then recoveryd's targets.
+rank 1 joiner) over an explicit ProcessGroupGloo on loopback, and prints the best and the
+first-call time, GB/s, the ratios to raw-gloo and to raw-gloo-fresh measured in the same run,
+bytes on the wire, transient memory on both sides and a checksum verdict, then recoveryd's
+targets.
 
 Usage (from the repository root)::
 
@@ -29,7 +30,9 @@ from bench._workloads import WORKLOAD_NAMES, Workload, describe, get_workload
 
 TRANSPORT_ORDER: tuple[str, ...] = (
     "raw-gloo",
+    "raw-gloo-fresh",
     "recoveryd",
+    "recoveryd-checksums",
     "torch-pg",
     "torchft-pg",
     "torchft-http",
@@ -66,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--transports",
         type=lambda v: _csv(v, TRANSPORT_ORDER, "transport"),
         default=list(TRANSPORT_ORDER),
-        help=f"comma-separated subset of {','.join(TRANSPORT_ORDER)} (raw-gloo is always added)",
+        help=f"comma-separated subset of {','.join(TRANSPORT_ORDER)} (default: all; raw-gloo "
+        "and raw-gloo-fresh are always added)",
     )
     p.add_argument(
         "--repeats",
@@ -126,9 +130,17 @@ def main(argv: list[str] | None = None) -> int:
         render_targets,
         targets,
     )
-    from bench._transports import ANCHOR, import_problem
+    from bench._transports import RAW_ANCHORS, import_problem
 
-    transports = [t for t in TRANSPORT_ORDER if t in args.transports or t == ANCHOR]
+    transports = [t for t in TRANSPORT_ORDER if t in args.transports or t in RAW_ANCHORS]
+    # recoveryd's defaults come from RECOVERYD_* variables: say so, since they change what the
+    # plain "recoveryd" row measures (e.g. RECOVERYD_CHECKSUMS=1 would make it checksum too).
+    recoveryd_env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("RECOVERYD_")}
+    if recoveryd_env:
+        print(
+            f"note: recoveryd defaults overridden by the environment: {recoveryd_env}",
+            file=sys.stderr,
+        )
     workloads = {
         n: get_workload(n, quick=args.quick) for n in WORKLOAD_NAMES if n in args.workloads
     }
@@ -148,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes: list[PairOutcome] = []
     t_run = time.monotonic()
     for i, (w, t) in enumerate(plan, 1):
-        label = f"[{i:2d}/{len(plan)}] {w.name} {t:<13}"
+        label = f"[{i:2d}/{len(plan)}] {w.name} {t:<19}"
         reason = _skip_reason(t, w, args, broken)
         if reason is not None:
             print(f"{label} skipped ({reason})", file=sys.stderr, flush=True)
@@ -178,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         f"transport bench ({mode}, {args.repeats} repeat(s), best time; {platform.node()}, "
         f"{os.cpu_count()} CPUs; total {total_s:.1f} s)"
     )
+    if recoveryd_env:
+        print(f"  recoveryd environment: {recoveryd_env}")
     for w in workloads.values():
         print(f"  {describe(w)}")
     print()
@@ -202,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 "started_unix": time.time() - total_s,
                 "total_s": total_s,
                 "skipped_transports": broken,
+                "recoveryd_env": recoveryd_env,
             },
             "workloads": {
                 n: {**dataclasses.asdict(w), "logical_bytes": w.logical_bytes}
