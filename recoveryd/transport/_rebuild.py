@@ -459,6 +459,16 @@ def _same_layout(
     """The receiver's bytes that mirror a sender span, if its tensors sit the same way in one storage."""
     if not members:
         return None
+    if len(members) == 1:
+        # The usual case: one contiguous tensor filling its span on both sides.
+        t, spec = dst[members[0]], tensors[members[0]]
+        if (
+            spec.contiguous
+            and spec.byte_offset == 0
+            and spec.numel * spec.dtype.itemsize == nbytes
+            and t.is_contiguous()
+        ):
+            return t.detach().reshape(-1).view(torch.uint8)
     first = dst[members[0]]
     ptr = first.untyped_storage().data_ptr()
     base: int | None = None

@@ -84,10 +84,12 @@ def send_state_dict(
     plan.manifest.star = config.fanout == "star"
     blob = plan.manifest.SerializeToString()
     clock.mark("plan")
-    _handshake(wire, dst, blob)
+    streamer = _Streamer(wire, plan, checksums)
+    offered = _offer(wire, dst, blob)
+    streamer.prepack()  # while the receivers validate the manifest
+    _settle(wire, dst, offered)
     clock.mark("handshake")
-    first_hop = dst if plan.manifest.star else dst[:1]
-    hashes = _stream(wire, plan, first_hop, config.bucket_bytes, checksums)
+    hashes = streamer.run(dst if plan.manifest.star else dst[:1])
     clock.mark("data")
     trailer = torch.tensor([w.TRAILER_MAGIC, len(hashes), *hashes], dtype=torch.int64, device=dev)
     works = [(wire.isend(trailer, d, w.TAG_TRAILER), d) for d in dst]
@@ -129,18 +131,27 @@ def send_state_dict(
     return stats
 
 
-def _handshake(wire: w.Wire, dst: list[int], blob: bytes) -> None:
-    """Sends header and manifest to every receiver, then their verdicts' go or abort."""
+_Pending = list[tuple[Any, int, torch.Tensor]]
+
+
+def _offer(wire: w.Wire, dst: list[int], blob: bytes) -> tuple[_Pending, _Pending]:
+    """Posts header and manifest to every receiver, and the receives of their verdicts."""
     dev = wire.device
     header = torch.tensor([w.MAGIC, FORMAT_VERSION, len(blob), 0], dtype=torch.int64, device=dev)
     body = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(dev)
-    sends: list[tuple[Any, int, torch.Tensor]] = []
-    acks: list[tuple[Any, int, torch.Tensor]] = []
+    sends: _Pending = []
+    acks: _Pending = []
     for d in dst:
         sends.append((wire.isend(header, d, w.TAG_HEADER), d, header))
         sends.append((wire.isend(body, d, w.TAG_MANIFEST), d, body))
         ack = torch.zeros(2, dtype=torch.int64, device=dev)
         acks.append((wire.irecv(ack, d, w.TAG_ACK), d, ack))
+    return sends, acks
+
+
+def _settle(wire: w.Wire, dst: list[int], offered: tuple[_Pending, _Pending]) -> None:
+    """Waits for the receivers' verdicts and answers go, or abort if any refused."""
+    sends, acks = offered
     for work, d, t in sends:
         wire.wait(work, d, t)
     refused: list[tuple[int, int]] = []
@@ -163,47 +174,70 @@ def _handshake(wire: w.Wire, dst: list[int], blob: bytes) -> None:
         )
 
 
-def _stream(
-    wire: w.Wire, plan: SendPlan, targets: list[int], bucket_bytes: int, checksums: bool
-) -> list[int]:
-    """Sends the data messages; returns their checksums (empty when off)."""
-    spans = plan.spans
-    messages = cut([s.nbytes for s in spans], list(plan.manifest.message_nbytes))
-    staged = max((m.nbytes for m in messages if not _zero_copy(m, spans, wire.device)), default=0)
-    staging = Staging(max(staged, 1), wire.device)
-    hashes: list[int] = []
-    inflight: deque[tuple[list[tuple[Any, int]], torch.Tensor, torch.Tensor | None]] = deque()
+class _Streamer:
+    """Sends the data messages, packing small spans into at most two staging buckets."""
 
-    def retire() -> None:
-        works, buf, pooled = inflight.popleft()
-        for work, d in works:
-            wire.wait(work, d, buf)
-        if pooled is not None:
-            staging.give(pooled)
+    def __init__(self, wire: w.Wire, plan: SendPlan, checksums: bool) -> None:
+        self._wire = wire
+        self._spans = plan.spans
+        self._checksums = checksums
+        self._messages = cut([s.nbytes for s in self._spans], list(plan.manifest.message_nbytes))
+        staged = max(
+            (m.nbytes for m in self._messages if not self._zero_copy(m)),
+            default=0,
+        )
+        self._staging = Staging(max(staged, 1), wire.device)
+        self._packed: dict[int, torch.Tensor] = {}
 
-    for m in messages:
-        if _zero_copy(m, spans, wire.device):
-            buf = spans[m.span_ids[0]].view(m.offsets[0], m.sizes[0])
-            pooled = None
-        else:
-            while not staging.can_take():
+    def _zero_copy(self, m: Message) -> bool:
+        return m.direct and self._spans[m.span_ids[0]].device == self._wire.device
+
+    def prepack(self) -> None:
+        """Packs the first staged messages ahead, into the buckets that are free."""
+        for i, m in enumerate(self._messages):
+            if not self._staging.can_take():
+                return
+            if not self._zero_copy(m):
+                pooled = self._staging.take()
+                _pack(m, self._spans, pooled[: m.nbytes])
+                self._packed[i] = pooled
+
+    def run(self, targets: list[int]) -> list[int]:
+        """Sends every message to ``targets``; returns their checksums (empty when off)."""
+        wire, staging = self._wire, self._staging
+        hashes: list[int] = []
+        inflight: deque[tuple[list[tuple[Any, int]], torch.Tensor, torch.Tensor | None]] = deque()
+
+        def retire() -> None:
+            works, buf, pooled = inflight.popleft()
+            for work, d in works:
+                wire.wait(work, d, buf)
+            if pooled is not None:
+                staging.give(pooled)
+
+        for i, m in enumerate(self._messages):
+            pooled: torch.Tensor | None
+            if self._zero_copy(m):
+                buf = self._spans[m.span_ids[0]].view(m.offsets[0], m.sizes[0])
+                pooled = None
+            elif i in self._packed:
+                pooled = self._packed.pop(i)
+                buf = pooled[: m.nbytes]
+            else:
+                while not staging.can_take():
+                    retire()
+                pooled = staging.take()
+                buf = pooled[: m.nbytes]
+                _pack(m, self._spans, buf)
+            works = [(wire.isend(buf, d, w.TAG_DATA), d) for d in targets]
+            if self._checksums:
+                hashes.append(checksum(buf))
+            inflight.append((works, buf, pooled))
+            while len(inflight) > WINDOW:
                 retire()
-            pooled = staging.take()
-            buf = pooled[: m.nbytes]
-            _pack(m, spans, buf)
-        works = [(wire.isend(buf, d, w.TAG_DATA), d) for d in targets]
-        if checksums:
-            hashes.append(checksum(buf))
-        inflight.append((works, buf, pooled))
-        while len(inflight) > WINDOW:
+        while inflight:
             retire()
-    while inflight:
-        retire()
-    return hashes
-
-
-def _zero_copy(m: Message, spans: list[Span], device: torch.device) -> bool:
-    return m.direct and spans[m.span_ids[0]].device == device
+        return hashes
 
 
 def _pack(m: Message, spans: list[Span], buf: torch.Tensor) -> None:
