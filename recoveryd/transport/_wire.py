@@ -106,54 +106,60 @@ class Wire:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.messages = 0
-        # Buffers of posted operations that failed: the backend may still write
-        # into or read from them, so they must outlive this transfer.
-        self._orphans: list[torch.Tensor] = []
+        # Posted operations not yet waited for, by id of their work. If the
+        # transfer fails, the backend may still write into or read from their
+        # buffers later, so those must outlive it (see abandon()).
+        self._outstanding: dict[int, tuple[Any, torch.Tensor]] = {}
 
     def isend(self, t: torch.Tensor, dst: int, tag: int) -> Any:
         self.bytes_sent += t.numel() * t.element_size()
         self.messages += 1
         try:
-            return self.pg.send([t], dst, tag)
+            work = self.pg.send([t], dst, tag)
         except RuntimeError as e:
+            self.abandon()
             raise _translate(e, dst, self.deadline) from e
+        self._outstanding[id(work)] = (work, t)
+        return work
 
     def irecv(self, t: torch.Tensor, src: int, tag: int) -> Any:
         self.bytes_received += t.numel() * t.element_size()
         self.messages += 1
         try:
-            return self.pg.recv([t], src, tag)
+            work = self.pg.recv([t], src, tag)
         except RuntimeError as e:
+            self.abandon()
             raise _translate(e, src, self.deadline) from e
+        self._outstanding[id(work)] = (work, t)
+        return work
 
-    def wait(
-        self, work: Any, peer: int, buf: torch.Tensor | None = None, cap: timedelta | None = None
-    ) -> None:
+    def wait(self, work: Any, peer: int, cap: timedelta | None = None) -> None:
         """Waits for ``work`` within the deadline (and within ``cap``, if given)."""
         try:
             left = self.deadline.remaining()
             if cap is not None:
                 left = min(left, cap)
         except TransferTimeoutError as e:
-            self._orphan(buf)
+            self.abandon()
             e.peer_rank = peer
             raise
         try:
             ok = work.wait(left)
         except RuntimeError as e:
-            self._orphan(buf)
+            self.abandon()
             raise _translate(e, peer, self.deadline) from e
         if ok is False:
-            self._orphan(buf)
+            self.abandon()
             raise TransferTimeoutError(
                 f"rank {peer} did not answer within {self.deadline.timeout}", peer_rank=peer
             )
+        self._outstanding.pop(id(work), None)
 
     def send(self, t: torch.Tensor, dst: int, tag: int) -> None:
-        self.wait(self.isend(t, dst, tag), dst, t)
+        self.wait(self.isend(t, dst, tag), dst)
 
     def recv(self, t: torch.Tensor, src: int, tag: int) -> None:
-        self.wait(self.irecv(t, src, tag), src, t)
+        self.wait(self.irecv(t, src, tag), src)
 
     def send_ints(self, values: list[int], dst: int, tag: int) -> None:
         self.send(torch.tensor(values, dtype=torch.int64, device=self.device), dst, tag)
@@ -163,16 +169,25 @@ class Wire:
         self.recv(t, src, tag)
         return [int(x) for x in t.tolist()]
 
-    def _orphan(self, buf: torch.Tensor | None) -> None:
-        if buf is not None:
-            self._orphans.append(buf)
-            # Park them on the group itself: they must live as long as it does.
-            parked: list[torch.Tensor] = getattr(self.pg, "_recoveryd_orphans", [])
-            parked.append(buf)
-            try:
-                self.pg._recoveryd_orphans = parked  # type: ignore[attr-defined]
-            except AttributeError:
-                pass
+    def abandon(self) -> None:
+        """Keeps the buffers of every unfinished operation alive as long as the group.
+
+        Called when the transfer fails: an operation the backend still holds
+        may complete later, and must not write into freed memory.
+        """
+        if not self._outstanding:
+            return
+        parked: list[tuple[Any, torch.Tensor]] = getattr(self.pg, "_recoveryd_orphans", [])
+        parked.extend(self._outstanding.values())
+        self._outstanding.clear()
+        try:
+            self.pg._recoveryd_orphans = parked  # type: ignore[attr-defined]
+        except AttributeError:
+            _UNPARKABLE.extend(parked)  # a group that takes no attributes: keep them for good
+
+
+# Orphaned buffers of groups that cannot hold attributes (leaked on purpose).
+_UNPARKABLE: list[tuple[Any, torch.Tensor]] = []
 
 
 def _translate(e: RuntimeError, peer: int, deadline: Deadline) -> Exception:

@@ -247,14 +247,14 @@ def _stream(
     relays: deque[tuple[Any, torch.Tensor, torch.Tensor | None]] = deque()
 
     def retire_relay() -> None:
-        work, buf, pooled = relays.popleft()
-        wire.wait(work, succ if succ is not None else pred, buf)
+        work, _buf, pooled = relays.popleft()
+        wire.wait(work, succ if succ is not None else pred)
         if pooled is not None:
             staging.give(pooled)
 
     def land() -> None:
         m, work, buf, pooled = pending.popleft()
-        wire.wait(work, pred, buf)
+        wire.wait(work, pred)
         if checksums:
             hashes.append(checksum(buf))
         if succ is not None:
@@ -306,6 +306,6 @@ def _best_effort(wire: w.Wire, values: list[int], dst: int, tag: int) -> None:
     """Tells the sender we failed, if it listens within a second; a failure here adds nothing."""
     try:
         t = torch.tensor(values, dtype=torch.int64, device=wire.device)
-        wire.wait(wire.isend(t, dst, tag), dst, t, cap=timedelta(seconds=1))
+        wire.wait(wire.isend(t, dst, tag), dst, cap=timedelta(seconds=1))
     except RecoverydError:
         pass

@@ -96,10 +96,10 @@ def send_state_dict(
     done = [(torch.zeros(2, dtype=torch.int64, device=dev), d) for d in dst]
     recvs = [(wire.irecv(t, d, w.TAG_DONE), d, t) for t, d in done]
     for work, d in works:
-        wire.wait(work, d, trailer)
+        wire.wait(work, d)
     failed = []
     for work, d, t in recvs:
-        wire.wait(work, d, t)
+        wire.wait(work, d)
         if int(t[0]) != w.ACK_OK:
             failed.append(d)
     if failed:
@@ -152,11 +152,11 @@ def _offer(wire: w.Wire, dst: list[int], blob: bytes) -> tuple[_Pending, _Pendin
 def _settle(wire: w.Wire, dst: list[int], offered: tuple[_Pending, _Pending]) -> None:
     """Waits for the receivers' verdicts and answers go, or abort if any refused."""
     sends, acks = offered
-    for work, d, t in sends:
-        wire.wait(work, d, t)
+    for work, d, _ in sends:
+        wire.wait(work, d)
     refused: list[tuple[int, int]] = []
     for work, d, t in acks:
-        wire.wait(work, d, t)
+        wire.wait(work, d)
         if int(t[0]) != w.ACK_OK:
             refused.append((d, int(t[0])))
     verdict = w.ABORT if refused else w.GO
@@ -209,9 +209,9 @@ class _Streamer:
         inflight: deque[tuple[list[tuple[Any, int]], torch.Tensor, torch.Tensor | None]] = deque()
 
         def retire() -> None:
-            works, buf, pooled = inflight.popleft()
+            works, _buf, pooled = inflight.popleft()
             for work, d in works:
-                wire.wait(work, d, buf)
+                wire.wait(work, d)
             if pooled is not None:
                 staging.give(pooled)
 
