@@ -215,10 +215,16 @@ def _silent(rank: int, ws: int, pg: object, store: object) -> float:
         return 0.0
     start = time.monotonic()
     from recoveryd.errors import TransferTimeoutError
+    from recoveryd.transport import _wire
 
+    before = len(getattr(pg, "_recoveryd_orphans", [])) + len(_wire._UNPARKABLE)
     with pytest.raises(TransferTimeoutError):
         recv_state_dict(pg, 0, timeout=timedelta(seconds=1.5))  # type: ignore[arg-type]
-    return time.monotonic() - start
+    took = time.monotonic() - start
+    # The header receive Gloo still holds keeps its buffer alive with the group.
+    after = len(getattr(pg, "_recoveryd_orphans", [])) + len(_wire._UNPARKABLE)
+    assert after == before + 1
+    return took
 
 
 def test_silent_peer_times_out_within_the_deadline() -> None:
