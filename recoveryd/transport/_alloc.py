@@ -38,7 +38,7 @@ _libc: ctypes.CDLL | None
 try:
     _libc = ctypes.CDLL(None, use_errno=True)
     _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-except (OSError, AttributeError):  # not Linux/glibc: fall back to touching pages
+except (OSError, AttributeError):  # not Linux/glibc: no prefaulting
     _libc = None
 
 
@@ -73,24 +73,33 @@ class Prefaulter:
     def __init__(self, buffers: list[torch.Tensor]) -> None:
         self._buffers = [b for b in buffers if b.numel() and b.device.type == "cpu"]
         self._stop = threading.Event()
+        self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="recoveryd-prefault", daemon=True)
         if self._buffers:
             self._thread.start()
 
     def _run(self) -> None:
-        populate = _libc is not None
+        try:
+            self._populate()
+        except BaseException as e:  # recorded, reported by stop(); the wire does not need it
+            self.error = e
+
+    def _populate(self) -> None:
+        if _libc is None:
+            return
         for buf in self._buffers:
             start, end = buf.data_ptr(), buf.data_ptr() + buf.numel()
             for lo in range(start, end, _CHUNK):
                 if self._stop.is_set():
                     return
                 hi = min(lo + _CHUNK, end)
-                if populate and _libc is not None:
-                    base = lo - lo % _PAGE
-                    if _libc.madvise(base, hi - base, _MADV_POPULATE_WRITE) == 0:
-                        continue
-                    populate = False  # old kernel: touch pages instead, from now on
-                ctypes.memset(lo, 0, hi - lo)
+                base = lo - lo % _PAGE
+                # Populating never changes contents, so it is safe while the wire
+                # writes into the same pages. Kernels before 5.14 refuse it; then
+                # the wire faults pages in itself (writing zeros here instead
+                # could overwrite bytes that already arrived).
+                if _libc.madvise(base, hi - base, _MADV_POPULATE_WRITE) != 0:
+                    return
 
     def stop(self, timeout: timedelta = timedelta(seconds=5)) -> None:
         """Stops and joins the thread (it never touches memory after this returns)."""
@@ -99,6 +108,9 @@ class Prefaulter:
             self._thread.join(timeout.total_seconds())
             if self._thread.is_alive():
                 logger.warning("prefault thread did not stop within %s", timeout)
+        if self.error is not None:
+            # Only a speed-up failed: the receive faulted its pages in itself.
+            logger.warning("prefaulting receive buffers failed: %r", self.error)
 
 
 class Arena:
