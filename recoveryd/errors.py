@@ -30,7 +30,7 @@ class ConfigError(RecoverydError, ValueError):
         self.value = value
 
 
-class TransferError(RecoverydError):
+class TransferError(RecoverydError, RuntimeError):
     """A state transfer failed; the receiver's state must not be used as complete.
 
     Attributes:
@@ -67,11 +67,11 @@ class UnsupportedValueError(TransferError, TypeError):
         self.path = path
 
 
-class ManifestError(TransferError):
+class ManifestError(TransferError, ValueError):
     """The incoming manifest is malformed, of an unknown version, or hostile."""
 
 
-class StateMismatchError(TransferError):
+class StateMismatchError(TransferError, ValueError):
     """The incoming state does not fit the receiver's in-place state.
 
     Raised before any byte is written into the receiver's tensors.
@@ -90,7 +90,7 @@ class StateMismatchError(TransferError):
         self.paths = list(mismatches)
 
 
-class StepMismatchError(TransferError):
+class StepMismatchError(TransferError, ValueError):
     """The sender's step is not the step the receiver demanded.
 
     Attributes:
@@ -108,5 +108,5 @@ class StepMismatchError(TransferError):
         self.actual = actual
 
 
-class IntegrityError(TransferError):
+class IntegrityError(TransferError, ValueError):
     """A received bucket failed its checksum: bytes were corrupted on the way."""

@@ -155,6 +155,10 @@ class _Walker:
         if code is None or t.layout is not torch.strided or t.is_meta:
             raise UnsupportedValueError(_path(path), t)
         index = len(self.tensors)
+        requires_grad = t.requires_grad
+        if t.is_conj() or t.is_neg():
+            # Lazy conjugate/negative views: their storage holds the other values.
+            t = t.detach().resolve_conj().resolve_neg().contiguous()
         itemsize = t.element_size()
         nbytes = t.numel() * itemsize
         if t.is_contiguous():
@@ -182,7 +186,7 @@ class _Walker:
         self.ndim.append(t.dim())
         self.shape.extend(t.shape)
         self.stride.extend(t.stride())
-        self.requires_grad.append(t.requires_grad)
+        self.requires_grad.append(requires_grad)
         return index
 
     def _dtensor(self, t: DTensor, path: list[object]) -> None:
@@ -196,22 +200,7 @@ class _Walker:
         if mesh.mesh_dim_names:
             meta.mesh_dim_names.extend(mesh.mesh_dim_names)
         for p in t.placements:
-            out = meta.placements.add()
-            name = type(p).__name__
-            if name == "Replicate":
-                out.kind = pb.Placement.KIND_REPLICATE
-            elif name == "Shard":
-                out.kind = pb.Placement.KIND_SHARD
-                out.dim = p.dim  # type: ignore[attr-defined]
-            elif name == "_StridedShard":
-                out.kind = pb.Placement.KIND_STRIDED_SHARD
-                out.dim = p.dim  # type: ignore[attr-defined]
-                out.split_factor = p.split_factor  # type: ignore[attr-defined]
-            elif name in ("Partial", "_Partial"):
-                out.kind = pb.Placement.KIND_PARTIAL
-                out.reduce_op = str(p.reduce_op)  # type: ignore[attr-defined]
-            else:
-                raise UnsupportedValueError(_path([*path, f"<placement {name}>"]), p)
+            encode_placement(p, meta.placements.add(), path)
 
     def _sharded(self, t: ShardedTensor, path: list[object]) -> None:
         meta = self.m.sharded_tensors.add()
@@ -238,6 +227,25 @@ class _Walker:
         for j, shard in enumerate(t.local_shards()):
             meta.local_shard.append(where[tuple(shard.metadata.shard_offsets)])
             meta.local_tensor.append(self._tensor(shard.tensor, [*path, f"<shard {j}>"]))
+
+
+def encode_placement(p: object, out: pb.Placement, path: list[object]) -> None:
+    """Writes a DTensor placement into ``out``; unknown placements name their path."""
+    name = type(p).__name__
+    if name == "Replicate":
+        out.kind = pb.Placement.KIND_REPLICATE
+    elif name == "Shard":
+        out.kind = pb.Placement.KIND_SHARD
+        out.dim = p.dim  # type: ignore[attr-defined]
+    elif name == "_StridedShard":
+        out.kind = pb.Placement.KIND_STRIDED_SHARD
+        out.dim = p.dim  # type: ignore[attr-defined]
+        out.split_factor = p.split_factor  # type: ignore[attr-defined]
+    elif name in ("Partial", "_Partial"):
+        out.kind = pb.Placement.KIND_PARTIAL
+        out.reduce_op = str(p.reduce_op)  # type: ignore[attr-defined]
+    else:
+        raise UnsupportedValueError(_path([*path, f"<placement {name}>"]), p)
 
 
 def _value(out: pb.Value, v: object, path: list[object]) -> None:

@@ -9,9 +9,10 @@ byte is written into it.
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -20,11 +21,14 @@ from torch.distributed.tensor import DTensor
 from recoveryd.errors import ManifestError, StateMismatchError
 from recoveryd.transport import _dtypes
 from recoveryd.transport._alloc import Arena, SpanBuffers
-from recoveryd.transport._flatten import FORMAT_VERSION
+from recoveryd.transport._flatten import FORMAT_VERSION, encode_placement
 from recoveryd.transport._pieces import Buffers, Message
 from recoveryd.v1 import manifest_pb2 as pb
 
 _MAX_DEPTH = 256
+# torch counts elements in int64; beyond this a shape cannot be a real tensor.
+_MAX_NUMEL = 1 << 60
+_BIG_INT = re.compile(r"-?[0-9]{1,4300}")
 # One message is never larger than this; bounds what a hostile manifest can
 # make the receiver stage.
 MAX_MESSAGE_BYTES = 1 << 30
@@ -51,21 +55,7 @@ class TensorSpec:
     requires_grad: bool
     numel: int
     contiguous: bool
-
-
-@dataclass(slots=True)
-class Layout:
-    """Where each incoming storage span lands on this rank.
-
-    ``targets[s]`` is a 1-D uint8 buffer of the span's size. When ``direct[s]``
-    it is the final memory; otherwise it is scratch that ``finish`` copies out
-    of, tensor by tensor.
-    """
-
-    targets: list[torch.Tensor]
-    direct: list[bool]
-    finish: Callable[[], object]
-    copies: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+    extent: int  # bytes from its first to one past its last element; 0 if empty
 
 
 def _path_str(path: Path) -> str:
@@ -123,11 +113,16 @@ def decode_tensors(m: pb.Manifest) -> list[TensorSpec]:
             numel = math.prod(shape)
             last = sum((d - 1) * st for d, st in zip(shape, stride, strict=True))
             contiguous = _is_contiguous(shape, stride)
+        extent = 0
         if numel:
-            end = off + (last + 1) * itemsize
-            if end > span[s]:
-                raise ManifestError(f"tensor {i}: reaches byte {end} of a {span[s]}-byte span")
-        out.append(TensorSpec(dtype, shape, stride, s, off, grads[i], numel, contiguous))
+            if numel > _MAX_NUMEL:
+                raise ManifestError(f"tensor {i}: {numel} elements")
+            extent = (last + 1) * itemsize
+            if off + extent > span[s]:
+                raise ManifestError(
+                    f"tensor {i}: reaches byte {off + extent} of a {span[s]}-byte span"
+                )
+        out.append(TensorSpec(dtype, shape, stride, s, off, grads[i], numel, contiguous, extent))
     return out
 
 
@@ -156,6 +151,19 @@ def check_manifest(m: pb.Manifest, tensors: list[TensorSpec]) -> None:
     for d in m.dtensors:
         if d.local_tensor >= len(tensors):
             raise ManifestError("a DTensor names a tensor out of range")
+    # Every tensor is one leaf's, exactly once: nothing unreferenced, nothing shared.
+    refs = [a for k, a in zip(m.node_kind, m.node_arg, strict=True) if k == _TENSOR]
+    refs.extend(d.local_tensor for d in m.dtensors)
+    for st in m.sharded_tensors:
+        refs.extend(st.local_tensor)
+    if len(refs) != len(tensors) or sorted(refs) != list(range(len(tensors))):
+        raise ManifestError("tensors are not each referenced exactly once by the tree")
+    nd, ns = len(m.dtensors), len(m.sharded_tensors)
+    for k, a in zip(m.node_kind, m.node_arg, strict=True):
+        if (k == pb.NODE_KIND_DTENSOR and a >= nd) or (
+            k == pb.NODE_KIND_SHARDED_TENSOR and a >= ns
+        ):
+            raise ManifestError("a DTensor or ShardedTensor node is out of range")
     for st in m.sharded_tensors:
         if len(st.local_shard) != len(st.local_tensor):
             raise ManifestError("a ShardedTensor's local shard columns differ in length")
@@ -269,7 +277,7 @@ def decode_value(v: pb.Value) -> object:
             raise ManifestError(f"bad device {v.device_value!r}") from e
     if which == "big_int_value":
         text = v.big_int_value
-        if len(text) > 4300 or not text.lstrip("-").isdigit():
+        if not _BIG_INT.fullmatch(text):
             raise ManifestError("bad big int value")
         return int(text)
     raise ManifestError(f"unknown value kind {which}")
@@ -393,10 +401,20 @@ def match_in_place(
                 problems.append(f"{where}: {type(mine).__name__} here, a DTensor sent")
             else:
                 dmeta = m.dtensors[arg]
+                here = _placements(mine, path)
                 if list(mine.shape) != list(dmeta.global_shape):
                     problems.append(
                         f"{where}: global shape {list(mine.shape)} here, "
                         f"{list(dmeta.global_shape)} sent"
+                    )
+                elif here != list(dmeta.placements):
+                    problems.append(
+                        f"{where}: placements {list(mine.placements)} here, differ from the sent"
+                    )
+                elif list(mine.device_mesh.mesh.shape) != list(dmeta.mesh_shape):
+                    problems.append(
+                        f"{where}: mesh shape {list(mine.device_mesh.mesh.shape)} here, "
+                        f"{list(dmeta.mesh_shape)} sent"
                     )
                 else:
                     check(dmeta.local_tensor, mine._local_tensor, path)
@@ -429,6 +447,15 @@ def match_in_place(
     if problems:
         raise StateMismatchError(problems)
     return dst, state
+
+
+def _placements(t: DTensor, path: Path) -> list[pb.Placement]:
+    out = []
+    for p in t.placements:
+        enc = pb.Placement()
+        encode_placement(p, enc, list(path))
+        out.append(enc)
+    return out
 
 
 def place_in_place(
@@ -467,8 +494,26 @@ def _same_layout(
             and spec.byte_offset == 0
             and spec.numel * spec.dtype.itemsize == nbytes
             and t.is_contiguous()
+            and not t.is_conj()
+            and not t.is_neg()
         ):
             return t.detach().reshape(-1).view(torch.uint8)
+    # Writing the span straight into the receiver's memory is only right if the
+    # sender's tensors cover every byte of it: alignment padding or the gaps
+    # between views would otherwise land on receiver bytes no tensor names.
+    covered = 0
+    for lo, hi in sorted(
+        (tensors[i].byte_offset, tensors[i].byte_offset + tensors[i].extent) for i in members
+    ):
+        if lo > covered:
+            return None
+        covered = max(covered, hi)
+    if covered < nbytes:
+        return None
+    for i in members:
+        spec, t = tensors[i], dst[i]
+        if spec.extent != spec.numel * spec.dtype.itemsize or t.is_conj() or t.is_neg():
+            return None  # gaps inside a tensor, or a view that transforms on write
     first = dst[members[0]]
     ptr = first.untyped_storage().data_ptr()
     base: int | None = None

@@ -37,6 +37,8 @@ ACK_BAD_MANIFEST = 3
 ACK_OTHER = 4
 GO = 0
 ABORT = 1
+# Header flag: the sender failed before it could describe its state.
+HEADER_SENDER_FAILED = 1
 
 ACK_REASONS = {
     ACK_STEP_MISMATCH: "its demanded step differs from the sent step",

@@ -32,6 +32,13 @@ def _env_bool(name: str, default: bool) -> bool:
     raise ConfigError(name, raw, "must be one of 1/0, true/false, yes/no, on/off")
 
 
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 50  # unknown: no practical limit
+
+
 def _env_fanout() -> Literal["chain", "star"]:
     raw = os.environ.get("RECOVERYD_FANOUT", "chain")
     if raw == "chain":
@@ -89,6 +96,14 @@ class TransferConfig:
     )
     """Largest manifest a receiver accepts (``RECOVERYD_MAX_MANIFEST_BYTES``)."""
 
+    max_state_bytes: int = field(
+        default_factory=lambda: _env_int("RECOVERYD_MAX_STATE_BYTES", _physical_memory())
+    )
+    """Largest state a receiver accepts (``RECOVERYD_MAX_STATE_BYTES``, default: physical memory).
+
+    A manifest announcing more is refused before anything is allocated.
+    """
+
     hugepages: bool = field(default_factory=lambda: _env_bool("RECOVERYD_HUGEPAGES", False))
     """Advise allocating receives' buffers with ``MADV_HUGEPAGE`` (``RECOVERYD_HUGEPAGES``).
 
@@ -104,5 +119,7 @@ class TransferConfig:
             raise ConfigError("direct_bytes", self.direct_bytes, "must be positive")
         if self.fanout not in ("chain", "star"):
             raise ConfigError("fanout", self.fanout, "must be 'chain' or 'star'")
+        if self.max_state_bytes <= 0:
+            raise ConfigError("max_state_bytes", self.max_state_bytes, "must be positive")
         if self.max_manifest_bytes < 1024:
             raise ConfigError("max_manifest_bytes", self.max_manifest_bytes, "must be >= 1024")

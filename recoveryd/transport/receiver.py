@@ -112,7 +112,19 @@ def recv_state_dict(
         if step is not None and sent_step != step:
             raise StepMismatchError(step, sent_step, peer_rank=src_rank)
         sizes = list(m.storage_nbytes)
+        total = sum(sizes)
+        if total > config.max_state_bytes:
+            raise ManifestError(
+                f"rank {src_rank} announces {total} bytes of state, over this receiver's limit "
+                f"of {config.max_state_bytes} (RECOVERYD_MAX_STATE_BYTES)"
+            )
         messages = cut(sizes, list(m.message_nbytes))
+        for msg in messages:
+            if not msg.direct and any(
+                o or n != sizes[sp]
+                for sp, o, n in zip(msg.span_ids, msg.offsets, msg.sizes, strict=True)
+            ):
+                raise ManifestError("a packed message carries part of a span")
         targets: Buffers
         if into is None:
             spans, landing = rb.allocate_targets(
@@ -131,10 +143,10 @@ def recv_state_dict(
             mine, direct, copies = rb.place_in_place(tensors, sizes, dst, arena)
             landing = rb.landing_in_place(messages, mine)
             targets = mine
-    except (TransferTimeoutError, PeerLostError):
+    except (TransferTimeoutError, PeerLostError, _SenderFailedError):
         if prefaulter is not None:
             prefaulter.stop()
-        raise  # the sender is gone or silent: nobody would read a refusal
+        raise  # the sender is gone, silent or failed: nobody would read a refusal
     except BaseException as e:
         if prefaulter is not None:
             prefaulter.stop()
@@ -165,11 +177,18 @@ def recv_state_dict(
         hashes = _stream(wire, messages, targets, landing, pred, succ, m.checksums)
         clock.mark("data")
         _verify(wire, src_rank, hashes, m.checksums)
-        for t, i in copies:
-            t.copy_(rb.typed_view(targets[tensors[i].storage], tensors[i]))
-    except RecoverydError as e:
+        with torch.no_grad():  # the receiver's tensors may be leaves that require grad
+            for t, i in copies:
+                t.copy_(rb.typed_view(targets[tensors[i].storage], tensors[i]))
+    except BaseException as e:
         _best_effort(wire, [w.ACK_OTHER, 0], src_rank, w.TAG_DONE)
         logger.warning("receive from rank %d failed: %s", src_rank, e)
+        if isinstance(e, Exception) and not isinstance(e, RecoverydError):
+            raise TransferError(
+                f"receiving from rank {src_rank} failed: {e!r}; the in-place state may be "
+                "partly overwritten and must not be used",
+                peer_rank=src_rank,
+            ) from e
         raise
     finally:
         if prefaulter is not None:
@@ -199,10 +218,20 @@ def recv_state_dict(
     return ReceivedState(state_dict=state, step=sent_step, stats=stats)
 
 
+class _SenderFailedError(TransferError):
+    """The sender said it cannot send; it is not listening for an answer."""
+
+
 def _recv_manifest(wire: w.Wire, src: int, config: TransferConfig) -> tuple[pb.Manifest, int]:
-    magic, version, nbytes, _ = wire.recv_ints(4, src, w.TAG_HEADER)
+    magic, version, nbytes, flags = wire.recv_ints(4, src, w.TAG_HEADER)
     if magic != w.MAGIC:
         raise ManifestError(f"rank {src} did not send a recoveryd header (magic {magic:#x})")
+    if flags == w.HEADER_SENDER_FAILED:
+        raise _SenderFailedError(
+            f"rank {src} could not send its state (it failed while describing it; see its "
+            "logs); nothing was received",
+            peer_rank=src,
+        )
     if version != FORMAT_VERSION:
         raise ManifestError(
             f"rank {src} speaks manifest format {version}, this recoveryd reads "

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from recoveryd.errors import ConfigError, TransferError
+from recoveryd.errors import ConfigError, RecoverydError, TransferError
 from recoveryd.transport import _wire as w
 from recoveryd.transport._flatten import FORMAT_VERSION, SendPlan, Span, build_plan
 from recoveryd.transport._gc import gc_paused
@@ -73,14 +73,19 @@ def send_state_dict(
     dev = w.wire_device(pg, device)
     wire = w.Wire(pg, dev, w.Deadline(timeout))
     checksums = config.checksums and dev.type == "cpu"
-    plan = build_plan(
-        state_dict,
-        step=step,
-        chain=[me, *dst],
-        bucket_bytes=config.bucket_bytes,
-        direct_bytes=min(config.direct_bytes, config.bucket_bytes),
-        checksums=checksums,
-    )
+    try:
+        plan = build_plan(
+            state_dict,
+            step=step,
+            chain=[me, *dst],
+            bucket_bytes=config.bucket_bytes,
+            direct_bytes=min(config.direct_bytes, config.bucket_bytes),
+            checksums=checksums,
+        )
+    except BaseException:
+        # Tell the receivers now, rather than leave them to their timeout.
+        _abort(wire, dst)
+        raise
     plan.manifest.star = config.fanout == "star"
     blob = plan.manifest.SerializeToString()
     clock.mark("plan")
@@ -132,6 +137,19 @@ def send_state_dict(
 
 
 _Pending = list[tuple[Any, int, torch.Tensor]]
+
+
+def _abort(wire: w.Wire, dst: list[int]) -> None:
+    """Sends receivers a header that says the state cannot be sent; gives up after a second."""
+    header = torch.tensor(
+        [w.MAGIC, FORMAT_VERSION, 0, w.HEADER_SENDER_FAILED], dtype=torch.int64, device=wire.device
+    )
+    works = [(wire.isend(header, d, w.TAG_HEADER), d) for d in dst]
+    for work, d in works:
+        try:
+            wire.wait(work, d, cap=timedelta(seconds=1))
+        except RecoverydError:
+            pass
 
 
 def _offer(wire: w.Wire, dst: list[int], blob: bytes) -> tuple[_Pending, _Pending]:

@@ -230,3 +230,92 @@ def _silent(rank: int, ws: int, pg: object, store: object) -> float:
 def test_silent_peer_times_out_within_the_deadline() -> None:
     _, took = run_threads(_silent, 2)
     assert 1.4 < took < 3.0, took
+
+
+def _in_place_layouts(rank: int, ws: int, pg: object, store: object) -> None:
+    g = torch.Generator().manual_seed(3)
+    flat = torch.randn(40, generator=g)
+    z = torch.randn(3, dtype=torch.complex64, generator=g)
+    sent = {
+        "slice": torch.arange(8.0)[1:4],  # span padded to 16 bytes: byte 0 is not its own
+        "gap_a": flat[0:2],  # two views with a gap between them in one span
+        "gap_b": flat[3:5],
+        "d": torch.tensor([42.0]),
+        "conj": z.conj(),  # a lazy conjugate view
+        "neg_imag": z.conj().imag,
+    }
+    if rank == 0:
+        send_state_dict(pg, [1], sent, timeout=T)  # type: ignore[arg-type]
+        return
+    y = torch.full((8,), -9.0)
+    buf = torch.full((5,), -1.0)
+    # The receiver's own layout: d sits in the gap of gap_a/gap_b; parameters need no grad.
+    mine = {
+        "slice": y[1:4],
+        "gap_a": buf[0:2],
+        "gap_b": buf[3:5],
+        "d": buf[2:3],
+        "conj": torch.zeros(3, dtype=torch.complex64),
+        "neg_imag": torch.zeros(3),
+    }
+    recv_state_dict(pg, 0, into=mine, timeout=T)  # type: ignore[arg-type]
+    assert y[0].item() == -9.0, "a byte outside every received tensor was written"
+    assert torch.equal(y[1:4], sent["slice"])
+    assert buf[2].item() == 42.0
+    assert torch.equal(mine["gap_a"], sent["gap_a"])
+    assert torch.equal(mine["conj"], sent["conj"].resolve_conj())
+    assert torch.equal(mine["neg_imag"], sent["neg_imag"].resolve_neg())
+
+
+def test_in_place_writes_only_the_bytes_of_received_tensors() -> None:
+    run_threads(_in_place_layouts, 2)
+
+
+def _params(rank: int, ws: int, pg: object, store: object) -> None:
+    if rank == 0:
+        flat = torch.arange(12.0)
+        sent = {"w": torch.nn.Parameter(flat[:8].view(2, 4)), "b": torch.nn.Parameter(flat[8:])}
+        send_state_dict(pg, [1], sent, timeout=T)  # type: ignore[arg-type]
+        return
+    model = torch.nn.Linear(4, 2)
+    mine = {"w": model.weight, "b": torch.nn.Parameter(torch.zeros(4))}
+    recv_state_dict(pg, 0, into=mine, timeout=T)  # type: ignore[arg-type]
+    assert torch.equal(model.weight.detach(), torch.arange(8.0).view(2, 4))
+    assert model.weight.requires_grad
+
+
+def test_in_place_into_parameters_of_another_layout() -> None:
+    run_threads(_params, 2)
+
+
+def _sender_fails(rank: int, ws: int, pg: object, store: object) -> float:
+    if rank == 0:
+        from recoveryd.errors import UnsupportedValueError
+
+        with pytest.raises(UnsupportedValueError):
+            send_state_dict(pg, [1], {"fn": print}, timeout=T)  # type: ignore[arg-type]
+        return 0.0
+    start = time.monotonic()
+    with pytest.raises(TransferError, match="could not send its state"):
+        recv_state_dict(pg, 0, timeout=T)  # type: ignore[arg-type]
+    return time.monotonic() - start
+
+
+def test_receiver_learns_at_once_when_the_sender_cannot_send() -> None:
+    _, took = run_threads(_sender_fails, 2)
+    assert took < 5.0, took
+
+
+def _too_big(rank: int, ws: int, pg: object, store: object) -> None:
+    if rank == 0:
+        with pytest.raises(TransferError, match="refused"):
+            send_state_dict(pg, [1], {"w": torch.zeros(1 << 20)}, timeout=T)  # type: ignore[arg-type]
+        return
+    from recoveryd.errors import ManifestError
+
+    with pytest.raises(ManifestError, match="over this receiver's limit"):
+        recv_state_dict(pg, 0, timeout=T, config=TransferConfig(max_state_bytes=1 << 20))  # type: ignore[arg-type]
+
+
+def test_state_over_the_receivers_limit_is_refused_before_allocating() -> None:
+    run_threads(_too_big, 2)

@@ -113,3 +113,24 @@ def test_tree_with_missing_nodes_is_rejected() -> None:
     del m.node_arg[-1]
     with pytest.raises(ManifestError, match="runs out"):
         TreeBuilder(m, lambda *a: None).build()
+
+
+def test_tensor_no_leaf_refers_to_is_rejected() -> None:
+    m = _plan({"a": torch.zeros(2), "b": torch.zeros(2)})
+    m.node_arg[2] = 0  # both leaves name tensor 0; tensor 1 is orphaned
+    with pytest.raises(ManifestError, match="exactly once"):
+        check_manifest(m, decode_tensors(m))
+
+
+@pytest.mark.parametrize("text", ["--5", "\u00b2", "1" * 5000, ""])
+def test_malformed_big_ints_are_rejected(text: str) -> None:
+    from recoveryd.transport._rebuild import decode_value
+
+    with pytest.raises(ManifestError):
+        decode_value(pb.Value(big_int_value=text))
+
+
+def test_absurd_element_counts_are_rejected() -> None:
+    m = _tensor_manifest(tensor_ndim=[2], tensor_shape=[1 << 62, 4], tensor_stride=[0, 1])
+    with pytest.raises(ManifestError, match="elements"):
+        decode_tensors(m)
