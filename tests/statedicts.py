@@ -72,9 +72,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 def assert_same(a: object, b: object, path: str = "") -> None:
     """Bit-exact equality of two state_dicts, containers and types included."""
-    assert type(a) is type(b) or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)), (
-        f"{path}: {type(a)} vs {type(b)}"
-    )
+    assert type(a) is type(b), f"{path}: {type(a)} vs {type(b)}"
     if isinstance(a, dict):
         assert list(a) == list(b), f"{path}: keys {list(a)} vs {list(b)}"  # type: ignore[call-overload]
         for k in a:
@@ -85,6 +83,7 @@ def assert_same(a: object, b: object, path: str = "") -> None:
             assert_same(x, y, f"{path}.{i}")
     elif isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor)
+        assert a.requires_grad == b.requires_grad, f"{path}: requires_grad differs"
         assert a.dtype == b.dtype, f"{path}: dtype {a.dtype} vs {b.dtype}"
         assert a.shape == b.shape, f"{path}: shape {a.shape} vs {b.shape}"
         assert torch.equal(bits(a), bits(b)), f"{path}: values differ"

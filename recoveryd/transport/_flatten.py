@@ -98,6 +98,7 @@ class _Walker:
         self.shape: list[int] = []
         self.stride: list[int] = []
         self.requires_grad: list[bool] = []
+        self.is_parameter: list[bool] = []
         self.tensors: list[torch.Tensor] = []
         self.by_storage: dict[tuple[int, int], list[_Leaf]] = {}
         self.dense: list[_Leaf] = []
@@ -156,6 +157,7 @@ class _Walker:
             raise UnsupportedValueError(_path(path), t)
         index = len(self.tensors)
         requires_grad = t.requires_grad
+        is_parameter = type(t) is torch.nn.Parameter
         if t.is_conj() or t.is_neg():
             # Lazy conjugate/negative views: their storage holds the other values.
             t = t.detach().resolve_conj().resolve_neg().contiguous()
@@ -187,6 +189,7 @@ class _Walker:
         self.shape.extend(t.shape)
         self.stride.extend(t.stride())
         self.requires_grad.append(requires_grad)
+        self.is_parameter.append(is_parameter)
         return index
 
     def _dtensor(self, t: DTensor, path: list[object]) -> None:
@@ -348,6 +351,7 @@ def build_plan(
     m.tensor_storage.extend(storage_of)
     m.tensor_byte_offset.extend(offset_of)
     m.tensor_requires_grad.extend(w.requires_grad)
+    m.tensor_is_parameter.extend(w.is_parameter)
     m.storage_nbytes.extend(span_sizes)
     m.message_nbytes.extend(cut_messages(span_sizes, bucket_bytes, direct_bytes))
     m.chain.extend(chain)

@@ -69,7 +69,13 @@ def decode_tensors(m: pb.Manifest) -> list[TensorSpec]:
         ManifestError: any column is inconsistent or a tensor reaches outside its span.
     """
     n = len(m.tensor_dtype)
-    cols = (m.tensor_ndim, m.tensor_storage, m.tensor_byte_offset, m.tensor_requires_grad)
+    cols = (
+        m.tensor_ndim,
+        m.tensor_storage,
+        m.tensor_byte_offset,
+        m.tensor_requires_grad,
+        m.tensor_is_parameter,
+    )
     if any(len(c) != n for c in cols):
         raise ManifestError("tensor columns have different lengths")
     ndims = list(m.tensor_ndim)

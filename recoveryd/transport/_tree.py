@@ -33,6 +33,7 @@ def rebuild_allocated(
 ) -> object:
     """The sender's tree over freshly received span buffers (views keep their aliasing)."""
     per_span = Counter(spec.storage for spec in tensors)
+    parameters = list(m.tensor_is_parameter)
 
     def plain(i: int) -> torch.Tensor:
         spec = tensors[i]
@@ -43,7 +44,10 @@ def rebuild_allocated(
                 t = t.view(spec.shape)
         if t is None:
             t = typed_view(targets[spec.storage], spec)
-        if spec.requires_grad and (t.is_floating_point() or t.is_complex()):
+        grad = spec.requires_grad and (t.is_floating_point() or t.is_complex())
+        if parameters[i]:
+            return torch.nn.Parameter(t, requires_grad=grad)
+        if grad:
             t.requires_grad_(True)
         return t
 

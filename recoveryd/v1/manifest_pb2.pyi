@@ -193,7 +193,7 @@ class ShardedTensorMeta(_message.Message):
     def __init__(self, global_size: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., requires_grad: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardMeta, _Mapping]]] = ..., local_shard: _Optional[_Iterable[int]] = ..., local_tensor: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("format_version", "step", "node_kind", "node_arg", "key_kind", "key_str", "key_int", "values", "tensor_dtype", "tensor_ndim", "tensor_shape", "tensor_stride", "tensor_storage", "tensor_byte_offset", "tensor_requires_grad", "storage_nbytes", "message_nbytes", "dtensors", "sharded_tensors", "chain", "checksums", "star")
+    __slots__ = ("format_version", "step", "node_kind", "node_arg", "key_kind", "key_str", "key_int", "values", "tensor_dtype", "tensor_ndim", "tensor_shape", "tensor_stride", "tensor_storage", "tensor_byte_offset", "tensor_requires_grad", "storage_nbytes", "message_nbytes", "dtensors", "sharded_tensors", "chain", "checksums", "star", "tensor_is_parameter")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     NODE_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +216,7 @@ class Manifest(_message.Message):
     CHAIN_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     STAR_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_IS_PARAMETER_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     step: int
     node_kind: _containers.RepeatedScalarFieldContainer[NodeKind]
@@ -238,4 +239,5 @@ class Manifest(_message.Message):
     chain: _containers.RepeatedScalarFieldContainer[int]
     checksums: bool
     star: bool
-    def __init__(self, format_version: _Optional[int] = ..., step: _Optional[int] = ..., node_kind: _Optional[_Iterable[_Union[NodeKind, str]]] = ..., node_arg: _Optional[_Iterable[int]] = ..., key_kind: _Optional[_Iterable[_Union[KeyKind, str]]] = ..., key_str: _Optional[_Iterable[str]] = ..., key_int: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., tensor_dtype: _Optional[_Iterable[_Union[DType, str]]] = ..., tensor_ndim: _Optional[_Iterable[int]] = ..., tensor_shape: _Optional[_Iterable[int]] = ..., tensor_stride: _Optional[_Iterable[int]] = ..., tensor_storage: _Optional[_Iterable[int]] = ..., tensor_byte_offset: _Optional[_Iterable[int]] = ..., tensor_requires_grad: _Optional[_Iterable[bool]] = ..., storage_nbytes: _Optional[_Iterable[int]] = ..., message_nbytes: _Optional[_Iterable[int]] = ..., dtensors: _Optional[_Iterable[_Union[DTensorMeta, _Mapping]]] = ..., sharded_tensors: _Optional[_Iterable[_Union[ShardedTensorMeta, _Mapping]]] = ..., chain: _Optional[_Iterable[int]] = ..., checksums: _Optional[bool] = ..., star: _Optional[bool] = ...) -> None: ...
+    tensor_is_parameter: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, format_version: _Optional[int] = ..., step: _Optional[int] = ..., node_kind: _Optional[_Iterable[_Union[NodeKind, str]]] = ..., node_arg: _Optional[_Iterable[int]] = ..., key_kind: _Optional[_Iterable[_Union[KeyKind, str]]] = ..., key_str: _Optional[_Iterable[str]] = ..., key_int: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., tensor_dtype: _Optional[_Iterable[_Union[DType, str]]] = ..., tensor_ndim: _Optional[_Iterable[int]] = ..., tensor_shape: _Optional[_Iterable[int]] = ..., tensor_stride: _Optional[_Iterable[int]] = ..., tensor_storage: _Optional[_Iterable[int]] = ..., tensor_byte_offset: _Optional[_Iterable[int]] = ..., tensor_requires_grad: _Optional[_Iterable[bool]] = ..., storage_nbytes: _Optional[_Iterable[int]] = ..., message_nbytes: _Optional[_Iterable[int]] = ..., dtensors: _Optional[_Iterable[_Union[DTensorMeta, _Mapping]]] = ..., sharded_tensors: _Optional[_Iterable[_Union[ShardedTensorMeta, _Mapping]]] = ..., chain: _Optional[_Iterable[int]] = ..., checksums: _Optional[bool] = ..., star: _Optional[bool] = ..., tensor_is_parameter: _Optional[_Iterable[bool]] = ...) -> None: ...
