@@ -1,0 +1,127 @@
+"""Donor choice and recovery plans, per joining replica (not per rank).
+
+All ranks of a joiner pull from one donor replica, rank r from rank r, at one
+step boundary, so the joiner's ranks end up with one consistent step. Among
+the replicas that can donate (healthy, same layout, same world size, with a
+step), the highest step wins; ties go to the donor with the fewest transfers
+in flight, then the nearest (same node, then same zone), then the fastest
+link seen in past transfers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+from recoveryd.coordinator.membership import ReplicaView
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RankPair:
+    """One transfer of a plan: the donor's rank sends to the joiner's rank of the same number."""
+
+    group_rank: int
+    donor_rendezvous: str
+    """Where the donor rank's transfer rendezvous is hosted (``host:port``)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RecoveryPlan:
+    """Who sends what to whom, at which step.
+
+    Attributes:
+        plan_id: unique per plan; a re-plan gets a new one.
+        joiner: the replica that receives.
+        donor: the replica that sends.
+        step: the step boundary at which every donor rank sends.
+        pairs: one transfer per group rank.
+    """
+
+    plan_id: int
+    joiner: str
+    donor: str
+    step: int
+    pairs: Sequence[RankPair]
+
+
+def eligible(joiner: ReplicaView, candidate: ReplicaView) -> bool:
+    """Whether ``candidate`` can donate to ``joiner`` at all."""
+    return (
+        candidate.replica_id != joiner.replica_id
+        and candidate.healthy
+        and candidate.step is not None
+        and candidate.world_size == joiner.world_size
+        and candidate.fingerprint is not None
+        and candidate.fingerprint == joiner.fingerprint
+    )
+
+
+def _nearness(joiner: ReplicaView, candidate: ReplicaView) -> int:
+    """0: same node, 1: same zone, 2: neither (lower is nearer)."""
+    mine, theirs = joiner.labels, candidate.labels
+    if mine.get("node") and mine.get("node") == theirs.get("node"):
+        return 0
+    if mine.get("zone") and mine.get("zone") == theirs.get("zone"):
+        return 1
+    return 2
+
+
+def choose_donor(
+    joiner: ReplicaView,
+    replicas: Collection[ReplicaView],
+    *,
+    inflight: Mapping[str, int] | None = None,
+    bandwidth_bps: Mapping[str, float] | None = None,
+    exclude: Collection[str] = (),
+) -> ReplicaView | None:
+    """The best donor for ``joiner``, or ``None`` if no replica can donate.
+
+    Args:
+        joiner: the replica that needs state.
+        replicas: every replica the coordinator knows.
+        inflight: transfers each replica is sending now.
+        bandwidth_bps: the bandwidth seen from each replica in past transfers.
+        exclude: replicas not to pick (e.g. a donor that just failed this joiner).
+    """
+    inflight = inflight or {}
+    bandwidth_bps = bandwidth_bps or {}
+    candidates = [c for c in replicas if c.replica_id not in exclude and eligible(joiner, c)]
+    if not candidates:
+        return None
+    return min(
+        candidates,
+        key=lambda c: (
+            -(c.step or 0),
+            inflight.get(c.replica_id, 0),
+            _nearness(joiner, c),
+            -bandwidth_bps.get(c.replica_id, 0.0),
+            c.replica_id,  # deterministic among equals
+        ),
+    )
+
+
+_plan_ids = itertools.count(1)
+
+
+def make_plan(joiner: ReplicaView, donor: ReplicaView, *, fence_steps: int = 1) -> RecoveryPlan:
+    """A plan for ``donor`` to send to ``joiner`` at the next step boundary.
+
+    Args:
+        joiner: the receiving replica.
+        donor: an eligible donor (see :func:`choose_donor`).
+        fence_steps: how many steps ahead of the donor's current step the send
+            happens, so that every donor rank sees the plan before it reaches
+            that boundary.
+    """
+    assert donor.step is not None, "an eligible donor has a step"
+    return RecoveryPlan(
+        plan_id=next(_plan_ids),
+        joiner=joiner.replica_id,
+        donor=donor.replica_id,
+        step=donor.step + fence_steps,
+        pairs=[
+            RankPair(group_rank=r, donor_rendezvous=donor.ranks[r].rendezvous)
+            for r in range(donor.world_size)
+        ],
+    )
