@@ -10,6 +10,7 @@ come back as views of one buffer. A strided view whose extent is mostly gaps
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from recoveryd.errors import UnsupportedValueError
 from recoveryd.transport import _dtypes
+from recoveryd.transport._pieces import byte_view
 from recoveryd.v1 import manifest_pb2 as pb
 
 FORMAT_VERSION = 1
@@ -48,10 +50,7 @@ class Span:
 
     def view(self, offset: int, n: int) -> torch.Tensor:
         """A 1-D uint8 tensor over ``n`` bytes of the span from ``offset``."""
-        out = torch.empty(0, dtype=torch.uint8, device=self.owner.device)
-        if n:
-            out.set_(self.owner.untyped_storage(), self.lo + offset, (n,))  # type: ignore[call-overload]
-        return out
+        return byte_view(self.owner, self.lo + offset, n)
 
 
 @dataclass(slots=True)
@@ -81,7 +80,8 @@ def _extent(t: torch.Tensor) -> tuple[int, int]:
     return start * size, (start + last + 1) * size
 
 
-def _path(parts: list[object]) -> str:
+def path_str(parts: Iterable[object]) -> str:
+    """A key path as errors show it, e.g. ``optim.state.0.exp_avg``."""
     return ".".join(str(p) for p in parts) or "<root>"
 
 
@@ -121,7 +121,7 @@ class _Walker:
                     self.key_kind.append(_KEY_INT)
                     self.key_int.append(k)  # type: ignore[arg-type]
                 else:
-                    raise UnsupportedValueError(_path([*path, f"<key {k!r}>"]), k)
+                    raise UnsupportedValueError(path_str([*path, f"<key {k!r}>"]), k)
                 path.append(k)
                 self.walk(v, path)
                 path.pop()
@@ -151,10 +151,10 @@ class _Walker:
 
     def _tensor(self, t: torch.Tensor, path: list[object]) -> int:
         if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
-            raise UnsupportedValueError(_path(path), t)
+            raise UnsupportedValueError(path_str(path), t)
         code = _dtypes.TO_PB.get(t.dtype)
         if code is None or t.layout is not torch.strided or t.is_meta:
-            raise UnsupportedValueError(_path(path), t)
+            raise UnsupportedValueError(path_str(path), t)
         index = len(self.tensors)
         requires_grad = t.requires_grad
         is_parameter = type(t) is torch.nn.Parameter
@@ -211,7 +211,7 @@ class _Walker:
         meta.global_size.extend(md.size)
         code = _dtypes.TO_PB.get(md.tensor_properties.dtype)
         if code is None:
-            raise UnsupportedValueError(_path(path), t)
+            raise UnsupportedValueError(path_str(path), t)
         meta.dtype = code  # type: ignore[assignment]
         meta.requires_grad = bool(md.tensor_properties.requires_grad)
         where: dict[tuple[int, ...], int] = {}
@@ -248,7 +248,7 @@ def encode_placement(p: object, out: pb.Placement, path: list[object]) -> None:
         out.kind = pb.Placement.KIND_PARTIAL
         out.reduce_op = str(p.reduce_op)  # type: ignore[attr-defined]
     else:
-        raise UnsupportedValueError(_path([*path, f"<placement {name}>"]), p)
+        raise UnsupportedValueError(path_str([*path, f"<placement {name}>"]), p)
 
 
 def _value(out: pb.Value, v: object, path: list[object]) -> None:
@@ -278,7 +278,7 @@ def _value(out: pb.Value, v: object, path: list[object]) -> None:
     elif kind is torch.device:
         out.device_value = str(v)
     else:
-        raise UnsupportedValueError(_path(path), v)
+        raise UnsupportedValueError(path_str(path), v)
 
 
 def _merge(leaves: list[_Leaf]) -> list[list[_Leaf]]:

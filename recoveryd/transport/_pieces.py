@@ -84,6 +84,14 @@ class Staging:
         self._free.append(buf)
 
 
+def byte_view(t: torch.Tensor, start: int, nbytes: int) -> torch.Tensor:
+    """A 1-D uint8 view of ``nbytes`` of ``t``'s storage from byte ``start``."""
+    view = torch.empty(0, dtype=torch.uint8, device=t.device)
+    if nbytes:
+        view.set_(t.untyped_storage(), start, (nbytes,))  # type: ignore[call-overload]
+    return view
+
+
 def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copies equal-sized 1-D uint8 tensors.
 

@@ -21,8 +21,8 @@ from torch.distributed.tensor import DTensor
 from recoveryd.errors import ManifestError, StateMismatchError
 from recoveryd.transport import _dtypes
 from recoveryd.transport._alloc import Arena, SpanBuffers
-from recoveryd.transport._flatten import FORMAT_VERSION, encode_placement
-from recoveryd.transport._pieces import Buffers, Message
+from recoveryd.transport._flatten import FORMAT_VERSION, encode_placement, path_str
+from recoveryd.transport._pieces import Buffers, Message, byte_view
 from recoveryd.v1 import manifest_pb2 as pb
 
 _MAX_DEPTH = 256
@@ -56,10 +56,6 @@ class TensorSpec:
     numel: int
     contiguous: bool
     extent: int  # bytes from its first to one past its last element; 0 if empty
-
-
-def _path_str(path: Path) -> str:
-    return ".".join(str(p) for p in path) or "<root>"
 
 
 def decode_tensors(m: pb.Manifest) -> list[TensorSpec]:
@@ -319,14 +315,6 @@ def local_of(leaf: object) -> list[torch.Tensor]:
     return []
 
 
-def byte_view(t: torch.Tensor, start: int, nbytes: int) -> torch.Tensor:
-    """A 1-D uint8 view of ``nbytes`` of ``t``'s storage from byte ``start``."""
-    view = torch.empty(0, dtype=torch.uint8, device=t.device)
-    if nbytes:
-        view.set_(t.untyped_storage(), start, (nbytes,))  # type: ignore[call-overload]
-    return view
-
-
 def typed_view(buf: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
     """The tensor ``spec`` describes, viewing the span buffer ``buf``."""
     if spec.numel == 0:
@@ -380,10 +368,10 @@ def match_in_place(
     def check(index: int, t: torch.Tensor, path: Path, suffix: str = "") -> None:
         spec = tensors[index]
         if t.dtype != spec.dtype:
-            where = _path_str(path) + suffix
+            where = path_str(path) + suffix
             problems.append(f"{where}: dtype {t.dtype} here, {spec.dtype} sent")
         elif t.shape != spec.shape:
-            where = _path_str(path) + suffix
+            where = path_str(path) + suffix
             problems.append(f"{where}: shape {list(t.shape)} here, {list(spec.shape)} sent")
         else:
             dst[index] = t
@@ -394,7 +382,7 @@ def match_in_place(
         if kind == _TENSOR and (type(mine) is torch.Tensor or type(mine) is torch.nn.Parameter):
             check(arg, mine, path)  # the common case first
             return mine
-        where = _path_str(path)
+        where = path_str(path)
         if mine is None and path not in have:
             problems.append(f"{where}: missing in the receiver's state_dict")
             return None
@@ -449,7 +437,7 @@ def match_in_place(
     state = TreeBuilder(m, leaf).build()
     for path, obj in have.items():
         if path not in sent and local_of(obj):
-            problems.append(f"{_path_str(path)}: not in the sender's state_dict")
+            problems.append(f"{path_str(path)}: not in the sender's state_dict")
     if problems:
         raise StateMismatchError(problems)
     return dst, state

@@ -89,6 +89,15 @@ def test_self_reported_unhealthy_rank_makes_its_replica_unhealthy(members: Membe
     assert not view.healthy
 
 
+def test_forgotten_replica_is_gone(members: Membership) -> None:
+    _join(members, "a")
+    _join(members, "b")
+    members.forget("a")
+    assert set(members.replicas()) == {"b"}
+    with pytest.raises(UnknownMemberError):
+        members.heartbeat("a", 0, step=1, healthy=True)
+
+
 def test_heartbeat_from_unknown_rank_asks_to_register(members: Membership) -> None:
     with pytest.raises(UnknownMemberError, match="register again") as e:
         members.heartbeat("ghost", 0, step=1, healthy=True)
