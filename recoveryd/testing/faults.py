@@ -25,9 +25,11 @@ class FaultyGroup:
     Args:
         pg: the real group.
         after: how many data messages pass untouched first.
-        mode: ``"kill"`` SIGKILLs this process, ``"silence"`` drops every later
-            message (this rank stays alive but says nothing), ``"corrupt"``
-            flips one byte of a copy of the next data message.
+        mode: ``"kill"`` SIGKILLs this process when it is about to send a data
+            message, ``"kill_on_recv"`` when it is about to post a receive for
+            one, ``"silence"`` drops every later message (this rank stays alive
+            but says nothing), ``"corrupt"`` flips one byte of a copy of the
+            next data message.
     """
 
     def __init__(self, pg: dist.ProcessGroup, *, after: int, mode: str) -> None:
@@ -47,6 +49,10 @@ class FaultyGroup:
         return self._pg.name()
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int) -> Any:
+        if tag == _wire.TAG_DATA and self._mode == "kill_on_recv":
+            self._data += 1
+            if self._data > self._after:
+                os.kill(os.getpid(), signal.SIGKILL)
         return self._pg.recv(tensors, src, tag)
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int) -> Any:

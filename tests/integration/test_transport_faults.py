@@ -34,6 +34,11 @@ def _state() -> dict[str, torch.Tensor]:
     return {f"w{i}": torch.full((1 << 18,), float(i)) for i in range(16)}  # 16 MiB
 
 
+def _zeros() -> dict[str, torch.Tensor]:
+    """A receiver's own state of the same layout."""
+    return {k: torch.zeros_like(v) for k, v in _state().items()}
+
+
 def _killed_sender(rank: int, ws: int, pg: object, store: object, timeout_s: float) -> object:
     if rank == 0:
         send_state_dict(
@@ -44,7 +49,7 @@ def _killed_sender(rank: int, ws: int, pg: object, store: object, timeout_s: flo
             config=_CFG,
         )  # type: ignore[arg-type]
         raise AssertionError("should have been killed")
-    mine = {k: torch.zeros_like(v) for k, v in _state().items()}
+    mine = _zeros()
     start = time.monotonic()
     with pytest.raises((PeerLostError, TransferTimeoutError)) as e:
         recv_state_dict(pg, 0, into=mine, timeout=timedelta(seconds=timeout_s), config=_CFG)  # type: ignore[arg-type]
@@ -59,25 +64,8 @@ def test_sender_killed_mid_transfer_fails_the_receiver_fast() -> None:
 
 def _killed_receiver(rank: int, ws: int, pg: object, store: object) -> object:
     if rank == 1:
-        from recoveryd.transport import _wire
-
-        real = pg.recv  # type: ignore[attr-defined]
-        seen = [0]
-
-        def recv(tensors: list[torch.Tensor], src: int, tag: int) -> object:
-            if tag == _wire.TAG_DATA:
-                seen[0] += 1
-                if seen[0] > 3:
-                    os.kill(os.getpid(), 9)
-            return real(tensors, src, tag)
-
-        class G:
-            def __getattr__(self, n: str) -> object:
-                return getattr(pg, n)
-
-        g = G()
-        g.recv = recv  # type: ignore[attr-defined]
-        recv_state_dict(g, 0, timeout=timedelta(seconds=30), config=_CFG)  # type: ignore[arg-type]
+        faulty = FaultyGroup(pg, after=3, mode="kill_on_recv")  # type: ignore[arg-type]
+        recv_state_dict(faulty, 0, timeout=timedelta(seconds=30), config=_CFG)  # type: ignore[arg-type]
         raise AssertionError("should have been killed")
     start = time.monotonic()
     with pytest.raises((PeerLostError, TransferTimeoutError)) as e:
@@ -105,7 +93,7 @@ def _silent_sender(rank: int, ws: int, pg: object, store: object) -> object:
             pass
         time.sleep(1)
         return None
-    mine = {k: torch.zeros_like(v) for k, v in _state().items()}
+    mine = _zeros()
     start = time.monotonic()
     with pytest.raises(TransferTimeoutError):
         recv_state_dict(pg, 0, into=mine, timeout=timedelta(seconds=2), config=_CFG)  # type: ignore[arg-type]
