@@ -454,24 +454,26 @@ def _placements(t: DTensor, path: Path) -> list[pb.Placement]:
 
 def place_in_place(
     tensors: list[TensorSpec], sizes: list[int], dst: dict[int, torch.Tensor], arena: Arena
-) -> tuple[list[torch.Tensor], list[bool], list[tuple[torch.Tensor, int]]]:
-    """Chooses, per span, the receiver's own memory (same layout) or scratch plus copies."""
+) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, int]]]:
+    """Chooses, per span, the receiver's own memory (same layout) or scratch plus copies.
+
+    Returns:
+        One buffer per span, and the (receiver tensor, manifest tensor) pairs
+        to copy out of scratch once the data is in.
+    """
     by_span: list[list[int]] = [[] for _ in sizes]
     for i, spec in enumerate(tensors):
         by_span[spec.storage].append(i)
     targets: list[torch.Tensor] = []
-    direct: list[bool] = []
     copies: list[tuple[torch.Tensor, int]] = []
     for s, members in enumerate(by_span):
         target = _same_layout(members, tensors, dst, sizes[s])
         if target is not None:
             targets.append(target)
-            direct.append(True)
         else:
             targets.append(arena.empty(sizes[s]))
-            direct.append(False)
             copies.extend((dst[i], i) for i in members)
-    return targets, direct, copies
+    return targets, copies
 
 
 def _same_layout(

@@ -133,14 +133,13 @@ def recv_state_dict(
             targets = spans
             # Fresh memory: populate it ahead of the wire, in stream order.
             prefaulter = Prefaulter([b for b in landing if b is not None])
-            direct = [True] * len(sizes)
             copies: list[tuple[torch.Tensor, int]] = []
             # Built before any data arrives (views over the empty targets), so a
             # malformed tree is refused before the sender streams anything.
             state = rebuild_allocated(m, tensors, spans, device_mesh, shard_group)
         else:
             dst, state = rb.match_in_place(m, tensors, into)
-            mine, direct, copies = rb.place_in_place(tensors, sizes, dst, arena)
+            mine, copies = rb.place_in_place(tensors, sizes, dst, arena)
             landing = rb.landing_in_place(messages, mine)
             targets = mine
     except (TransferTimeoutError, PeerLostError, _SenderFailedError):
@@ -206,10 +205,11 @@ def recv_state_dict(
         phases=clock.phases,
     )
     logger.info(
-        "received %d bytes (%d tensors, %d in place) from rank %d via %s in %.3fs (%.2f GB/s)",
+        "received %d bytes (%d tensors, %d through scratch) from rank %d via %s in %.3fs "
+        "(%.2f GB/s)",
         stats.payload_bytes,
         len(tensors),
-        sum(direct) if into is not None else 0,
+        len(copies),
         pred,
         "relay" if pred != src_rank else "direct",
         stats.seconds,
