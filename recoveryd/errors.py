@@ -110,3 +110,38 @@ class StepMismatchError(TransferError, ValueError):
 
 class IntegrityError(TransferError, ValueError):
     """A received bucket failed its checksum: bytes were corrupted on the way."""
+
+
+class CoordinatorUnavailableError(RecoverydError, ConnectionError):
+    """The coordinator did not answer in time (down, restarting, or unreachable).
+
+    Attributes:
+        address: the coordinator's ``host:port``.
+    """
+
+    def __init__(self, address: str, detail: str) -> None:
+        super().__init__(
+            f"coordinator {address} unavailable: {detail}; check that `recoveryd coordinator` "
+            "runs there and is reachable (agents keep retrying with backoff)"
+        )
+        self.address = address
+
+
+class UnknownMemberError(RecoverydError, KeyError):
+    """A call came from a rank the coordinator does not know (it must register again).
+
+    Attributes:
+        replica_id: the replica named by the call.
+        group_rank: the rank named by the call.
+    """
+
+    def __init__(self, replica_id: str, group_rank: int) -> None:
+        super().__init__(
+            f"rank {group_rank} of replica {replica_id!r} is not registered; register again "
+            "(the coordinator may have restarted)"
+        )
+        self.replica_id = replica_id
+        self.group_rank = group_rank
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])

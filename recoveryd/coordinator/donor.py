@@ -10,7 +10,6 @@ link seen in past transfers.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,20 +27,21 @@ class RankPair:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RecoveryPlan:
-    """Who sends what to whom, at which step.
+    """Who sends what to whom.
+
+    The step is not part of the plan: it is fenced once every donor rank has
+    joined the transfer group and said where it is (see :func:`fence`).
 
     Attributes:
-        plan_id: unique per plan; a re-plan gets a new one.
+        plan_id: unique per coordinator; a re-plan gets a new one.
         joiner: the replica that receives.
         donor: the replica that sends.
-        step: the step boundary at which every donor rank sends.
         pairs: one transfer per group rank.
     """
 
     plan_id: int
     joiner: str
     donor: str
-    step: int
     pairs: Sequence[RankPair]
 
 
@@ -101,27 +101,37 @@ def choose_donor(
     )
 
 
-_plan_ids = itertools.count(1)
-
-
-def make_plan(joiner: ReplicaView, donor: ReplicaView, *, fence_steps: int = 1) -> RecoveryPlan:
-    """A plan for ``donor`` to send to ``joiner`` at the next step boundary.
+def make_plan(plan_id: int, joiner: ReplicaView, donor: ReplicaView) -> RecoveryPlan:
+    """A plan for every rank r of ``donor`` to send to rank r of ``joiner``.
 
     Args:
+        plan_id: the new plan's id.
         joiner: the receiving replica.
         donor: an eligible donor (see :func:`choose_donor`).
-        fence_steps: how many steps ahead of the donor's current step the send
-            happens, so that every donor rank sees the plan before it reaches
-            that boundary.
     """
-    assert donor.step is not None, "an eligible donor has a step"
     return RecoveryPlan(
-        plan_id=next(_plan_ids),
+        plan_id=plan_id,
         joiner=joiner.replica_id,
         donor=donor.replica_id,
-        step=donor.step + fence_steps,
         pairs=[
             RankPair(group_rank=r, donor_rendezvous=donor.ranks[r].rendezvous)
             for r in range(donor.world_size)
         ],
     )
+
+
+def fence(acked_steps: Collection[int], fence_steps: int) -> int:
+    """The step boundary every donor rank sends at.
+
+    Each donor rank acknowledged the last step boundary it passed; ranks of
+    one replica advance in lockstep (their collectives hold the fast ones
+    back), so ``fence_steps`` boundaries past the furthest rank leave each
+    rank time to hear the fence before it reaches it. A rank that is already
+    past it sends its own step and the joiner refuses it (the plan is then
+    re-fenced wider), so a wrong guess costs a retry, never a mixed state.
+
+    Args:
+        acked_steps: the step each donor rank acknowledged.
+        fence_steps: how many boundaries ahead of the furthest rank.
+    """
+    return max(acked_steps) + fence_steps

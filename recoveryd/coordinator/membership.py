@@ -13,24 +13,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from recoveryd.errors import ConfigError, RecoverydError
+from recoveryd.errors import ConfigError, UnknownMemberError
 
-
-class UnknownMemberError(RecoverydError, KeyError):
-    """A heartbeat came from a rank that is not registered (it must register again).
-
-    Attributes:
-        replica_id: the replica named by the heartbeat.
-        group_rank: the rank named by the heartbeat.
-    """
-
-    def __init__(self, replica_id: str, group_rank: int) -> None:
-        super().__init__(
-            f"rank {group_rank} of replica {replica_id!r} is not registered; register again "
-            "(the coordinator may have restarted)"
-        )
-        self.replica_id = replica_id
-        self.group_rank = group_rank
+__all__ = ["MemberInfo", "Membership", "ReplicaView", "UnknownMemberError"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -51,6 +36,8 @@ class MemberInfo:
     """``host:port`` where this rank's transfers rendezvous."""
     labels: Mapping[str, str] = field(default_factory=dict)
     """Locality labels, e.g. ``{"node": ..., "zone": ...}``."""
+    agent_id: str = ""
+    """Unique per agent process: a new one for a registered rank means the rank restarted."""
 
     def __post_init__(self) -> None:
         if not self.replica_id:
@@ -122,66 +109,100 @@ class Membership:
             raise ConfigError("heartbeat_timeout", heartbeat_timeout, "must be positive")
         self._timeout = heartbeat_timeout.total_seconds()
         self._clock = clock
-        self._ranks: dict[tuple[str, int], _Rank] = {}
+        # replica id -> group rank -> rank; grouped so one replica's view costs its own ranks only.
+        self._replicas: dict[str, dict[int, _Rank]] = {}
 
-    def register(self, info: MemberInfo, *, step: int | None = None) -> None:
+    @property
+    def heartbeat_timeout_s(self) -> float:
+        """Seconds without a heartbeat after which a rank is unhealthy."""
+        return self._timeout
+
+    def register(self, info: MemberInfo, *, step: int | None = None) -> bool:
         """Adds or replaces a rank (a restarted rank registers again).
+
+        Returns:
+            Whether this replaces a registration from another agent process
+            (the rank restarted), so plans involving it are void.
 
         Raises:
             ConfigError: the replica's other ranks declared another world size.
         """
-        for (rid, _), r in self._ranks.items():
-            if rid == info.replica_id and r.info.group_world_size != info.group_world_size:
+        ranks = self._replicas.setdefault(info.replica_id, {})
+        for r in ranks.values():
+            if (
+                r.info.group_world_size != info.group_world_size
+                and r.info.group_rank != info.group_rank
+            ):
                 raise ConfigError(
                     "group_world_size",
                     info.group_world_size,
-                    f"replica {rid!r} was registered with {r.info.group_world_size} ranks",
+                    f"replica {info.replica_id!r} was registered with "
+                    f"{r.info.group_world_size} ranks",
                 )
-        self._ranks[(info.replica_id, info.group_rank)] = _Rank(
-            info=info, step=step, healthy=True, seen=self._clock()
-        )
+        before = ranks.get(info.group_rank)
+        ranks[info.group_rank] = _Rank(info=info, step=step, healthy=True, seen=self._clock())
+        if before is not None and before.info.group_world_size != info.group_world_size:
+            # The only rank of a resized replica: drop ranks beyond the new size.
+            for g in [g for g in ranks if g >= info.group_world_size]:
+                del ranks[g]
+        return before is not None and before.info.agent_id != info.agent_id
 
-    def heartbeat(self, replica_id: str, group_rank: int, *, step: int, healthy: bool) -> None:
+    def heartbeat(
+        self, replica_id: str, group_rank: int, *, step: int | None, healthy: bool
+    ) -> None:
         """Records a rank's step and health.
 
         Raises:
             UnknownMemberError: the rank is not registered.
         """
-        r = self._ranks.get((replica_id, group_rank))
+        r = self._replicas.get(replica_id, {}).get(group_rank)
         if r is None:
             raise UnknownMemberError(replica_id, group_rank)
-        r.step = step
+        if step is not None:
+            r.step = step
         r.healthy = healthy
         r.seen = self._clock()
 
     def forget(self, replica_id: str) -> None:
         """Drops every rank of a replica (it left the job)."""
-        for key in [k for k in self._ranks if k[0] == replica_id]:
-            del self._ranks[key]
+        self._replicas.pop(replica_id, None)
+
+    def member(self, replica_id: str, group_rank: int) -> MemberInfo | None:
+        """A registered rank's info, or ``None``."""
+        r = self._replicas.get(replica_id, {}).get(group_rank)
+        return r.info if r is not None else None
+
+    def rank_state(self, replica_id: str, group_rank: int) -> tuple[int | None, bool, float] | None:
+        """A rank's (step, healthy, seconds since last heard), or ``None`` if unknown."""
+        r = self._replicas.get(replica_id, {}).get(group_rank)
+        if r is None:
+            return None
+        age = self._clock() - r.seen
+        return r.step, r.healthy and age <= self._timeout, age
 
     def replica(self, replica_id: str) -> ReplicaView | None:
         """One replica's view, or ``None`` if none of its ranks is registered."""
-        return self.replicas().get(replica_id)
+        ranks = self._replicas.get(replica_id)
+        return self._view(replica_id, ranks, self._clock()) if ranks else None
 
     def replicas(self) -> dict[str, ReplicaView]:
         """Every replica with at least one registered rank, by id."""
         now = self._clock()
-        grouped: dict[str, list[_Rank]] = {}
-        for (rid, _), r in self._ranks.items():
-            grouped.setdefault(rid, []).append(r)
-        out: dict[str, ReplicaView] = {}
-        for rid, ranks in grouped.items():
-            world = ranks[0].info.group_world_size
-            steps = [r.step for r in ranks]
-            complete = len(ranks) == world
-            fresh = all(r.healthy and now - r.seen <= self._timeout for r in ranks)
-            out[rid] = ReplicaView(
-                replica_id=rid,
-                world_size=world,
-                ranks={r.info.group_rank: r.info for r in ranks},
-                step=min(s for s in steps if s is not None)
-                if complete and None not in steps
-                else None,
-                healthy=complete and fresh,
-            )
-        return out
+        return {rid: self._view(rid, ranks, now) for rid, ranks in self._replicas.items() if ranks}
+
+    def rank_count(self) -> int:
+        """How many ranks are registered."""
+        return sum(len(r) for r in self._replicas.values())
+
+    def _view(self, rid: str, ranks: dict[int, _Rank], now: float) -> ReplicaView:
+        world = next(iter(ranks.values())).info.group_world_size
+        steps = [r.step for r in ranks.values()]
+        complete = len(ranks) == world
+        fresh = all(r.healthy and now - r.seen <= self._timeout for r in ranks.values())
+        return ReplicaView(
+            replica_id=rid,
+            world_size=world,
+            ranks={g: r.info for g, r in ranks.items()},
+            step=min(s for s in steps if s is not None) if complete and None not in steps else None,
+            healthy=complete and fresh,
+        )

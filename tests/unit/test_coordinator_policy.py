@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from recoveryd.coordinator.donor import choose_donor, make_plan
+from recoveryd.coordinator.donor import choose_donor, fence, make_plan
 from recoveryd.coordinator.membership import (
     MemberInfo,
     Membership,
@@ -182,15 +182,18 @@ def test_only_healthy_same_layout_same_size_replicas_donate(
     assert choose_donor(joiner, views) is None
 
 
-def test_plan_pairs_rank_r_with_rank_r_at_a_fenced_step(members: Membership) -> None:
+def test_plan_pairs_rank_r_with_rank_r(members: Membership) -> None:
     _join(members, "joiner", step=None, world=3)
     _join(members, "donor", step=41, world=3)
     joiner, views = _views(members)
     donor = choose_donor(joiner, views)
     assert donor is not None
-    plan = make_plan(joiner, donor)
-    again = make_plan(joiner, donor)
-    assert plan.step == 42
+    plan = make_plan(7, joiner, donor)
+    assert (plan.plan_id, plan.joiner, plan.donor) == (7, "joiner", "donor")
     assert [p.group_rank for p in plan.pairs] == [0, 1, 2]
     assert [p.donor_rendezvous for p in plan.pairs] == [f"donor-{r}:29500" for r in range(3)]
-    assert again.plan_id != plan.plan_id
+
+
+def test_fence_is_past_the_furthest_donor_rank() -> None:
+    assert fence([41, 42, 41], 2) == 44
+    assert fence([0], 1) == 1

@@ -1,0 +1,84 @@
+"""The agent's knobs: who this rank is, where the coordinator is, and how long to wait."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from recoveryd.errors import ConfigError
+from recoveryd.transport.config import TransferConfig
+
+
+def _address(value: str, name: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(name, value, "must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def route_to(address: str) -> str:
+    """The local IP address whose interface routes to ``address`` (no packet is sent)."""
+    host, port = _address(address, "coordinator")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AgentConfig:
+    """Who this rank is and how its agent behaves.
+
+    Every field but the identity has a default; ``RECOVERYD_HOST`` overrides
+    the advertised host.
+    """
+
+    coordinator: str
+    """``host:port`` of the coordinator."""
+    replica_id: str
+    """This rank's replica: a whole copy of the model (all its ranks)."""
+    group_rank: int = 0
+    """This rank's rank within its replica."""
+    group_world_size: int = 1
+    """How many ranks the replica has."""
+    host: str = field(default_factory=lambda: os.environ.get("RECOVERYD_HOST", ""))
+    """Address peers reach this rank's transfers at; empty: the interface that
+    routes to the coordinator. Logged, and shown by ``recoveryd status``."""
+    rendezvous_port: int = 0
+    """Port of the rendezvous store this agent hosts (0: any free port)."""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """Locality labels (``node``, ``zone``) the coordinator prefers donors by."""
+    heartbeat_interval: timedelta = timedelta(seconds=1)
+    """Heartbeat period until the coordinator says otherwise."""
+    rpc_timeout: timedelta = timedelta(seconds=5)
+    """Deadline of each coordinator call."""
+    rendezvous_timeout: timedelta = timedelta(seconds=60)
+    """How long a transfer group may take to form (both sides)."""
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    """Bucket sizes and checksums of the transfers."""
+
+    def __post_init__(self) -> None:
+        _address(self.coordinator, "coordinator")
+        if not self.replica_id:
+            raise ConfigError("replica_id", self.replica_id, "must not be empty")
+        if self.group_world_size < 1:
+            raise ConfigError("group_world_size", self.group_world_size, "must be >= 1")
+        if not 0 <= self.group_rank < self.group_world_size:
+            raise ConfigError(
+                "group_rank", self.group_rank, f"must be in [0, {self.group_world_size})"
+            )
+        if not 0 <= self.rendezvous_port < 65536:
+            raise ConfigError("rendezvous_port", self.rendezvous_port, "must be a port number")
+        for name in ("heartbeat_interval", "rpc_timeout", "rendezvous_timeout"):
+            if getattr(self, name) <= timedelta(0):
+                raise ConfigError(name, getattr(self, name), "must be positive")
+
+    def advertised_host(self) -> str:
+        """:attr:`host`, or the interface that routes to the coordinator."""
+        return self.host or route_to(self.coordinator)

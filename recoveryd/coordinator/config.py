@@ -1,0 +1,59 @@
+"""The coordinator's knobs, with the defaults a real job wants."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from recoveryd.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CoordinatorConfig:
+    """How the coordinator judges health and runs recoveries."""
+
+    heartbeat_interval: timedelta = timedelta(seconds=1)
+    """How often agents heartbeat (told to them when they register)."""
+    heartbeat_timeout: timedelta = timedelta(seconds=10)
+    """A rank silent for this long is unhealthy, and so is its replica."""
+    fence_steps: int = 2
+    """Step boundaries between the furthest donor rank and the fence; doubled
+    for a joiner each time a donor rank overshoots it."""
+    max_fence_steps: int = 256
+    """Upper bound of that doubling."""
+    prepare_timeout: timedelta = timedelta(seconds=60)
+    """How long the donor ranks may take to all join a plan's transfer group
+    (the joiner's ranks must start and reach the rendezvous in that time)."""
+    transfer_timeout: timedelta = timedelta(minutes=10)
+    """A plan that has not finished this long after it was made fails; it
+    bounds the rendezvous, the wait for the fence and the bytes."""
+    max_attempts: int = 4
+    """Plans tried for one recovery before the joiner is told there is no donor."""
+    recent_plans: int = 100
+    """Finished plans kept for ``recoveryd status``."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "heartbeat_interval",
+            "heartbeat_timeout",
+            "prepare_timeout",
+            "transfer_timeout",
+        ):
+            if getattr(self, name) <= timedelta(0):
+                raise ConfigError(name, getattr(self, name), "must be positive")
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ConfigError(
+                "heartbeat_timeout",
+                self.heartbeat_timeout,
+                f"must exceed heartbeat_interval={self.heartbeat_interval} (allow a few missed beats)",
+            )
+        if not 1 <= self.fence_steps <= self.max_fence_steps:
+            raise ConfigError(
+                "fence_steps",
+                self.fence_steps,
+                f"must be in [1, max_fence_steps={self.max_fence_steps}]",
+            )
+        if self.max_attempts < 1:
+            raise ConfigError("max_attempts", self.max_attempts, "must be >= 1")
+        if self.recent_plans < 0:
+            raise ConfigError("recent_plans", self.recent_plans, "must be >= 0")

@@ -1,0 +1,479 @@
+"""Recovery rounds and plans: the coordinator's state machine, on plain data.
+
+A *round* starts when a joining replica's first rank asks to recover, and ends
+when every rank of the replica has been given the same final answer: ``done``
+at one step, or ``no_donor``. Within a round, plans are tried one after the
+other (at most ``max_attempts``); each names one donor replica for all ranks.
+
+A plan is ``preparing`` until every donor rank has joined the transfer group
+and acknowledged the step it is at, then ``armed`` at a fenced step, then
+``done`` when every joiner rank has reported success, or ``failed`` (a report
+of failure, a timeout, the donor turning unhealthy, or a rank restarting).
+After a failure the next ``recover`` call makes the next plan: a failing donor
+is excluded for the rest of the round, and a donor rank that overshot the
+fence widens it instead.
+
+Nothing here blocks or talks to the network; orders for donor ranks go out
+through the ``send`` callback, and the clock is injectable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from recoveryd.coordinator.config import CoordinatorConfig
+from recoveryd.coordinator.donor import RecoveryPlan, choose_donor, eligible, fence, make_plan
+from recoveryd.coordinator.membership import MemberInfo, Membership, UnknownMemberError
+
+PlanState = Literal["preparing", "armed", "done", "failed"]
+Role = Literal["donor", "joiner"]
+
+RESULTS = ("ok", "timeout", "peer_lost", "rejected", "step_mismatch", "error")
+"""Every outcome a transfer report may carry."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Order:
+    """What a donor rank must do for a plan."""
+
+    kind: Literal["prepare", "arm", "cancel"]
+    plan_id: int
+    joiner: str
+    step: int | None = None
+    timeout_s: float = 0.0
+    rendezvous_prefix: str = ""
+    backend: str = "gloo"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Answer:
+    """What a joining rank is told when it asks to recover."""
+
+    state: Literal["no_donor", "wait", "transfer", "done"]
+    reason: str = ""
+    plan_id: int = 0
+    donor: str = ""
+    step: int | None = None
+    """The fenced step (``transfer`` once armed, and ``done``)."""
+    rendezvous: str = ""
+    rendezvous_prefix: str = ""
+    timeout_s: float = 0.0
+    backend: str = "gloo"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Report:
+    """One side of one transfer, as its agent saw it."""
+
+    plan_id: int
+    replica_id: str
+    group_rank: int
+    role: Role
+    result: str
+    """One of :data:`RESULTS`."""
+    message: str = ""
+    step: int | None = None
+    bytes: int = 0
+    seconds: float = 0.0
+    phases: Mapping[str, float] = field(default_factory=dict)
+    address: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PlanSnapshot:
+    """A plan as ``recoveryd status`` shows it."""
+
+    plan_id: int
+    joiner: str
+    donor: str
+    step: int | None
+    state: PlanState
+    attempt: int
+    age_s: float
+    ranks_done: int
+    reason: str
+    bytes: int
+    transfer_s: float
+    recovery_s: float
+    phases: Mapping[str, float]
+    addresses: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _Plan:
+    plan: RecoveryPlan
+    attempt: int
+    created: float
+    round_started: float
+    timeout_s: float
+    backend: str
+    world_size: int
+    state: PlanState = "preparing"
+    step: int | None = None
+    acks: dict[int, int] = field(default_factory=dict)
+    joiner_reports: dict[int, Report] = field(default_factory=dict)
+    donor_reports: dict[int, Report] = field(default_factory=dict)
+    reason: str = ""
+    ended: float | None = None
+
+    @property
+    def prefix(self) -> str:
+        return f"recoveryd/plan/{self.plan.plan_id}"
+
+
+@dataclass(slots=True)
+class _Round:
+    joiner: str
+    started: float
+    world_size: int
+    fence_steps: int
+    excluded: set[str] = field(default_factory=set)
+    attempts: int = 0
+    plan: _Plan | None = None
+    final: Answer | None = None
+    told: set[int] = field(default_factory=set)
+    last_failure: str = ""
+
+
+class Planner:
+    """Runs every replica's recovery round.
+
+    Args:
+        membership: who is registered, and their health.
+        config: timeouts, fences, attempts.
+        send: delivers an order to one donor rank (replica id, group rank).
+        clock: seconds on a monotonic clock (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        membership: Membership,
+        config: CoordinatorConfig,
+        *,
+        send: Callable[[str, int, Order], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._members = membership
+        self._config = config
+        self._send = send
+        self._clock = clock
+        self._ids = itertools.count(1)
+        self._rounds: dict[str, _Round] = {}
+        self._active: dict[int, _Plan] = {}
+        self._recent: OrderedDict[int, _Plan] = OrderedDict()
+        self._bandwidth_bps: dict[str, float] = {}
+
+    # ---- membership events -------------------------------------------------
+
+    def on_register(self, info: MemberInfo, *, restarted: bool) -> None:
+        """A rank registered; if it restarted, every plan it was part of is void."""
+        if not restarted:
+            return
+        who = f"rank {info.group_rank} of {info.replica_id!r} restarted"
+        for plan in list(self._active.values()):
+            if info.replica_id == plan.plan.donor:
+                self._fail(plan, who, exclude=True)
+            elif info.replica_id == plan.plan.joiner:
+                self._fail(plan, who, exclude=False)
+        self._rounds.pop(info.replica_id, None)
+
+    # ---- joiner side --------------------------------------------------------
+
+    def recover(self, replica_id: str, group_rank: int, *, received_plan_id: int = 0) -> Answer:
+        """Answers a joining rank: no donor, wait, transfer (with the plan), or done.
+
+        Raises:
+            UnknownMemberError: the rank is not registered.
+        """
+        member = self._members.member(replica_id, group_rank)
+        if member is None:
+            raise UnknownMemberError(replica_id, group_rank)
+        self.tick()
+        now = self._clock()
+        rnd = self._rounds.get(replica_id)
+        if rnd is not None and rnd.final is not None and group_rank in rnd.told:
+            rnd = None  # this rank already has its final answer: it is recovering anew
+        if rnd is None:
+            rnd = _Round(
+                joiner=replica_id,
+                started=now,
+                world_size=member.group_world_size,
+                fence_steps=self._config.fence_steps,
+            )
+            self._rounds[replica_id] = rnd
+        if rnd.final is None:
+            self._advance(rnd)
+        if rnd.final is not None:
+            rnd.told.add(group_rank)
+            if len(rnd.told) >= rnd.world_size:
+                del self._rounds[replica_id]
+            return rnd.final
+        plan = rnd.plan
+        assert plan is not None, "a round without a final answer has a live plan"
+        if received_plan_id == plan.plan.plan_id or group_rank >= len(plan.plan.pairs):
+            return Answer(state="wait", plan_id=plan.plan.plan_id, donor=plan.plan.donor)
+        return Answer(
+            state="transfer",
+            plan_id=plan.plan.plan_id,
+            donor=plan.plan.donor,
+            step=plan.step,
+            rendezvous=plan.plan.pairs[group_rank].donor_rendezvous,
+            rendezvous_prefix=plan.prefix,
+            timeout_s=plan.timeout_s,
+            backend=plan.backend,
+        )
+
+    def _advance(self, rnd: _Round) -> None:
+        """Gives a round a live plan, or its final answer."""
+        plan = rnd.plan
+        if plan is not None and plan.state == "done":
+            assert plan.step is not None
+            rnd.final = Answer(
+                state="done", plan_id=plan.plan.plan_id, donor=plan.plan.donor, step=plan.step
+            )
+            return
+        if plan is not None and plan.state in ("preparing", "armed"):
+            return
+        if rnd.attempts >= self._config.max_attempts:
+            rnd.final = Answer(
+                state="no_donor",
+                reason=f"{rnd.attempts} plans failed; the last: {rnd.last_failure}",
+            )
+            return
+        joiner = self._members.replica(rnd.joiner)
+        assert joiner is not None
+        replicas = self._members.replicas()
+        donor = choose_donor(
+            joiner,
+            replicas.values(),
+            inflight=self.inflight(),
+            bandwidth_bps=self._bandwidth_bps,
+            exclude=rnd.excluded,
+        )
+        if donor is None:
+            rnd.final = Answer(state="no_donor", reason=self._why_no_donor(rnd, replicas))
+            return
+        rnd.attempts += 1
+        kinds = {m.device_kind for m in (*joiner.ranks.values(), *donor.ranks.values())}
+        plan = _Plan(
+            plan=make_plan(next(self._ids), joiner, donor),
+            attempt=rnd.attempts,
+            created=self._clock(),
+            round_started=rnd.started,
+            timeout_s=self._config.transfer_timeout.total_seconds(),
+            backend="nccl" if kinds == {"cuda"} else "gloo",
+            world_size=donor.world_size,
+        )
+        rnd.plan = plan
+        self._active[plan.plan.plan_id] = plan
+        for pair in plan.plan.pairs:
+            self._send(
+                donor.replica_id,
+                pair.group_rank,
+                Order(
+                    kind="prepare",
+                    plan_id=plan.plan.plan_id,
+                    joiner=rnd.joiner,
+                    timeout_s=plan.timeout_s,
+                    rendezvous_prefix=plan.prefix,
+                    backend=plan.backend,
+                ),
+            )
+
+    def _why_no_donor(self, rnd: _Round, replicas: Mapping[str, object]) -> str:
+        joiner = self._members.replica(rnd.joiner)
+        assert joiner is not None
+        same = [
+            v
+            for v in self._members.replicas().values()
+            if v.replica_id != rnd.joiner and v.fingerprint == joiner.fingerprint
+        ]
+        if rnd.excluded:
+            return (
+                f"every donor failed this recovery ({', '.join(sorted(rnd.excluded))}); "
+                f"the last failure: {rnd.last_failure}"
+            )
+        if not same:
+            return (
+                f"no other replica has this state layout among {len(replicas) - 1} others "
+                "(this is the first replica, or the layouts differ)"
+            )
+        with_state = [v for v in same if v.step is not None]
+        if not with_state:
+            return f"{len(same)} replica(s) with this layout, none holding a step yet"
+        bad = [v.replica_id for v in with_state if not eligible(joiner, v)]
+        return f"no healthy replica to donate: unhealthy {', '.join(sorted(bad))}"
+
+    # ---- donor side -------------------------------------------------------------
+
+    def acknowledge(self, plan_id: int, replica_id: str, group_rank: int, step: int) -> bool:
+        """A donor rank joined the plan's group at ``step``; returns whether the plan is live."""
+        plan = self._active.get(plan_id)
+        if plan is None or replica_id != plan.plan.donor:
+            return False
+        if plan.state == "preparing":
+            plan.acks[group_rank] = step
+            if len(plan.acks) == plan.world_size:
+                rnd = self._rounds.get(plan.plan.joiner)
+                plan.step = fence(
+                    plan.acks.values(), rnd.fence_steps if rnd else self._config.fence_steps
+                )
+                plan.state = "armed"
+                for r in range(plan.world_size):
+                    self._send(
+                        plan.plan.donor,
+                        r,
+                        Order(
+                            kind="arm",
+                            plan_id=plan_id,
+                            joiner=plan.plan.joiner,
+                            step=plan.step,
+                            timeout_s=plan.timeout_s,
+                            rendezvous_prefix=plan.prefix,
+                            backend=plan.backend,
+                        ),
+                    )
+        return True
+
+    # ---- both sides -------------------------------------------------------------
+
+    def report(self, report: Report) -> None:
+        """Records one side's outcome; a failure fails the plan, the last success ends it."""
+        plan = self._active.get(report.plan_id) or self._recent.get(report.plan_id)
+        if plan is None:
+            return
+        side = plan.joiner_reports if report.role == "joiner" else plan.donor_reports
+        side[report.group_rank] = report
+        if plan.state in ("done", "failed"):
+            return  # a late report: kept for its timings only
+        if report.result != "ok":
+            who = f"{report.role} rank {report.group_rank} ({report.replica_id!r})"
+            self._fail(
+                plan,
+                f"{who}: {report.result}: {report.message}".rstrip(": "),
+                # A joiner that lost or timed out on its donor, or found its
+                # layout wrong, blames the donor; an overshot fence does not.
+                exclude=report.role == "joiner" and report.result != "step_mismatch",
+                widen=report.result == "step_mismatch",
+            )
+            return
+        if report.role == "joiner":
+            ok = [r for r in plan.joiner_reports.values() if r.result == "ok"]
+            if len(ok) == plan.world_size:
+                self._finish(plan)
+
+    def _finish(self, plan: _Plan) -> None:
+        plan.state = "done"
+        plan.ended = self._clock()
+        self._retire(plan)
+        secs = max((r.seconds for r in plan.joiner_reports.values()), default=0.0)
+        nbytes = sum(r.bytes for r in plan.joiner_reports.values())
+        if secs > 0 and nbytes > 0:
+            seen = nbytes / secs
+            old = self._bandwidth_bps.get(plan.plan.donor)
+            self._bandwidth_bps[plan.plan.donor] = seen if old is None else 0.5 * (old + seen)
+        rnd = self._rounds.get(plan.plan.joiner)
+        if rnd is not None and rnd.plan is plan:
+            self._advance(rnd)
+
+    def _fail(self, plan: _Plan, reason: str, *, exclude: bool, widen: bool = False) -> None:
+        plan.state = "failed"
+        plan.reason = reason
+        plan.ended = self._clock()
+        self._retire(plan)
+        for r in range(plan.world_size):
+            self._send(
+                plan.plan.donor,
+                r,
+                Order(kind="cancel", plan_id=plan.plan.plan_id, joiner=plan.plan.joiner),
+            )
+        rnd = self._rounds.get(plan.plan.joiner)
+        if rnd is None or rnd.plan is not plan:
+            return
+        rnd.last_failure = reason
+        if exclude:
+            rnd.excluded.add(plan.plan.donor)
+        if widen:
+            rnd.fence_steps = min(2 * rnd.fence_steps, self._config.max_fence_steps)
+
+    def _retire(self, plan: _Plan) -> None:
+        self._active.pop(plan.plan.plan_id, None)
+        self._recent[plan.plan.plan_id] = plan
+        while len(self._recent) > self._config.recent_plans:
+            self._recent.popitem(last=False)
+
+    # ---- time -------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Fails plans that ran out of time or lost their donor."""
+        now = self._clock()
+        prepare_s = self._config.prepare_timeout.total_seconds()
+        for plan in list(self._active.values()):
+            age = now - plan.created
+            donor = self._members.replica(plan.plan.donor)
+            if donor is None or not donor.healthy:
+                self._fail(plan, f"donor {plan.plan.donor!r} became unhealthy", exclude=True)
+            elif plan.state == "preparing" and age > prepare_s:
+                missing = sorted(set(range(plan.world_size)) - set(plan.acks))
+                self._fail(
+                    plan,
+                    f"donor ranks {missing} did not join the transfer group within {prepare_s:g} s",
+                    exclude=True,
+                )
+            elif age > plan.timeout_s:
+                self._fail(plan, f"not finished within {plan.timeout_s:g} s", exclude=True)
+
+    # ---- views ------------------------------------------------------------------
+
+    def inflight(self) -> dict[str, int]:
+        """Plans not finished yet, by donor replica."""
+        out: dict[str, int] = {}
+        for plan in self._active.values():
+            out[plan.plan.donor] = out.get(plan.plan.donor, 0) + 1
+        return out
+
+    def recovering(self) -> set[str]:
+        """Replicas in a recovery round without a final answer."""
+        return {rid for rid, rnd in self._rounds.items() if rnd.final is None}
+
+    def active(self) -> list[PlanSnapshot]:
+        """Plans not finished yet, oldest first."""
+        return [self._snapshot(p) for p in self._active.values()]
+
+    def recent(self, n: int) -> list[PlanSnapshot]:
+        """Up to ``n`` finished plans, newest first."""
+        plans = list(self._recent.values())[::-1][:n]
+        return [self._snapshot(p) for p in plans]
+
+    def plan(self, plan_id: int) -> PlanSnapshot | None:
+        """One plan, active or recent."""
+        p = self._active.get(plan_id) or self._recent.get(plan_id)
+        return self._snapshot(p) if p is not None else None
+
+    def _snapshot(self, p: _Plan) -> PlanSnapshot:
+        now = self._clock()
+        phases: dict[str, float] = {}
+        for rep in p.joiner_reports.values():
+            for k, v in rep.phases.items():
+                phases[k] = max(phases.get(k, 0.0), v)
+        return PlanSnapshot(
+            plan_id=p.plan.plan_id,
+            joiner=p.plan.joiner,
+            donor=p.plan.donor,
+            step=p.step,
+            state=p.state,
+            attempt=p.attempt,
+            age_s=now - p.created,
+            ranks_done=sum(1 for r in p.joiner_reports.values() if r.result == "ok"),
+            reason=p.reason,
+            bytes=sum(r.bytes for r in p.joiner_reports.values()),
+            transfer_s=max((r.seconds for r in p.joiner_reports.values()), default=0.0),
+            recovery_s=(p.ended - p.round_started) if p.ended is not None else 0.0,
+            phases=phases,
+            addresses=tuple(sorted({r.address for r in p.donor_reports.values() if r.address})),
+        )

@@ -1,0 +1,180 @@
+"""The coordinator process: a gRPC server with health and reflection, run in a thread or forever.
+
+``Coordinator(...).start()`` serves from a background thread (tests, the demo,
+a trainer that hosts it); ``recoveryd coordinator`` calls :meth:`serve_forever`,
+which stops gracefully on SIGTERM/SIGINT: health turns NOT_SERVING, open
+streams are cancelled, and in-flight RPCs get ``grace`` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from recoveryd.coordinator.config import CoordinatorConfig
+from recoveryd.coordinator.service import CoordinatorService
+from recoveryd.errors import ConfigError, RecoverydError
+from recoveryd.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+_TICK_S = 0.25
+
+
+class Coordinator:
+    """The recoveryd coordinator.
+
+    Args:
+        bind: ``host:port`` to listen on; port 0 picks a free port (see :attr:`address`).
+        config: health, fencing and timeout policy.
+
+    Example::
+
+        with Coordinator("127.0.0.1:0") as coord:
+            agent = Agent(AgentConfig(coordinator=coord.address, ...), state_fn)
+    """
+
+    def __init__(self, bind: str = "127.0.0.1:0", config: CoordinatorConfig | None = None) -> None:
+        host, _, port = bind.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError("bind", bind, "must be HOST:PORT, e.g. 0.0.0.0:29400")
+        self._bind = bind
+        self._host = host
+        self.config = config or CoordinatorConfig()
+        self._port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._service: CoordinatorService | None = None
+        self._stopped: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the server listens on (valid once started)."""
+        return f"{self._host}:{self._port}"
+
+    @property
+    def service(self) -> CoordinatorService:
+        """The servicer (its state may only be read from the server's loop)."""
+        assert self._service is not None, "start() first"
+        return self._service
+
+    async def _serve(self) -> None:
+        self._stopped = asyncio.Event()
+        self._service = CoordinatorService(self.config)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self._service, server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self._port = server.add_insecure_port(self._bind)
+        if self._port == 0:
+            raise RecoverydError(f"could not listen on {self._bind} (address in use?)")
+        await server.start()
+        self._server = server
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        ticker = asyncio.create_task(self._service.tick_forever(_TICK_S))
+        logger.info("coordinator %s serving on %s", self._service.coordinator_id, self.address)
+        self._ready.set()
+        await self._stopped.wait()
+        ticker.cancel()
+
+    async def _shutdown(self, grace: timedelta) -> None:
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace.total_seconds())
+        if self._stopped is not None:
+            self._stopped.set()
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as err:
+            self._error = err
+            self._ready.set()
+        finally:
+            loop.close()
+
+    def start(self, timeout: timedelta = timedelta(seconds=30)) -> Coordinator:
+        """Serves from a daemon thread; returns once listening.
+
+        Raises:
+            RecoverydError: the server did not start (e.g. the port is taken).
+        """
+        self._thread = threading.Thread(target=self._run, name="recoveryd-coordinator", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout.total_seconds()):
+            raise RecoverydError(f"coordinator did not start within {timeout}")
+        if self._error is not None:
+            raise RecoverydError(f"coordinator failed to start: {self._error}") from self._error
+        return self
+
+    def stop(self, grace: timedelta = timedelta(seconds=2)) -> None:
+        """Stops serving: NOT_SERVING first, then in-flight RPCs get ``grace``."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or not thread.is_alive():
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._shutdown(grace), loop)
+        fut.result(grace.total_seconds() + 10)
+        thread.join(grace.total_seconds() + 10)
+
+    def serve_forever(self, grace: timedelta = timedelta(seconds=5)) -> None:
+        """Serves in this thread until SIGTERM or SIGINT, then shuts down gracefully."""
+        done = threading.Event()
+
+        def _on_signal(signum: int, _frame: object) -> None:
+            logger.info("signal %d: shutting down (grace %s)", signum, grace)
+            done.set()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        self.start()
+        while not done.wait(0.5):
+            if self._thread is not None and not self._thread.is_alive():
+                raise RecoverydError(f"coordinator stopped unexpectedly: {self._error}")
+        self.stop(grace)
+
+    def call(
+        self, fn: Callable[[CoordinatorService], _T], timeout: timedelta = timedelta(seconds=10)
+    ) -> _T:
+        """Runs ``fn(service)`` on the server's loop and returns its result (for tests and tools)."""
+        assert self._loop is not None, "start() first"
+
+        async def _go() -> _T:
+            return fn(self.service)
+
+        return asyncio.run_coroutine_threadsafe(_go(), self._loop).result(timeout.total_seconds())
+
+    def __enter__(self) -> Coordinator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
