@@ -177,6 +177,7 @@ class Agent:
         self._lock = threading.Lock()
         self._step: int | None = None
         self._stepped = False
+        self._parked = False
         self._layout = fingerprint(state_dict())
         self._interval = config.heartbeat_interval.total_seconds()
         self._registered = threading.Event()
@@ -389,6 +390,7 @@ class Agent:
         """
         self._raise_failure()
         self._step = step
+        self._parked = False
         if not self._stepped:
             self._stepped = True
             layout = fingerprint(self._state_fn())
@@ -411,6 +413,47 @@ class Agent:
             for o in due:
                 self._send(o, state, step)
         self._refence()
+
+    def send_due(self, step: int) -> bool:
+        """Whether :meth:`step` at ``step`` will send (a plan is fenced at or before it)."""
+        return step >= self._next_fence
+
+    def park(self, timeout: timedelta) -> None:
+        """Serves plans at the current step while the trainer does not step.
+
+        For a trainer that finished, or waits (e.g. for a checkpoint or an
+        operator): plans made while it is parked are fenced at its current
+        step and sent from here. Returns after ``timeout``, or at once when
+        the agent is closed or has no state yet (no :meth:`step` and no
+        recovery).
+
+        Raises:
+            RecoverydError: a background thread of the agent failed.
+        """
+        self._raise_failure()
+        end = time.monotonic() + timeout.total_seconds()
+        if self._step is None:
+            return
+        self._parked = True
+        try:
+            while not self._closed.is_set() and time.monotonic() < end:
+                with self._lock:
+                    # A plan fenced past this step cannot be met: sending now
+                    # makes the joiner refuse the step at once, and the
+                    # coordinator re-plans it at this step.
+                    due = [
+                        o
+                        for o in self._orders.values()
+                        if o.fence is not None and o.group is not None and not o.cancelled
+                    ]
+                if due:
+                    state = self._state_fn()
+                    for o in due:
+                        self._send(o, state, self._step)
+                    self._refence()
+                self._closed.wait(min(0.01, max(0.0, end - time.monotonic())))
+        finally:
+            self._parked = False
 
     def refresh_layout(self) -> None:
         """Re-fingerprints the state (call after its layout changed, e.g. a resharding)."""
@@ -535,7 +578,11 @@ class Agent:
             return
         try:
             live = self._client.acknowledge(
-                o.plan_id, self.config.replica_id, self.config.group_rank, self._step or 0
+                o.plan_id,
+                self.config.replica_id,
+                self.config.group_rank,
+                self._step or 0,
+                idle=self._parked,
             )
         except RecoverydError as err:
             live = False

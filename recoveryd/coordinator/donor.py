@@ -132,6 +132,7 @@ def fence(acked_steps: Collection[int], fence_steps: int) -> int:
 
     Args:
         acked_steps: the step each donor rank acknowledged.
-        fence_steps: how many boundaries ahead of the furthest rank.
+        fence_steps: how many boundaries ahead of the furthest rank (0 when
+            every donor rank is parked and serves at its current step).
     """
     return max(acked_steps) + fence_steps

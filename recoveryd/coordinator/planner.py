@@ -116,6 +116,8 @@ class _Plan:
     state: PlanState = "preparing"
     step: int | None = None
     acks: dict[int, int] = field(default_factory=dict)
+    idle: set[int] = field(default_factory=set)
+    handed: set[int] = field(default_factory=set)
     joiner_reports: dict[int, Report] = field(default_factory=dict)
     donor_reports: dict[int, Report] = field(default_factory=dict)
     reason: str = ""
@@ -171,16 +173,25 @@ class Planner:
     # ---- membership events -------------------------------------------------
 
     def on_register(self, info: MemberInfo, *, restarted: bool) -> None:
-        """A rank registered; if it restarted, every plan it was part of is void."""
+        """A rank registered; if it restarted, the plans it took part in are void.
+
+        A donor rank that restarted lost its orders. A joiner rank that
+        restarted after it was handed its plan will never finish it; one that
+        had not been handed it yet (its replica's other ranks started first)
+        simply joins the plan under way.
+        """
         if not restarted:
             return
         who = f"rank {info.group_rank} of {info.replica_id!r} restarted"
         for plan in list(self._active.values()):
             if info.replica_id == plan.plan.donor:
                 self._fail(plan, who, exclude=True)
-            elif info.replica_id == plan.plan.joiner:
+            elif info.replica_id == plan.plan.joiner and info.group_rank in plan.handed:
                 self._fail(plan, who, exclude=False)
-        self._rounds.pop(info.replica_id, None)
+                self._rounds.pop(info.replica_id, None)
+        rnd = self._rounds.get(info.replica_id)
+        if rnd is not None and rnd.final is not None:
+            self._rounds.pop(info.replica_id, None)  # a finished round: the next ask starts anew
 
     # ---- joiner side --------------------------------------------------------
 
@@ -217,6 +228,7 @@ class Planner:
         assert plan is not None, "a round without a final answer has a live plan"
         if received_plan_id == plan.plan.plan_id or group_rank >= len(plan.plan.pairs):
             return Answer(state="wait", plan_id=plan.plan.plan_id, donor=plan.plan.donor)
+        plan.handed.add(group_rank)
         return Answer(
             state="transfer",
             plan_id=plan.plan.plan_id,
@@ -311,17 +323,28 @@ class Planner:
 
     # ---- donor side -------------------------------------------------------------
 
-    def acknowledge(self, plan_id: int, replica_id: str, group_rank: int, step: int) -> bool:
-        """A donor rank joined the plan's group at ``step``; returns whether the plan is live."""
+    def acknowledge(
+        self, plan_id: int, replica_id: str, group_rank: int, step: int, *, idle: bool = False
+    ) -> bool:
+        """A donor rank joined the plan's group at ``step``; returns whether the plan is live.
+
+        ``idle``: the rank is parked at ``step`` (it will not pass another
+        boundary); when every donor rank is, the fence is their step.
+        """
         plan = self._active.get(plan_id)
         if plan is None or replica_id != plan.plan.donor:
             return False
         if plan.state == "preparing":
             plan.acks[group_rank] = step
+            if idle:
+                plan.idle.add(group_rank)
+            else:
+                plan.idle.discard(group_rank)
             if len(plan.acks) == plan.world_size:
                 rnd = self._rounds.get(plan.plan.joiner)
+                ahead = rnd.fence_steps if rnd else self._config.fence_steps
                 plan.step = fence(
-                    plan.acks.values(), rnd.fence_steps if rnd else self._config.fence_steps
+                    plan.acks.values(), 0 if len(plan.idle) == plan.world_size else ahead
                 )
                 plan.state = "armed"
                 for r in range(plan.world_size):

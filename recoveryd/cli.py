@@ -1,0 +1,117 @@
+"""The ``recoveryd`` command: ``coordinator``, ``status`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+
+from recoveryd.errors import RecoverydError
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    from recoveryd.coordinator.config import CoordinatorConfig
+    from recoveryd.coordinator.server import Coordinator
+
+    config = CoordinatorConfig(
+        heartbeat_interval=timedelta(seconds=args.heartbeat_interval),
+        heartbeat_timeout=timedelta(seconds=args.heartbeat_timeout),
+        transfer_timeout=timedelta(seconds=args.transfer_timeout),
+        fence_steps=args.fence_steps,
+    )
+    Coordinator(args.bind, config).serve_forever(grace=timedelta(seconds=args.grace))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from recoveryd.agent.client import CoordinatorClient
+    from recoveryd.status import render
+
+    client = CoordinatorClient(args.coordinator, timeout=timedelta(seconds=args.timeout))
+    try:
+        print(render(client.status(recent=args.recent)))
+    finally:
+        client.close()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from recoveryd.demo.run import DemoConfig, run_demo
+
+    return run_demo(
+        DemoConfig(
+            replicas=args.replicas,
+            ranks=args.ranks,
+            steps=args.steps,
+            kill_at=args.kill_at,
+            hidden=args.hidden,
+            extra_bytes=args.extra_mib << 20,
+        ),
+        as_json=args.json,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``recoveryd`` command."""
+    parser = argparse.ArgumentParser(prog="recoveryd", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("coordinator", help="run the coordinator (gRPC) until SIGTERM")
+    p.add_argument(
+        "--bind", default="0.0.0.0:29400", help="HOST:PORT to listen on (default 0.0.0.0:29400)"
+    )
+    p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds (default 1)")
+    p.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds (default 10)")
+    p.add_argument(
+        "--transfer-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a plan may take (default 600)",
+    )
+    p.add_argument(
+        "--fence-steps", type=int, default=2, help="steps past the furthest donor rank (default 2)"
+    )
+    p.add_argument(
+        "--grace", type=float, default=5.0, help="seconds in-flight RPCs get on SIGTERM (default 5)"
+    )
+    p.set_defaults(fn=_coordinator)
+
+    p = sub.add_parser("status", help="print the cluster as the coordinator sees it")
+    p.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
+    p.add_argument("--recent", type=int, default=10, help="finished transfers to show (default 10)")
+    p.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)"
+    )
+    p.set_defaults(fn=_status)
+
+    p = sub.add_parser(
+        "demo", help="kill and recover a replica of a small training job on this machine"
+    )
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--ranks", type=int, default=2, help="ranks per replica")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--kill-at", type=int, default=60, help="kill the last replica at this step")
+    p.add_argument("--hidden", type=int, default=512, help="MLP width")
+    p.add_argument("--extra-mib", type=int, default=0, help="extra MiB of state per rank")
+    p.add_argument(
+        "--json", action="store_true", help="print a JSON summary instead of the timeline"
+    )
+    p.set_defaults(fn=_demo)
+
+    args = parser.parse_args(argv)
+    level = "WARNING" if args.command == "demo" and args.log_level == "INFO" else args.log_level
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.fn(args))
+    except RecoverydError as err:
+        print(f"recoveryd {args.command}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

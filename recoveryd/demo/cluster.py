@@ -1,0 +1,193 @@
+"""A training job on one machine: a coordinator, replicas as real processes, and their events.
+
+Used by ``recoveryd demo`` and by the end-to-end tests. Every rank is a
+spawned process (see :mod:`recoveryd.demo.trainer`); the launcher hosts the
+store the replicas' training groups form on, can kill and restart replicas,
+and collects the ranks' events. :meth:`LocalCluster.close` kills whatever is
+still running, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from recoveryd.coordinator.config import CoordinatorConfig
+from recoveryd.coordinator.server import Coordinator
+from recoveryd.demo.trainer import Event, TrainerSpec, run_trainer
+from recoveryd.errors import RecoverydError
+
+
+class ClusterError(RecoverydError, RuntimeError):
+    """A rank failed or an expected event did not come in time."""
+
+
+class LocalCluster:
+    """Replicas of a small training job on this machine.
+
+    Args:
+        coordinator: address of a running coordinator; ``None`` starts one in
+            this process on 127.0.0.1.
+        coordinator_config: for the coordinator started here.
+        defaults: :class:`TrainerSpec` fields every rank gets unless overridden.
+    """
+
+    def __init__(
+        self,
+        *,
+        coordinator: str | None = None,
+        coordinator_config: CoordinatorConfig | None = None,
+        **defaults: Any,
+    ) -> None:
+        self.coordinator: Coordinator | None = None
+        if coordinator is None:
+            self.coordinator = Coordinator(
+                "127.0.0.1:0",
+                coordinator_config
+                or CoordinatorConfig(
+                    heartbeat_interval=timedelta(seconds=0.2),
+                    heartbeat_timeout=timedelta(seconds=2),
+                ),
+            ).start()
+            coordinator = self.coordinator.address
+        self.address = coordinator
+        self._defaults = defaults
+        self._ctx = mp.get_context("spawn")
+        # One queue per rank: a rank SIGKILLed while writing would leave a
+        # shared queue's lock held, and every other rank blocked on it.
+        self._queues: list[Any] = []
+        self._stop: Any = self._ctx.Event()
+        self._store = dist.TCPStore(
+            "127.0.0.1", 0, None, True, timedelta(seconds=60), wait_for_workers=False
+        )
+        self._procs: dict[tuple[str, int], Any] = {}
+        self._incarnations: dict[str, int] = {}
+        self.events: list[Event] = []
+        self.t0 = time.time()
+
+    def start_replica(self, replica_id: str, world_size: int, **overrides: Any) -> int:
+        """Starts every rank of a replica; returns its incarnation (0 the first time)."""
+        inc = self._incarnations.get(replica_id, -1) + 1
+        self._incarnations[replica_id] = inc
+        for rank in range(world_size):
+            fields = {**self._defaults, **overrides}
+            spec = TrainerSpec(
+                coordinator=self.address,
+                replica_id=replica_id,
+                group_rank=rank,
+                group_world_size=world_size,
+                store_port=self._store.port,
+                incarnation=inc,
+                **fields,
+            )
+            events = self._ctx.Queue()
+            self._queues.append(events)
+            p = self._ctx.Process(target=run_trainer, args=(spec, events, self._stop), daemon=True)
+            p.start()
+            self._procs[(replica_id, rank)] = p
+        return inc
+
+    def kill_replica(self, replica_id: str) -> None:
+        """SIGKILLs every rank of a replica and waits for them to die."""
+        procs = [p for (rid, _), p in self._procs.items() if rid == replica_id]
+        for p in procs:
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signal.SIGKILL)
+        for p in procs:
+            p.join(10)
+
+    def alive(self, replica_id: str) -> list[bool]:
+        """Whether each rank of a replica is alive."""
+        return [p.is_alive() for (rid, _), p in sorted(self._procs.items()) if rid == replica_id]
+
+    def drain(self, wait_s: float = 0.0) -> list[Event]:
+        """Collects the events that arrived (waiting up to ``wait_s`` for the first).
+
+        Raises:
+            ClusterError: a rank reported an error.
+        """
+        new: list[Event] = []
+        deadline = time.monotonic() + wait_s
+        while True:
+            for q in self._queues:
+                while True:
+                    try:
+                        new.append(q.get_nowait())
+                    except (queue.Empty, OSError, EOFError):
+                        break
+            if new or time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        new.sort(key=lambda e: e.time)
+        self.events += new
+        for ev in new:
+            if ev.kind == "error":
+                raise ClusterError(
+                    f"{ev.replica_id}/{ev.group_rank} failed: {ev.data['error']}\n"
+                    f"{ev.data['traceback']}"
+                )
+        return new
+
+    def wait_for(
+        self, predicate: Callable[[Event], bool], *, count: int = 1, timeout: timedelta
+    ) -> list[Event]:
+        """Waits until ``count`` events (seen before or now) satisfy ``predicate``."""
+        end = time.monotonic() + timeout.total_seconds()
+        while True:
+            hits = [e for e in self.events if predicate(e)]
+            if len(hits) >= count:
+                return hits[:count]
+            if time.monotonic() > end:
+                kinds = [
+                    (e.kind, e.replica_id, e.group_rank, e.incarnation) for e in self.events[-8:]
+                ]
+                raise ClusterError(
+                    f"waited {timeout} for {count} matching event(s), saw {len(hits)}; last events: {kinds}"
+                )
+            self.drain(0.05)
+
+    def step_of(self, replica_id: str) -> int:
+        """The highest step any rank of the replica's latest incarnation reported."""
+        inc = self._incarnations.get(replica_id, 0)
+        steps = [
+            int(e.data.get("step", 0))
+            for e in self.events
+            if e.replica_id == replica_id
+            and e.incarnation == inc
+            and e.kind in ("progress", "finished", "recovered")
+            and e.data.get("step") is not None
+        ]
+        return max(steps, default=0)
+
+    def stop(self, timeout: timedelta = timedelta(seconds=30)) -> None:
+        """Tells parked ranks to exit and waits for them (killing stragglers)."""
+        self._stop.set()
+        end = time.monotonic() + timeout.total_seconds()
+        for p in self._procs.values():
+            p.join(max(0.0, end - time.monotonic()))
+        self.drain(0.1)
+
+    def close(self) -> None:
+        """Kills every rank still running and stops the coordinator started here."""
+        self._stop.set()
+        for p in self._procs.values():
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signal.SIGKILL)
+        for p in self._procs.values():
+            p.join(10)
+        if self.coordinator is not None:
+            self.coordinator.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,266 @@
+"""One rank of a small real training job, with an embedded recoveryd agent.
+
+Each replica is a data-parallel group of ``group_world_size`` ranks (an MLP,
+Adam, gradients averaged over the replica's own Gloo group). Replicas train
+the same seeded model on the same data, so a replica that recovers from a
+donor and trains on is bit-identical to the donor at every later step: the
+demo and the end-to-end tests check exactly that.
+
+The rank reports what happens to it as events on a queue (see
+:class:`Event`); the launcher (:mod:`recoveryd.demo.cluster`) prints and checks them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from recoveryd.agent import Agent, AgentConfig
+from recoveryd.testing.ranks import gloo_group
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainerSpec:
+    """One rank's job, and the faults to inject into it."""
+
+    coordinator: str
+    replica_id: str
+    group_rank: int
+    group_world_size: int
+    store_port: int
+    """Port of the launcher's store that the replica's training group forms on."""
+    incarnation: int
+    """How many times this replica was started before (keys its training group)."""
+    steps: int
+    """Train up to this step, then park (serve plans) until told to stop."""
+    hidden: int = 512
+    layers: int = 4
+    batch: int = 32
+    extra_bytes: int = 0
+    """An extra tensor in the state, to make transfers longer."""
+    step_delay_s: float = 0.02
+    seed: int = 0
+    heartbeat_interval_s: float = 0.2
+    recover_timeout_s: float = 120.0
+    rendezvous_timeout_s: float = 20.0
+    hold_at: int | None = None
+    """Stop stepping after this step (park), as a lagging donor would."""
+    die_during_send_s: float | None = None
+    """SIGKILL this process this long after its first send starts."""
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Event:
+    """Something that happened to one rank."""
+
+    kind: str
+    """``started``, ``fresh``, ``recovered``, ``sent``, ``progress``,
+    ``finished``, ``error``."""
+    replica_id: str
+    group_rank: int
+    incarnation: int
+    time: float
+    data: dict[str, Any]
+
+
+def state_digest(state: object) -> str:
+    """A digest of every tensor's bytes and every value in ``state`` (order-sensitive)."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def walk(obj: object) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().contiguous().cpu()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                h.update(repr(k).encode())
+                walk(v)
+        elif isinstance(obj, list | tuple):
+            for v in obj:
+                walk(v)
+        else:
+            h.update(repr(obj).encode())
+
+    walk(state)
+    return h.hexdigest()
+
+
+def _model(spec: TrainerSpec) -> torch.nn.Module:
+    torch.manual_seed(spec.seed)
+    layers: list[torch.nn.Module] = []
+    for _ in range(spec.layers):
+        layers += [torch.nn.Linear(spec.hidden, spec.hidden), torch.nn.ReLU()]
+    layers.append(torch.nn.Linear(spec.hidden, 1))
+    return torch.nn.Sequential(*layers)
+
+
+def _batch(spec: TrainerSpec, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(spec.seed * 1_000_003 + step * 64 + spec.group_rank)
+    x = torch.randn(spec.batch, spec.hidden, generator=g)
+    return x, x[:, :8].sum(dim=1, keepdim=True).tanh()
+
+
+def run_trainer(spec: TrainerSpec, events: Any, stop: Any) -> None:
+    """Process entry point: recover or start fresh, train, park until ``stop`` is set."""
+
+    def emit(kind: str, **data: Any) -> None:
+        events.put(
+            Event(
+                kind=kind,
+                replica_id=spec.replica_id,
+                group_rank=spec.group_rank,
+                incarnation=spec.incarnation,
+                time=time.time(),
+                data=data,
+            )
+        )
+
+    try:
+        _train(spec, emit, stop)
+    except BaseException as err:
+        emit("error", error=f"{err!r}", traceback=traceback.format_exc())
+    finally:
+        # Flush the queue, then skip Gloo's destructors, which can block on dead peers.
+        events.close()
+        events.join_thread()
+        os._exit(0)
+
+
+def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
+    torch.set_num_threads(1)  # replicas must compute bit-identically, and share the cores
+    level = os.environ.get("RECOVERYD_LOG", "WARNING").upper()
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s {spec.replica_id}/{spec.group_rank} %(name)s: %(message)s",
+    )
+    emit("started", pid=os.getpid())
+    store = dist.TCPStore("127.0.0.1", spec.store_port, None, False, timedelta(seconds=60))
+    train_store = dist.PrefixStore(f"train/{spec.replica_id}/{spec.incarnation}", store)
+    pg = gloo_group(train_store, spec.group_rank, spec.group_world_size, timedelta(seconds=60))
+
+    model = _model(spec)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # Create Adam's moments now (a zero-gradient step leaves the weights as
+    # they are), so a joiner's state has the donors' layout before it recovers.
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    progress: dict[str, Any] = {"step": 0, "samples": 0}
+    extra = {"blob": torch.zeros(spec.extra_bytes // 4)} if spec.extra_bytes else {}
+
+    def state() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optim": opt.state_dict(),
+            "progress": progress,
+            **extra,
+        }
+
+    agent = Agent(
+        AgentConfig(
+            coordinator=spec.coordinator,
+            replica_id=spec.replica_id,
+            group_rank=spec.group_rank,
+            group_world_size=spec.group_world_size,
+            host="127.0.0.1",
+            labels=spec.labels,
+            heartbeat_interval=timedelta(seconds=spec.heartbeat_interval_s),
+            rendezvous_timeout=timedelta(seconds=spec.rendezvous_timeout_s),
+        ),
+        state,
+    )
+    live = state()
+    t0 = time.monotonic()
+    got = agent.recover(live, timeout=timedelta(seconds=spec.recover_timeout_s))
+    rec = agent.last_recovery
+    assert rec is not None
+    if got is None:
+        emit("fresh", reason=rec.reason, seconds=time.monotonic() - t0)
+        start = 0
+    else:
+        opt.load_state_dict(live["optim"])  # the optimizer's own copy of hyper-parameters
+        emit("recovered", digest=state_digest(state()), **asdict(rec))
+        start = got
+
+    dying = False
+    for step in range(start + 1, spec.steps + 1):
+        if spec.hold_at is not None and step > spec.hold_at:
+            break
+        x, y = _batch(spec, step)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()  # type: ignore[no-untyped-call]
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        pg.allreduce([flat]).wait()
+        flat /= spec.group_world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        progress["step"] = step
+        progress["samples"] += spec.batch * spec.group_world_size
+        sent_before = len(agent.sends)
+        if spec.die_during_send_s is not None and not dying:
+            dying = _arm_death_on_send(agent, step, spec.die_during_send_s)
+        agent.step(step)
+        for report in list(agent.sends)[sent_before:]:
+            emit(
+                "sent",
+                plan_id=report.plan_id,
+                step=report.step,
+                result=report.result,
+                bytes=report.bytes,
+                seconds=report.seconds,
+                digest=state_digest(state()) if report.result == "ok" else "",
+            )
+        if step % 10 == 0 or step == spec.steps:
+            emit("progress", step=step, loss=float(loss.detach()))
+        if spec.step_delay_s:
+            time.sleep(spec.step_delay_s)
+    final = progress["step"]
+    emit("finished", step=final, digest=state_digest(state()))
+    while not stop.is_set():
+        sent_before = len(agent.sends)
+        agent.park(timedelta(seconds=0.2))
+        for report in list(agent.sends)[sent_before:]:
+            emit(
+                "sent",
+                plan_id=report.plan_id,
+                step=report.step,
+                result=report.result,
+                bytes=report.bytes,
+                seconds=report.seconds,
+                digest=state_digest(state()) if report.result == "ok" else "",
+            )
+    agent.close()
+
+
+def _arm_death_on_send(agent: Agent, step: int, after_s: float) -> bool:
+    """Fault injection: SIGKILL this process ``after_s`` into a send due at ``step``.
+
+    Returns whether a send is due (the timer is then set).
+    """
+    if not agent.send_due(step):
+        return False
+    timer = threading.Timer(after_s, lambda: os.kill(os.getpid(), signal.SIGKILL))
+    timer.daemon = True
+    timer.start()
+    return True

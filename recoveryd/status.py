@@ -1,0 +1,109 @@
+"""``recoveryd status``: the cluster as plain-text tables (replicas, ranks, transfers)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from recoveryd.agent.client import ClusterStatus
+from recoveryd.coordinator.planner import PlanSnapshot
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    out = [line.rstrip(), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return out
+
+
+def _step(step: int | None) -> str:
+    return "-" if step is None else str(step)
+
+
+def human_bytes(n: float) -> str:
+    """``1.5 GiB``-style sizes."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def phases_line(phases: dict[str, float] | None) -> str:
+    """``rendezvous 4 ms, data 120 ms`` for the phases that took at least a millisecond."""
+    if not phases:
+        return ""
+    return ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phases.items() if v >= 0.0005)
+
+
+def _plan_rows(plans: Sequence[PlanSnapshot]) -> list[list[str]]:
+    rows = []
+    for p in plans:
+        rate = p.bytes / p.transfer_s / 1e9 if p.transfer_s > 0 and p.bytes else 0.0
+        rows.append(
+            [
+                str(p.plan_id),
+                p.joiner,
+                p.donor,
+                _step(p.step),
+                p.state + (f" ({p.reason})" if p.reason else ""),
+                str(p.attempt),
+                human_bytes(p.bytes) if p.bytes else "-",
+                f"{p.transfer_s:.3f}" if p.transfer_s else "-",
+                f"{rate:.2f}" if rate else "-",
+                f"{p.recovery_s:.3f}" if p.recovery_s else f"{p.age_s:.1f} (age)",
+                ",".join(p.addresses) or "-",
+            ]
+        )
+    return rows
+
+
+def render(status: ClusterStatus) -> str:
+    """The whole status as text."""
+    lines = [
+        f"coordinator {status.coordinator_id}, up {status.uptime_s:.0f} s, "
+        f"{len(status.replicas)} replicas, {sum(len(r.ranks) for r in status.replicas)} ranks",
+        "",
+    ]
+    rows = []
+    for rep in status.replicas:
+        for k in rep.ranks:
+            rows.append(
+                [
+                    rep.replica_id,
+                    rep.state,
+                    f"{k.group_rank}/{rep.world_size}",
+                    _step(k.step),
+                    "yes" if k.healthy else "NO",
+                    f"{k.last_seen_s:.1f}s",
+                    k.device_kind,
+                    k.rendezvous,
+                    ",".join(f"{a}={b}" for a, b in sorted(k.labels.items())) or "-",
+                ]
+            )
+    lines += _table(
+        ["REPLICA", "STATE", "RANK", "STEP", "HEALTHY", "SEEN", "DEVICE", "RENDEZVOUS", "LABELS"],
+        rows,
+    )
+    heads = [
+        "PLAN",
+        "JOINER",
+        "DONOR",
+        "STEP",
+        "STATE",
+        "TRY",
+        "BYTES",
+        "XFER_S",
+        "GB/S",
+        "RECOVERY_S",
+        "VIA",
+    ]
+    lines += ["", f"transfers in flight: {len(status.active)}"]
+    if status.active:
+        lines += _table(heads, _plan_rows(status.active))
+    lines += ["", f"recent transfers: {len(status.recent)}"]
+    if status.recent:
+        lines += _table(heads, _plan_rows(status.recent))
+    return "\n".join(lines)
