@@ -164,7 +164,7 @@ def run_demo(config: DemoConfig, *, out: TextIO = sys.stdout, as_json: bool = Fa
     restarted = [
         e for e in events if e.replica_id == victim and e.incarnation == 1 and e.kind == "started"
     ]
-    summary = {
+    summary: dict[str, Any] = {
         "passed": passed,
         "killed_at_step": killed_at,
         "recovered_step": recovered[0].data.get("step") if ok_recovery else None,
