@@ -87,16 +87,17 @@ class ClusterStatus:
     recent: Sequence[PlanSnapshot] = field(default_factory=list)
 
 
-def _error_for(address: str, err: grpc.RpcError) -> Exception:
-    """The one mapping from gRPC status codes back to recoveryd errors."""
+def _error_for(address: str, err: grpc.RpcError, who: tuple[str, int] = ("?", -1)) -> Exception:
+    """The one mapping from gRPC status codes back to recoveryd errors.
+
+    ``who``: the rank the call was about, for :class:`UnknownMemberError`.
+    """
     code = err.code() if isinstance(err, grpc.Call) else None
     detail = err.details() if isinstance(err, grpc.Call) else str(err)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, None):
         return CoordinatorUnavailableError(address, f"{code}: {detail}")
     if code is grpc.StatusCode.NOT_FOUND:
-        err_out = UnknownMemberError("?", -1)
-        err_out.args = (detail,)
-        return err_out
+        return UnknownMemberError(*who)
     return RecoverydError(f"coordinator {address} refused the call ({code}): {detail}")
 
 
@@ -131,7 +132,8 @@ class CoordinatorClient:
         try:
             return fn(request, timeout=self._timeout if timeout is None else timeout)
         except grpc.RpcError as err:
-            raise _error_for(self.address, err) from None
+            who = (getattr(request, "replica_id", "?"), getattr(request, "group_rank", -1))
+            raise _error_for(self.address, err, who) from None
 
     def register(self, info: MemberInfo, *, step: int | None) -> Registration:
         """Registers (or re-registers) one rank."""

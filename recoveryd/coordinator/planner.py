@@ -169,6 +169,8 @@ class Planner:
         self._active: dict[int, _Plan] = {}
         self._recent: OrderedDict[int, _Plan] = OrderedDict()
         self._bandwidth_bps: dict[str, float] = {}
+        self.version = 0
+        """Bumped by every change a waiting joiner could care about (long polls wait on it)."""
 
     # ---- membership events -------------------------------------------------
 
@@ -217,6 +219,7 @@ class Planner:
                 fence_steps=self._config.fence_steps,
             )
             self._rounds[replica_id] = rnd
+            self.version += 1
         if rnd.final is None:
             self._advance(rnd)
         if rnd.final is not None:
@@ -243,13 +246,14 @@ class Planner:
     def _advance(self, rnd: _Round) -> None:
         """Gives a round a live plan, or its final answer."""
         plan = rnd.plan
+        if plan is not None and plan.state in ("preparing", "armed"):
+            return
+        self.version += 1
         if plan is not None and plan.state == "done":
             assert plan.step is not None
             rnd.final = Answer(
                 state="done", plan_id=plan.plan.plan_id, donor=plan.plan.donor, step=plan.step
             )
-            return
-        if plan is not None and plan.state in ("preparing", "armed"):
             return
         if rnd.attempts >= self._config.max_attempts:
             rnd.final = Answer(
@@ -318,8 +322,17 @@ class Planner:
         with_state = [v for v in same if v.step is not None]
         if not with_state:
             return f"{len(same)} replica(s) with this layout, none holding a step yet"
-        bad = [v.replica_id for v in with_state if not eligible(joiner, v)]
-        return f"no healthy replica to donate: unhealthy {', '.join(sorted(bad))}"
+        why = []
+        for v in sorted(with_state, key=lambda v: v.replica_id):
+            if v.world_size != joiner.world_size:
+                why.append(
+                    f"{v.replica_id} has {v.world_size} ranks, this replica {joiner.world_size}"
+                )
+            elif not v.healthy:
+                why.append(f"{v.replica_id} is unhealthy")
+            elif not eligible(joiner, v):
+                why.append(f"{v.replica_id} cannot donate")
+        return f"no replica can donate: {'; '.join(why)}"
 
     # ---- donor side -------------------------------------------------------------
 
@@ -332,9 +345,10 @@ class Planner:
         boundary); when every donor rank is, the fence is their step.
         """
         plan = self._active.get(plan_id)
-        if plan is None or replica_id != plan.plan.donor:
+        if plan is None or replica_id != plan.plan.donor or not 0 <= group_rank < plan.world_size:
             return False
         if plan.state == "preparing":
+            self.version += 1
             plan.acks[group_rank] = step
             if idle:
                 plan.idle.add(group_rank)
@@ -372,6 +386,7 @@ class Planner:
             return
         side = plan.joiner_reports if report.role == "joiner" else plan.donor_reports
         side[report.group_rank] = report
+        self.version += 1
         if plan.state in ("done", "failed"):
             return  # a late report: kept for its timings only
         if report.result != "ok":
@@ -405,6 +420,7 @@ class Planner:
             self._advance(rnd)
 
     def _fail(self, plan: _Plan, reason: str, *, exclude: bool, widen: bool = False) -> None:
+        self.version += 1
         plan.state = "failed"
         plan.reason = reason
         plan.ended = self._clock()

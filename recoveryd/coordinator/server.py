@@ -103,6 +103,11 @@ class Coordinator:
         self._ready.set()
         await self._stopped.wait()
         ticker.cancel()
+        # Handlers still unwinding (a held long poll) finish here, not in a closed loop.
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     async def _shutdown(self, grace: timedelta) -> None:
         if self._health is not None:

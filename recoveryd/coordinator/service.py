@@ -84,11 +84,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
         """Fails timed-out plans and wakes long polls, every ``period_s``."""
         while True:
             await asyncio.sleep(period_s)
+            before = self.planner.version
             try:
                 self.planner.tick()
             except Exception:
                 logger.exception("coordinator tick failed")
-            self._changed()
+            if self.planner.version != before:
+                self._changed()
 
     async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], err: Exception) -> None:
         code, message = _status_for(err)
@@ -196,7 +198,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max(request.wait_s, 0.0), _MAX_WAIT_S)
         while True:
-            news = self._news
+            before = self.planner.version
             try:
                 answer = self.planner.recover(
                     request.replica_id,
@@ -206,7 +208,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
             except Exception as err:
                 await self._abort(context, err)
                 raise
-            self._changed()
+            if self.planner.version != before:
+                self._changed()
+            news = self._news  # taken after our own news, so only others' wake us
             pending = answer.state == "wait" or (
                 answer.state == "transfer"
                 and answer.step is None
@@ -261,7 +265,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
     async def GetStatus(
         self, request: pb.StatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.StatusResponse:
+        before = self.planner.version
         self.planner.tick()
+        if self.planner.version != before:
+            self._changed()
         recovering = self.planner.recovering()
         out = pb.StatusResponse(
             coordinator_id=self.coordinator_id, uptime_s=self._clock() - self._started

@@ -12,6 +12,7 @@ The rank reports what happens to it as events on a queue (see
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import logging
 import os
@@ -142,6 +143,7 @@ def run_trainer(spec: TrainerSpec, events: Any, stop: Any) -> None:
 
 
 def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every stack
     torch.set_num_threads(1)  # replicas must compute bit-identically, and share the cores
     level = os.environ.get("RECOVERYD_LOG", "WARNING").upper()
     logging.basicConfig(

@@ -108,6 +108,8 @@ class Wire:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.messages = 0
+        self.stall: timedelta | None = None
+        """Once set, no single wait lasts longer (the bytes are flowing)."""
         # Posted operations not yet waited for, by id of their work. If the
         # transfer fails, the backend may still write into or read from their
         # buffers later, so those must outlive it (see abandon()).
@@ -137,10 +139,13 @@ class Wire:
 
     def wait(self, work: Any, peer: int, cap: timedelta | None = None) -> None:
         """Waits for ``work`` within the deadline (and within ``cap``, if given)."""
+        stalled = False
         try:
             left = self.deadline.remaining()
             if cap is not None:
                 left = min(left, cap)
+            if self.stall is not None and self.stall < left:
+                left, stalled = self.stall, True
         except TransferTimeoutError as e:
             self.abandon()
             e.peer_rank = peer
@@ -149,13 +154,25 @@ class Wire:
             ok = work.wait(left)
         except RuntimeError as e:
             self.abandon()
-            raise _translate(e, peer, self.deadline) from e
+            err = _translate(e, peer, self.deadline)
+            if stalled and isinstance(err, TransferTimeoutError):
+                raise self._stalled(peer) from e
+            raise err from e
         if ok is False:
             self.abandon()
+            if stalled:
+                raise self._stalled(peer)
             raise TransferTimeoutError(
                 f"rank {peer} did not answer within {self.deadline.timeout}", peer_rank=peer
             )
         self._outstanding.pop(id(work), None)
+
+    def _stalled(self, peer: int) -> TransferTimeoutError:
+        return TransferTimeoutError(
+            f"no message from or to rank {peer} for {self.stall} while the bytes were flowing: "
+            "the peer died or hangs (RECOVERYD_STALL_TIMEOUT bounds this wait)",
+            peer_rank=peer,
+        )
 
     def send(self, t: torch.Tensor, dst: int, tag: int) -> None:
         self.wait(self.isend(t, dst, tag), dst)

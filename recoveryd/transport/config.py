@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Literal
 
 from recoveryd.errors import ConfigError
@@ -104,6 +105,17 @@ class TransferConfig:
     A manifest announcing more is refused before anything is allocated.
     """
 
+    stall_timeout: timedelta = field(
+        default_factory=lambda: timedelta(seconds=_env_int("RECOVERYD_STALL_TIMEOUT", 10))
+    )
+    """Longest wait for one message once the bytes flow (``RECOVERYD_STALL_TIMEOUT``, seconds, default 10).
+
+    A message is at most ``bucket_bytes``, so 10 s allows links down to ~2 MB/s. Gloo does not always wake a pending receive when its peer dies between
+    two messages; without this cap such a transfer would wait for its whole
+    deadline. The wait for the first message (a donor reaching its fence
+    step) is bounded by the call's timeout only.
+    """
+
     hugepages: bool = field(default_factory=lambda: _env_bool("RECOVERYD_HUGEPAGES", False))
     """Advise allocating receives' buffers with ``MADV_HUGEPAGE`` (``RECOVERYD_HUGEPAGES``).
 
@@ -119,6 +131,8 @@ class TransferConfig:
             raise ConfigError("direct_bytes", self.direct_bytes, "must be positive")
         if self.fanout not in ("chain", "star"):
             raise ConfigError("fanout", self.fanout, "must be 'chain' or 'star'")
+        if self.stall_timeout <= timedelta(0):
+            raise ConfigError("stall_timeout", self.stall_timeout, "must be positive")
         if self.max_state_bytes <= 0:
             raise ConfigError("max_state_bytes", self.max_state_bytes, "must be positive")
         if self.max_manifest_bytes < 1024:

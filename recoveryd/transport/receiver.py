@@ -173,6 +173,7 @@ def recv_state_dict(
     succ = None if m.star or pos + 1 == len(chain) else chain[pos + 1]
     try:
         clock.mark("handshake")
+        wire.stall = config.stall_timeout
         hashes = _stream(wire, messages, targets, landing, pred, succ, m.checksums)
         clock.mark("data")
         _verify(wire, src_rank, hashes, m.checksums)

@@ -94,6 +94,7 @@ def send_state_dict(
     streamer.prepack()  # while the receivers validate the manifest
     _settle(wire, dst, offered)
     clock.mark("handshake")
+    wire.stall = config.stall_timeout
     hashes = streamer.run(dst if plan.manifest.star else dst[:1])
     clock.mark("data")
     trailer = torch.tensor([w.TRAILER_MAGIC, len(hashes), *hashes], dtype=torch.int64, device=dev)
