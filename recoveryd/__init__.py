@@ -3,8 +3,12 @@
 The public API is what ``__all__`` lists; everything else may change.
 """
 
+from recoveryd.agent import Agent, AgentConfig, RecoveryRecord
+from recoveryd.coordinator.config import CoordinatorConfig
+from recoveryd.coordinator.server import Coordinator
 from recoveryd.errors import (
     ConfigError,
+    CoordinatorUnavailableError,
     IntegrityError,
     ManifestError,
     PeerLostError,
@@ -13,6 +17,7 @@ from recoveryd.errors import (
     StepMismatchError,
     TransferError,
     TransferTimeoutError,
+    UnknownMemberError,
     UnsupportedValueError,
 )
 from recoveryd.transport import (
@@ -26,11 +31,17 @@ from recoveryd.transport import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Agent",
+    "AgentConfig",
     "ConfigError",
+    "Coordinator",
+    "CoordinatorConfig",
+    "CoordinatorUnavailableError",
     "IntegrityError",
     "ManifestError",
     "PeerLostError",
     "ReceivedState",
+    "RecoveryRecord",
     "RecoverydError",
     "StateMismatchError",
     "StepMismatchError",
@@ -38,6 +49,7 @@ __all__ = [
     "TransferError",
     "TransferStats",
     "TransferTimeoutError",
+    "UnknownMemberError",
     "UnsupportedValueError",
     "__version__",
     "recv_state_dict",

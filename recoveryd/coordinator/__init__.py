@@ -1,5 +1,6 @@
-"""The coordinator: membership, donor choice and recovery plans.
+"""The coordinator: membership, donor choice and recovery plans, served over gRPC.
 
-This package holds the pure policy (plain data in, decisions out); the gRPC
-servicer that serves it comes with the control-plane issue.
+Pure policy (``membership``, ``donor``, ``planner``: plain data in, decisions
+out, injectable clock) is kept apart from the thin asyncio servicer
+(``service``) and the server's lifecycle (``server``).
 """
