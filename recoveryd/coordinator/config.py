@@ -31,6 +31,9 @@ class CoordinatorConfig:
     """Plans tried for one recovery before the joiner is told there is no donor."""
     recent_plans: int = 100
     """Finished plans kept for ``recoveryd status``."""
+    forget_after: timedelta = timedelta(minutes=10)
+    """A rank silent for this long is dropped from membership (its replica
+    left the job); until then it shows as unhealthy."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -46,6 +49,12 @@ class CoordinatorConfig:
                 "heartbeat_timeout",
                 self.heartbeat_timeout,
                 f"must exceed heartbeat_interval={self.heartbeat_interval} (allow a few missed beats)",
+            )
+        if self.forget_after <= self.heartbeat_timeout:
+            raise ConfigError(
+                "forget_after",
+                self.forget_after,
+                f"must exceed heartbeat_timeout={self.heartbeat_timeout}",
             )
         if not 1 <= self.fence_steps <= self.max_fence_steps:
             raise ConfigError(

@@ -167,6 +167,19 @@ class Membership:
         """Drops every rank of a replica (it left the job)."""
         self._replicas.pop(replica_id, None)
 
+    def expire(self, older_than: timedelta) -> list[tuple[str, int]]:
+        """Drops ranks not heard from for ``older_than``; returns which."""
+        limit = self._clock() - older_than.total_seconds()
+        gone = []
+        for rid, ranks in list(self._replicas.items()):
+            for g, r in list(ranks.items()):
+                if r.seen < limit:
+                    del ranks[g]
+                    gone.append((rid, g))
+            if not ranks:
+                del self._replicas[rid]
+        return gone
+
     def member(self, replica_id: str, group_rank: int) -> MemberInfo | None:
         """A registered rank's info, or ``None``."""
         r = self._replicas.get(replica_id, {}).get(group_rank)

@@ -170,6 +170,7 @@ class Planner:
         self._recent: OrderedDict[int, _Plan] = OrderedDict()
         self._bandwidth_bps: dict[str, float] = {}
         self.version = 0
+        self._expired_at = clock()
         """Bumped by every change a waiting joiner could care about (long polls wait on it)."""
 
     # ---- membership events -------------------------------------------------
@@ -449,8 +450,17 @@ class Planner:
     # ---- time -------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Fails plans that ran out of time or lost their donor."""
+        """Fails plans that ran out of time or lost their donor; forgets long-gone ranks."""
         now = self._clock()
+        gone = []
+        if now - self._expired_at >= 1.0:  # a walk over every rank: once a second is plenty
+            self._expired_at = now
+            gone = self._members.expire(self._config.forget_after)
+        if gone:
+            self.version += 1
+            for rid in {rid for rid, _ in gone}:
+                if self._members.replica(rid) is None:
+                    self._rounds.pop(rid, None)
         prepare_s = self._config.prepare_timeout.total_seconds()
         for plan in list(self._active.values()):
             age = now - plan.created

@@ -612,3 +612,22 @@ def test_bad_coordinator_config_names_the_field(kwargs: dict[str, object], name:
     assert e.value.field == name
     assert f"invalid {name}=" in str(e.value)
     assert isinstance(e.value, ValueError)
+
+
+def test_long_silent_ranks_are_forgotten_and_their_rounds_dropped() -> None:
+    c = _coord(
+        CoordinatorConfig(
+            heartbeat_timeout=timedelta(seconds=5), forget_after=timedelta(seconds=60)
+        )
+    )
+    c.join("gone", step=None)
+    assert c.planner.recover("gone", 0).state == "no_donor"
+    c.clock.now = 59.0
+    c.planner.tick()
+    view = c.members.replica("gone")
+    assert view is not None  # unhealthy, still listed
+    assert not view.healthy
+    c.clock.now = 61.5
+    c.planner.tick()
+    assert c.members.replica("gone") is None
+    assert c.members.rank_count() == 0
