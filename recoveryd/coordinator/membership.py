@@ -9,7 +9,7 @@ healthy only when every one of its ranks is registered and healthy.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -70,6 +70,8 @@ class ReplicaView:
         ranks: the registered ranks' infos, by group rank.
         step: the lowest step its ranks reported (``None`` until all reported).
         healthy: every rank registered, self-reported healthy and heard from in time.
+        fingerprint: the layout fingerprint its ranks share, or ``None`` if they disagree.
+        labels: rank 0's locality labels (a replica's ranks usually share a zone).
     """
 
     replica_id: str
@@ -77,18 +79,8 @@ class ReplicaView:
     ranks: Mapping[int, MemberInfo]
     step: int | None
     healthy: bool
-
-    @property
-    def fingerprint(self) -> str | None:
-        """The layout fingerprint its ranks share, or ``None`` if they disagree."""
-        prints = {m.layout_fingerprint for m in self.ranks.values()}
-        return prints.pop() if len(prints) == 1 else None
-
-    @property
-    def labels(self) -> Mapping[str, str]:
-        """Rank 0's locality labels (a replica's ranks usually share a zone)."""
-        first = self.ranks.get(0)
-        return first.labels if first is not None else {}
+    fingerprint: str | None
+    labels: Mapping[str, str]
 
 
 class Membership:
@@ -208,14 +200,49 @@ class Membership:
         return sum(len(r) for r in self._replicas.values())
 
     def _view(self, rid: str, ranks: dict[int, _Rank], now: float) -> ReplicaView:
-        world = next(iter(ranks.values())).info.group_world_size
-        steps = [r.step for r in ranks.values()]
+        # One pass over the replica's ranks: donor choice calls this for every
+        # replica, so it is kept cheap (about 1 ms per 2,000 ranks).
+        first = next(iter(ranks.values()))
+        world = first.info.group_world_size
         complete = len(ranks) == world
-        fresh = all(r.healthy and now - r.seen <= self._timeout for r in ranks.values())
+        healthy = complete
+        lowest: int | None = None
+        stepless = False
+        fingerprint: str | None = first.info.layout_fingerprint
+        for r in ranks.values():
+            if r.info.layout_fingerprint != fingerprint:
+                fingerprint = None
+            s = r.step
+            if s is None:
+                stepless = True
+            elif lowest is None or s < lowest:
+                lowest = s
+            if healthy and (not r.healthy or now - r.seen > self._timeout):
+                healthy = False
         return ReplicaView(
             replica_id=rid,
             world_size=world,
-            ranks={g: r.info for g, r in ranks.items()},
-            step=min(s for s in steps if s is not None) if complete and None not in steps else None,
-            healthy=complete and fresh,
+            ranks=_Infos(ranks),
+            step=lowest if complete and not stepless else None,
+            healthy=healthy,
+            fingerprint=fingerprint,
+            labels=ranks[0].info.labels if 0 in ranks else {},
         )
+
+
+class _Infos(Mapping[int, MemberInfo]):
+    """A replica's ranks' infos, by group rank, without copying them out."""
+
+    __slots__ = ("_ranks",)
+
+    def __init__(self, ranks: dict[int, _Rank]) -> None:
+        self._ranks = ranks
+
+    def __getitem__(self, key: int) -> MemberInfo:
+        return self._ranks[key].info
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._ranks)
+
+    def __len__(self) -> int:
+        return len(self._ranks)
