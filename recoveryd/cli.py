@@ -20,6 +20,7 @@ def _coordinator(args: argparse.Namespace) -> int:
         heartbeat_timeout=timedelta(seconds=args.heartbeat_timeout),
         transfer_timeout=timedelta(seconds=args.transfer_timeout),
         fence_steps=args.fence_steps,
+        warmup=timedelta(seconds=args.warmup),
     )
     Coordinator(args.bind, config).serve_forever(grace=timedelta(seconds=args.grace))
     return 0
@@ -73,6 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument(
         "--fence-steps", type=int, default=2, help="steps past the furthest donor rank (default 2)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=5.0,
+        help="seconds after start during which joiners wait for agents to register again "
+        "instead of hearing 'no donor' (default 5)",
     )
     p.add_argument(
         "--grace", type=float, default=5.0, help="seconds in-flight RPCs get on SIGTERM (default 5)"

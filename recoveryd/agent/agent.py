@@ -58,7 +58,7 @@ from recoveryd.transport import recv_state_dict, send_state_dict
 
 logger = logging.getLogger(__name__)
 
-_MAX_BACKOFF_S = 5.0
+_MAX_BACKOFF_S = 2.0  # CoordinatorConfig.warmup counts on agents retrying this often
 _LONG_POLL = timedelta(seconds=2)
 
 

@@ -31,6 +31,11 @@ class CoordinatorConfig:
     """Plans tried for one recovery before the joiner is told there is no donor."""
     recent_plans: int = 100
     """Finished plans kept for ``recoveryd status``."""
+    warmup: timedelta = timedelta(seconds=5)
+    """For this long after the coordinator starts, a joiner with no donor is
+    told to wait rather than that there is none: a restarted coordinator
+    knows nobody until the agents register again (they retry at least every
+    2 s). A fresh job's first replicas start this much later."""
     forget_after: timedelta = timedelta(minutes=10)
     """A rank silent for this long is dropped from membership (its replica
     left the job); until then it shows as unhealthy."""
@@ -50,6 +55,8 @@ class CoordinatorConfig:
                 self.heartbeat_timeout,
                 f"must exceed heartbeat_interval={self.heartbeat_interval} (allow a few missed beats)",
             )
+        if self.warmup < timedelta(0):
+            raise ConfigError("warmup", self.warmup, "must not be negative")
         if self.forget_after <= self.heartbeat_timeout:
             raise ConfigError(
                 "forget_after",

@@ -140,6 +140,7 @@ class _Round:
     final: Answer | None = None
     told: set[int] = field(default_factory=set)
     last_failure: str = ""
+    waiting: str = ""
 
 
 class Planner:
@@ -170,6 +171,7 @@ class Planner:
         self._recent: OrderedDict[int, _Plan] = OrderedDict()
         self._bandwidth_bps: dict[str, float] = {}
         self.version = 0
+        self._started = clock()
         self._expired_at = clock()
         """Bumped by every change a waiting joiner could care about (long polls wait on it)."""
 
@@ -229,7 +231,8 @@ class Planner:
                 del self._rounds[replica_id]
             return rnd.final
         plan = rnd.plan
-        assert plan is not None, "a round without a final answer has a live plan"
+        if plan is None or plan.state not in ("preparing", "armed"):
+            return Answer(state="wait", reason=rnd.waiting)
         if received_plan_id == plan.plan.plan_id or group_rank >= len(plan.plan.pairs):
             return Answer(state="wait", plan_id=plan.plan.plan_id, donor=plan.plan.donor)
         plan.handed.add(group_rank)
@@ -273,8 +276,16 @@ class Planner:
             exclude=rnd.excluded,
         )
         if donor is None:
+            up = self._clock() - self._started
+            if up < self._config.warmup.total_seconds() and not rnd.excluded:
+                rnd.waiting = (
+                    f"the coordinator started {up:.1f} s ago; waiting "
+                    f"{self._config.warmup.total_seconds():g} s for replicas to register again"
+                )
+                return
             rnd.final = Answer(state="no_donor", reason=self._why_no_donor(rnd, replicas))
             return
+        rnd.waiting = ""
         rnd.attempts += 1
         kinds = {m.device_kind for m in (*joiner.ranks.values(), *donor.ranks.values())}
         plan = _Plan(

@@ -55,6 +55,7 @@ class LocalCluster:
                 or CoordinatorConfig(
                     heartbeat_interval=timedelta(seconds=0.2),
                     heartbeat_timeout=timedelta(seconds=2),
+                    warmup=timedelta(seconds=1),
                 ),
             ).start()
             coordinator = self.coordinator.address

@@ -46,7 +46,9 @@ _RPC_S = 5.0  # deadline of every raw-stub call
 _ORDER_WAIT = timedelta(seconds=5)
 _CLIENT_TIMEOUT = timedelta(seconds=5)
 _REPO = Path(__file__).resolve().parents[2]
-_CONFIG = CoordinatorConfig(fence_steps=2, heartbeat_timeout=timedelta(seconds=30))
+_CONFIG = CoordinatorConfig(
+    fence_steps=2, heartbeat_timeout=timedelta(seconds=30), warmup=timedelta(0)
+)
 
 
 # ---- fixtures and helpers -------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -104,8 +105,8 @@ class Coord:
         return [(rid, r, o.kind) for rid, r, o in self.sent]
 
 
-def _coord(config: CoordinatorConfig | None = None) -> Coord:
-    config = config or CoordinatorConfig()
+def _coord(config: CoordinatorConfig | None = None, *, warmup: float = 0.0) -> Coord:
+    config = dataclasses.replace(config or CoordinatorConfig(), warmup=timedelta(seconds=warmup))
     clock = Clock()
     members = Membership(heartbeat_timeout=config.heartbeat_timeout, clock=clock)
     sent: list[tuple[str, int, Order]] = []
@@ -631,3 +632,26 @@ def test_long_silent_ranks_are_forgotten_and_their_rounds_dropped() -> None:
     c.planner.tick()
     assert c.members.replica("gone") is None
     assert c.members.rank_count() == 0
+
+
+def test_a_young_coordinator_tells_joiners_to_wait_not_that_there_is_no_donor() -> None:
+    # Just restarted: the donors have not registered again yet.
+    c = _coord(warmup=5.0)
+    c.join("joiner", step=None)
+    early = c.planner.recover("joiner", 0)
+    assert early.state == "wait"
+    assert "register again" in early.reason
+    c.clock.now = 2.0
+    c.join("donor", step=10)  # a donor's agent registers again
+    got = c.planner.recover("joiner", 0)
+    assert got.state == "transfer"
+    assert got.donor == "donor"
+
+
+def test_after_the_warmup_no_donor_is_final() -> None:
+    c = _coord(warmup=5.0)
+    c.join("joiner", step=None)
+    assert c.planner.recover("joiner", 0).state == "wait"
+    c.clock.now = 5.5
+    assert c.planner.recover("joiner", 0).state == "no_donor"
+    assert c.planner.recover("joiner", 1).state == "no_donor"
