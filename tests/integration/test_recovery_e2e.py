@@ -60,10 +60,13 @@ def _wait_step(cluster: LocalCluster, replica: str, step: int) -> None:
         cluster.drain(0.05)
 
 
-def _wait_coordinator_sees_step(cluster: LocalCluster, replica: str) -> None:
+def _wait_coordinator_sees_step(cluster: LocalCluster, replica: str, at_least: int = 0) -> None:
     client = CoordinatorClient(cluster.address)
     end = time.monotonic() + 30
-    while not any(r.replica_id == replica and r.step is not None for r in client.status().replicas):
+    while not any(
+        r.replica_id == replica and r.step is not None and r.step >= at_least
+        for r in client.status().replicas
+    ):
         assert time.monotonic() < end, f"the coordinator never saw a step of {replica}"
         time.sleep(0.05)
     client.close()
@@ -85,9 +88,9 @@ def cluster() -> Iterator[LocalCluster]:
 def test_joiner_recovers_from_the_most_advanced_healthy_donor(cluster: LocalCluster) -> None:
     cluster.start_replica("ahead", 2)
     assert all(e.kind == "fresh" for e in _recovered(cluster, "ahead"))
-    cluster.start_replica("behind", 2, hold_at=3)  # parks at step 3: healthy, but behind
+    cluster.start_replica("behind", 2, hold_at=3)  # parks early: healthy, but behind
     _recovered(cluster, "behind")
-    _wait_step(cluster, "ahead", 30)
+    _wait_step(cluster, "ahead", cluster.step_of("behind") + 30)
 
     cluster.start_replica("joiner", 2)
     got = _recovered(cluster, "joiner")
@@ -95,7 +98,7 @@ def test_joiner_recovers_from_the_most_advanced_healthy_donor(cluster: LocalClus
     _assert_bit_identical_to_donor(cluster, got, "ahead")
     steps = {e.data["step"] for e in got}
     assert len(steps) == 1  # one consistent step...
-    assert steps.pop() > 30  # ...past where the joiner started
+    assert steps.pop() > cluster.step_of("behind")  # ...and the most advanced one
     assert all(e.data["attempts"] == 1 for e in got)
 
 
@@ -107,11 +110,14 @@ def test_donor_killed_mid_transfer_joiner_completes_from_another(
     # whose peer died between two messages: the stall timeout bounds that.
     monkeypatch.setenv("RECOVERYD_STALL_TIMEOUT", "3")
     big = 256 << 20
-    cluster.start_replica("doomed", 2, extra_bytes=big, die_during_send_s=0.05)
     cluster.start_replica("spare", 2, extra_bytes=big, hold_at=3)
-    _recovered(cluster, "doomed")
-    _recovered(cluster, "spare")
+    assert all(e.kind == "fresh" for e in _recovered(cluster, "spare"))
+    _wait_coordinator_sees_step(cluster, "spare")
+    # 'doomed' starts from the parked spare's state, then trains ahead of it.
+    cluster.start_replica("doomed", 2, extra_bytes=big, die_during_send_s=0.05)
+    assert all(e.kind == "recovered" for e in _recovered(cluster, "doomed"))
     _wait_step(cluster, "doomed", 20)
+    _wait_coordinator_sees_step(cluster, "doomed", at_least=20)
 
     cluster.start_replica("joiner", 2, extra_bytes=big)
     got = _recovered(cluster, "joiner")
