@@ -178,6 +178,8 @@ class Agent:
         self._step: int | None = None
         self._stepped = False
         self._parked = False
+        self._last_step_at = 0.0
+        self._step_time = 0.0
         self._layout = fingerprint(state_dict())
         self._interval = config.heartbeat_interval.total_seconds()
         self._registered = threading.Event()
@@ -389,6 +391,11 @@ class Agent:
             RecoverydError: a background thread of the agent failed.
         """
         self._raise_failure()
+        now = time.monotonic()
+        if self._last_step_at and self._step is not None and step > self._step:
+            dt = (now - self._last_step_at) / (step - self._step)
+            self._step_time = dt if not self._step_time else 0.8 * self._step_time + 0.2 * dt
+        self._last_step_at = now
         self._step = step
         self._parked = False
         if not self._stepped:
@@ -583,6 +590,7 @@ class Agent:
                 self.config.group_rank,
                 self._step or 0,
                 idle=self._parked,
+                step_time_s=self._step_time,
             )
         except RecoverydError as err:
             live = False

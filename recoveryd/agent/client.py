@@ -197,13 +197,25 @@ class CoordinatorClient:
         return orders(), call.cancel
 
     def acknowledge(
-        self, plan_id: int, replica_id: str, group_rank: int, step: int, *, idle: bool = False
+        self,
+        plan_id: int,
+        replica_id: str,
+        group_rank: int,
+        step: int,
+        *,
+        idle: bool = False,
+        step_time_s: float = 0.0,
     ) -> bool:
         """A donor rank joined a plan's group at ``step``; returns whether the plan is live."""
         r = self._call(
             self._stub.Acknowledge,
             pb.AcknowledgeRequest(
-                plan_id=plan_id, replica_id=replica_id, group_rank=group_rank, step=step, idle=idle
+                plan_id=plan_id,
+                replica_id=replica_id,
+                group_rank=group_rank,
+                step=step,
+                idle=idle,
+                step_time_s=step_time_s,
             ),
         )
         return bool(r.active)

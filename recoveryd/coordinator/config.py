@@ -21,6 +21,10 @@ class CoordinatorConfig:
     for a joiner each time a donor rank overshoots it."""
     max_fence_steps: int = 256
     """Upper bound of that doubling."""
+    fence_time: timedelta = timedelta(milliseconds=100)
+    """At least this much training time between the fence and the furthest
+    donor rank, from the step times the donor ranks report (fast steps get
+    more steps of margin: the ARM order must arrive before the boundary)."""
     prepare_timeout: timedelta = timedelta(seconds=60)
     """How long the donor ranks may take to all join a plan's transfer group
     (the joiner's ranks must start and reach the rendezvous in that time)."""

@@ -20,6 +20,7 @@ through the ``send`` callback, and the clock is injectable.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -117,6 +118,7 @@ class _Plan:
     step: int | None = None
     acks: dict[int, int] = field(default_factory=dict)
     idle: set[int] = field(default_factory=set)
+    step_time_s: float = 0.0
     handed: set[int] = field(default_factory=set)
     joiner_reports: dict[int, Report] = field(default_factory=dict)
     donor_reports: dict[int, Report] = field(default_factory=dict)
@@ -349,12 +351,20 @@ class Planner:
     # ---- donor side -------------------------------------------------------------
 
     def acknowledge(
-        self, plan_id: int, replica_id: str, group_rank: int, step: int, *, idle: bool = False
+        self,
+        plan_id: int,
+        replica_id: str,
+        group_rank: int,
+        step: int,
+        *,
+        idle: bool = False,
+        step_time_s: float = 0.0,
     ) -> bool:
         """A donor rank joined the plan's group at ``step``; returns whether the plan is live.
 
         ``idle``: the rank is parked at ``step`` (it will not pass another
         boundary); when every donor rank is, the fence is their step.
+        ``step_time_s``: the rank's recent seconds per step (0: unknown).
         """
         plan = self._active.get(plan_id)
         if plan is None or replica_id != plan.plan.donor or not 0 <= group_rank < plan.world_size:
@@ -362,6 +372,7 @@ class Planner:
         if plan.state == "preparing":
             self.version += 1
             plan.acks[group_rank] = step
+            plan.step_time_s = max(plan.step_time_s, step_time_s)
             if idle:
                 plan.idle.add(group_rank)
             else:
@@ -369,6 +380,9 @@ class Planner:
             if len(plan.acks) == plan.world_size:
                 rnd = self._rounds.get(plan.plan.joiner)
                 ahead = rnd.fence_steps if rnd else self._config.fence_steps
+                if plan.step_time_s > 0:
+                    by_time = math.ceil(self._config.fence_time.total_seconds() / plan.step_time_s)
+                    ahead = max(ahead, min(by_time, self._config.max_fence_steps))
                 plan.step = fence(
                     plan.acks.values(), 0 if len(plan.idle) == plan.world_size else ahead
                 )

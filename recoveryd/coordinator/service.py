@@ -187,7 +187,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
         self, request: pb.AcknowledgeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.AcknowledgeResponse:
         active = self.planner.acknowledge(
-            request.plan_id, request.replica_id, request.group_rank, request.step, idle=request.idle
+            request.plan_id,
+            request.replica_id,
+            request.group_rank,
+            request.step,
+            idle=request.idle,
+            step_time_s=request.step_time_s,
         )
         self._changed()
         return pb.AcknowledgeResponse(active=active)

@@ -115,18 +115,20 @@ class Order(_message.Message):
     def __init__(self, kind: _Optional[_Union[Order.Kind, str]] = ..., plan_id: _Optional[int] = ..., joiner: _Optional[str] = ..., step: _Optional[int] = ..., timeout_s: _Optional[float] = ..., rendezvous_prefix: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class AcknowledgeRequest(_message.Message):
-    __slots__ = ("plan_id", "replica_id", "group_rank", "step", "idle")
+    __slots__ = ("plan_id", "replica_id", "group_rank", "step", "idle", "step_time_s")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     IDLE_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
     plan_id: int
     replica_id: str
     group_rank: int
     step: int
     idle: bool
-    def __init__(self, plan_id: _Optional[int] = ..., replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., step: _Optional[int] = ..., idle: _Optional[bool] = ...) -> None: ...
+    step_time_s: float
+    def __init__(self, plan_id: _Optional[int] = ..., replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., step: _Optional[int] = ..., idle: _Optional[bool] = ..., step_time_s: _Optional[float] = ...) -> None: ...
 
 class AcknowledgeResponse(_message.Message):
     __slots__ = ("active",)

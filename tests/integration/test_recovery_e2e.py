@@ -99,7 +99,10 @@ def test_joiner_recovers_from_the_most_advanced_healthy_donor(cluster: LocalClus
     steps = {e.data["step"] for e in got}
     assert len(steps) == 1  # one consistent step...
     assert steps.pop() > cluster.step_of("behind")  # ...and the most advanced one
-    assert all(e.data["attempts"] == 1 for e in got)
+    # Only 'ahead' was ever planned (a plan may be re-fenced if a donor rank
+    # overshot its fence on this loaded machine, but never goes elsewhere).
+    status = CoordinatorClient(cluster.address).status()
+    assert {p.donor for p in status.recent if p.joiner == "joiner"} == {"ahead"}
 
 
 def test_donor_killed_mid_transfer_joiner_completes_from_another(

@@ -655,3 +655,22 @@ def test_after_the_warmup_no_donor_is_final() -> None:
     c.clock.now = 5.5
     assert c.planner.recover("joiner", 0).state == "no_donor"
     assert c.planner.recover("joiner", 1).state == "no_donor"
+
+
+def test_fast_steps_get_a_fence_far_enough_ahead_in_time() -> None:
+    # 10 ms steps: 100 ms of fence_time is 10 steps, more than fence_steps=2.
+    c = _coord(CoordinatorConfig(fence_steps=2, fence_time=timedelta(milliseconds=100)))
+    c.join("donor", step=50)
+    c.join("joiner", step=None)
+    plan = c.planner.recover("joiner", 0).plan_id
+    for r in range(2):
+        assert c.planner.acknowledge(plan, "donor", r, 50, step_time_s=0.01)
+    assert c.planner.recover("joiner", 0).step == 60
+    # Slow steps (1 s) keep the minimum of fence_steps.
+    c2 = _coord(CoordinatorConfig(fence_steps=2, fence_time=timedelta(milliseconds=100)))
+    c2.join("donor", step=50)
+    c2.join("joiner", step=None)
+    plan2 = c2.planner.recover("joiner", 0).plan_id
+    for r in range(2):
+        assert c2.planner.acknowledge(plan2, "donor", r, 50, step_time_s=1.0)
+    assert c2.planner.recover("joiner", 0).step == 52
