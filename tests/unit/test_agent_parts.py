@@ -7,9 +7,9 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from recoveryd.agent.agent import _merge_values
 from recoveryd.agent.client import ClusterStatus, RankStatus, ReplicaStatus
 from recoveryd.agent.config import AgentConfig, route_to
+from recoveryd.agent.joiner import merge_values
 from recoveryd.agent.layout import fingerprint
 from recoveryd.coordinator.planner import PlanSnapshot
 from recoveryd.errors import ConfigError
@@ -101,7 +101,7 @@ def test_merge_writes_plain_values_in_place_and_keeps_tensor_objects() -> None:
         "new": 9,
     }
 
-    assert _merge_values(dst, src) is dst
+    assert merge_values(dst, src) is dst
     assert dst["w"] is w
     assert dst["step"] == 5
     assert dst["new"] == 9
@@ -124,17 +124,17 @@ def test_merge_writes_plain_values_in_place_and_keeps_tensor_objects() -> None:
 
 def test_merge_rebuilds_a_top_level_tuple_and_replaces_a_resized_list() -> None:
     t = torch.zeros(1)
-    merged = _merge_values((t, 1), (torch.ones(1), 2))
+    merged = merge_values((t, 1), (torch.ones(1), 2))
     assert isinstance(merged, tuple)
     assert merged[0] is t
     assert merged[1] == 2
     dst: dict[str, object] = {"x": [1, 2]}
-    _merge_values(dst, {"x": [1, 2, 3]})
+    merge_values(dst, {"x": [1, 2, 3]})
     assert dst["x"] == [1, 2, 3]
 
 
 def test_merge_preserves_the_tuple_subtype() -> None:
-    merged = _merge_values(torch.Size([2, 3]), torch.Size([2, 4]))
+    merged = merge_values(torch.Size([2, 3]), torch.Size([2, 4]))
     assert type(merged) is torch.Size
     assert merged == torch.Size([2, 4])
 

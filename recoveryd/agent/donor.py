@@ -1,0 +1,256 @@
+"""The donor side of an agent: orders in, transfer groups formed ahead, sends at the fence.
+
+``PREPARE`` forms the plan's two-rank group on this rank's rendezvous store in
+a background thread and then acknowledges with the trainer's position;
+``ARM`` sets the fence; ``CANCEL`` drops the plan. The trainer's thread only
+compares its step with the nearest fence (:meth:`Donor.due`) and, when one is
+reached, sends (:meth:`Donor.serve`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from recoveryd.agent.config import AgentConfig
+from recoveryd.agent.link import CoordinatorLink, Position, result_of
+from recoveryd.agent.rendezvous import DONOR_RANK, JOINER_RANK, device_for, open_group
+from recoveryd.coordinator.planner import Order, Report
+from recoveryd.errors import RecoverydError, TransferError
+from recoveryd.transport import send_state_dict
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _SendOrder:
+    plan_id: int
+    joiner: str
+    prefix: str
+    backend: str
+    deadline: float
+    fence: int | None = None
+    group: dist.ProcessGroup | None = None
+    cancelled: bool = False
+
+
+class Donor:
+    """Plans this rank sends in.
+
+    Args:
+        config: the agent's configuration (transfer knobs, rendezvous timeout).
+        store: the rendezvous store this rank hosts.
+        host: the address Gloo listens on.
+        graveyard: where groups of failed transfers are kept (see :class:`Agent`).
+        position: where the trainer is (its step goes into acknowledgements).
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        store: dist.Store,
+        host: str,
+        graveyard: deque[dist.ProcessGroup],
+        position: Callable[[], Position],
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._host = host
+        self._graveyard = graveyard
+        self._position = position
+        self.link: CoordinatorLink | None = None  # set once the link exists (it calls us back)
+        self._lock = threading.Lock()
+        self._orders: dict[int, _SendOrder] = {}
+        self._next_fence = math.inf
+        self.failure: BaseException | None = None
+        self.sends: deque[Report] = deque(maxlen=32)
+        """The last sends this rank made (newest last)."""
+
+    # ---- called by the link's watch thread --------------------------------------
+
+    def on_order(self, order: Order) -> None:
+        """Acts on one order from the coordinator."""
+        if order.kind == "prepare":
+            with self._lock:
+                if order.plan_id in self._orders:
+                    return
+                o = _SendOrder(
+                    plan_id=order.plan_id,
+                    joiner=order.joiner,
+                    prefix=order.rendezvous_prefix,
+                    backend=order.backend,
+                    deadline=time.monotonic() + order.timeout_s,
+                )
+                self._orders[order.plan_id] = o
+            threading.Thread(
+                target=self._guarded_prepare, args=(o,), name="recoveryd-prepare", daemon=True
+            ).start()
+        elif order.kind == "arm":
+            with self._lock:
+                armed = self._orders.get(order.plan_id)
+                if armed is not None:
+                    armed.fence = order.step
+            self._refence()
+        elif order.kind == "cancel":
+            with self._lock:
+                gone = self._orders.pop(order.plan_id, None)
+            if gone is not None:
+                gone.cancelled = True
+                if gone.group is not None:
+                    self._graveyard.append(gone.group)
+            self._refence()
+
+    def drop_all(self) -> None:
+        """Forgets every plan not being sent (their coordinator restarted)."""
+        with self._lock:
+            dropped = list(self._orders.values())
+            self._orders.clear()
+        for o in dropped:
+            o.cancelled = True
+        self._refence()
+
+    # ---- called by the trainer's thread ------------------------------------------
+
+    def due(self, step: int) -> bool:
+        """Whether a plan is fenced at or before ``step``."""
+        return step >= self._next_fence
+
+    def serve(self, step: int, state_fn: Callable[[], object], *, parked: bool = False) -> None:
+        """Sends every plan fenced at or before ``step`` (every armed plan when ``parked``).
+
+        A parked rank also answers plans fenced past its step: the joiner
+        refuses the step at the handshake (nothing is written) and the
+        coordinator re-plans at the parked step.
+        """
+        with self._lock:
+            due = [
+                o
+                for o in self._orders.values()
+                if o.fence is not None
+                and (parked or o.fence <= step)
+                and o.group is not None
+                and not o.cancelled
+            ]
+        if due:
+            state = state_fn()
+            for o in due:
+                self._send(o, state, step)
+        self._refence()
+
+    # ---- internals ----------------------------------------------------------------
+
+    def _send(self, o: _SendOrder, state: object, step: int) -> None:
+        assert self.link is not None
+        assert o.group is not None
+        t0 = time.monotonic()
+        with self._lock:
+            self._orders.pop(o.plan_id, None)
+        try:
+            stats = send_state_dict(
+                o.group,
+                [JOINER_RANK],
+                state,
+                timeout=timedelta(seconds=max(0.001, o.deadline - t0)),
+                step=step,
+                config=self._config.transfer,
+                device=device_for(o.backend),
+            )
+        except TransferError as err:
+            logger.warning(
+                "%s: send of plan %d to %r failed: %s", self.link.who, o.plan_id, o.joiner, err
+            )
+            self._graveyard.append(o.group)
+            self.sends.append(
+                self.link.report(
+                    o.plan_id, "donor", result_of(err), started=t0, message=str(err), step=step
+                )
+            )
+            return
+        logger.info(
+            "%s: sent step %d to %r (plan %d): %d bytes in %.3f s",
+            self.link.who,
+            step,
+            o.joiner,
+            o.plan_id,
+            stats.payload_bytes,
+            stats.seconds,
+        )
+        self.sends.append(
+            self.link.report(
+                o.plan_id,
+                "donor",
+                "ok",
+                started=t0,
+                step=step,
+                nbytes=stats.payload_bytes,
+                phases=stats.phases,
+            )
+        )
+
+    def _guarded_prepare(self, o: _SendOrder) -> None:
+        try:
+            self._prepare(o)
+        except BaseException as err:  # recorded, raised at the trainer's next call
+            logger.exception("preparing plan %d failed", o.plan_id)
+            self.failure = err
+
+    def _prepare(self, o: _SendOrder) -> None:
+        assert self.link is not None
+        t0 = time.monotonic()
+        limit = min(o.deadline - t0, self._config.rendezvous_timeout.total_seconds())
+        try:
+            group = open_group(
+                self._store,
+                o.prefix,
+                DONOR_RANK,
+                backend=o.backend,
+                host=self._host,
+                timeout=timedelta(seconds=max(0.001, limit)),
+            )
+        except Exception as err:
+            with self._lock:
+                self._orders.pop(o.plan_id, None)
+            logger.warning(
+                "%s: plan %d: joiner %r never joined: %s", self.link.who, o.plan_id, o.joiner, err
+            )
+            self.link.report(
+                o.plan_id, "donor", result_of(err), started=t0, message=f"rendezvous: {err}"
+            )
+            return
+        o.group = group
+        if o.cancelled:
+            self._graveyard.append(group)
+            return
+        where = self._position()
+        try:
+            live = self.link.client.acknowledge(
+                o.plan_id,
+                self._config.replica_id,
+                self._config.group_rank,
+                where.step or 0,
+                idle=where.parked,
+                step_time_s=where.step_time_s,
+            )
+        except RecoverydError as err:
+            live = False
+            logger.warning("%s: could not acknowledge plan %d: %s", self.link.who, o.plan_id, err)
+        if not live:
+            with self._lock:
+                self._orders.pop(o.plan_id, None)
+            self._graveyard.append(group)
+
+    def _refence(self) -> None:
+        with self._lock:
+            fences = [
+                o.fence for o in self._orders.values() if o.fence is not None and not o.cancelled
+            ]
+            self._next_fence = min(fences) if fences else math.inf

@@ -1,0 +1,286 @@
+"""One rank's link to the coordinator, kept alive by background threads.
+
+Registration, heartbeats, the order stream and transfer reports live here,
+apart from the trainer-facing calls, so that an agent in the trainer process
+and a sidecar process share them. Nothing here ever blocks the trainer: the
+threads retry with backoff while the coordinator is away (at least every
+:data:`MAX_BACKOFF_S`, which the coordinator's warm-up counts on) and
+register again when it comes back. An unexpected error in a thread is kept
+in :attr:`CoordinatorLink.failure` for the trainer's next call to raise.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from recoveryd.agent.client import Beat, CoordinatorClient
+from recoveryd.agent.config import AgentConfig
+from recoveryd.coordinator.membership import MemberInfo
+from recoveryd.coordinator.planner import Order, Report, Role
+from recoveryd.errors import (
+    CoordinatorUnavailableError,
+    ManifestError,
+    PeerLostError,
+    RecoverydError,
+    StateMismatchError,
+    StepMismatchError,
+    TransferTimeoutError,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 2.0
+
+
+def result_of(err: BaseException) -> str:
+    """The report result for a transfer failure (a small fixed set)."""
+    if isinstance(err, StepMismatchError):
+        return "step_mismatch"
+    if isinstance(err, StateMismatchError | ManifestError):
+        return "rejected"
+    if isinstance(err, TransferTimeoutError | TimeoutError):
+        return "timeout"
+    if isinstance(err, PeerLostError | ConnectionError):
+        return "peer_lost"
+    return "error"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Position:
+    """Where the rank's trainer is, as its heartbeats and acknowledgements say."""
+
+    step: int | None
+    step_time_s: float = 0.0
+    parked: bool = False
+
+
+class CoordinatorLink:
+    """Registers one rank and keeps it registered, heartbeating and listening for orders.
+
+    Args:
+        config: the rank's identity and the coordinator's address.
+        agent_id: unique per process (a new one tells the coordinator the rank restarted).
+        rendezvous: ``host:port`` of the store this rank hosts.
+        layout: ``(fingerprint, device_kind)`` of the rank's state.
+        position: returns where the trainer is (read by the threads).
+        on_order: called (in the watch thread) with every order for this rank.
+        on_new_coordinator: called when the coordinator restarted (its plans are gone).
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        agent_id: str,
+        rendezvous: str,
+        layout: tuple[str, str],
+        position: Callable[[], Position],
+        on_order: Callable[[Order], None],
+        on_new_coordinator: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.agent_id = agent_id
+        self.rendezvous = rendezvous
+        self.client = CoordinatorClient(config.coordinator, timeout=config.rpc_timeout)
+        self.registered = threading.Event()
+        """Set while the current coordinator knows this rank."""
+        self.failure: BaseException | None = None
+        """An unexpected error of a background thread, for the trainer's next call."""
+        self._layout = layout
+        self._position = position
+        self._on_order = on_order
+        self._on_new_coordinator = on_new_coordinator
+        self._interval = config.heartbeat_interval.total_seconds()
+        self._coordinator_id = ""
+        self._closed = threading.Event()
+        self._reports: queue.Queue[Report | None] = queue.Queue()
+        self._cancel_watch: Callable[[], None] | None = None
+        self._threads = [
+            threading.Thread(target=self._guard(loop), name=f"recoveryd-{name}", daemon=True)
+            for name, loop in (
+                ("heartbeat", self._heartbeat_loop),
+                ("watch", self._watch_loop),
+                ("report", self._report_loop),
+            )
+        ]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def who(self) -> str:
+        """``replica/rank``, for logs and messages."""
+        return f"{self.config.replica_id}/{self.config.group_rank}"
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed.is_set()
+
+    def set_layout(self, layout: tuple[str, str]) -> None:
+        """Registers again if the state's layout changed."""
+        if layout != self._layout:
+            self._layout = layout
+            self.registered.clear()
+
+    def reregister(self) -> None:
+        """Asks the heartbeat thread to register again (e.g. the coordinator forgot us)."""
+        self.registered.clear()
+
+    def report(
+        self,
+        plan_id: int,
+        role: Role,
+        result: str,
+        *,
+        started: float,
+        message: str = "",
+        step: int | None = None,
+        nbytes: int = 0,
+        phases: dict[str, float] | None = None,
+        wait: bool = False,
+    ) -> Report:
+        """Reports one side of one transfer that started at ``started`` (monotonic).
+
+        With ``wait`` the call is made now and retried while the coordinator
+        is away (a joiner waits on the coordinator anyway); otherwise it is
+        queued for the report thread (a donor's trainer is not held).
+        """
+        report = Report(
+            plan_id=plan_id,
+            replica_id=self.config.replica_id,
+            group_rank=self.config.group_rank,
+            role=role,
+            result=result,
+            message=message,
+            step=step,
+            bytes=nbytes,
+            seconds=time.monotonic() - started,
+            phases=phases or {},
+            address=self.rendezvous.rpartition(":")[0],
+        )
+        if not wait:
+            self._reports.put(report)
+            return report
+        for attempt in range(20):
+            try:
+                self.client.report(report)
+                return report
+            except CoordinatorUnavailableError:
+                time.sleep(min(0.05 * 2**attempt, MAX_BACKOFF_S))
+        logger.warning("%s: gave up reporting plan %d", self.who, plan_id)
+        return report
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stops the threads and closes the channel."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._reports.put(None)
+        if self._cancel_watch is not None:
+            self._cancel_watch()
+        end = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
+        self.client.close()
+
+    # ---- threads --------------------------------------------------------------
+
+    def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as err:  # recorded, raised at the trainer's next call
+                logger.exception("%s: background thread failed", self.who)
+                self.failure = err
+
+        return run
+
+    def _register(self) -> None:
+        digest, device_kind = self._layout
+        reg = self.client.register(
+            MemberInfo(
+                replica_id=self.config.replica_id,
+                group_rank=self.config.group_rank,
+                group_world_size=self.config.group_world_size,
+                layout_fingerprint=digest,
+                device_kind=device_kind,
+                rendezvous=self.rendezvous,
+                labels=dict(self.config.labels),
+                agent_id=self.agent_id,
+            ),
+            step=self._position().step,
+        )
+        if self._coordinator_id and reg.coordinator_id != self._coordinator_id:
+            logger.warning(
+                "%s: coordinator restarted (%s -> %s): registered again",
+                self.who,
+                self._coordinator_id,
+                reg.coordinator_id,
+            )
+            self._on_new_coordinator()
+        self._coordinator_id = reg.coordinator_id
+        self._interval = reg.heartbeat_interval.total_seconds()
+        self.registered.set()
+
+    def _heartbeat_loop(self) -> None:
+        backoff = 0.05
+        warned = False
+        while not self._closed.is_set():
+            try:
+                if not self.registered.is_set():
+                    self._register()
+                beat = Beat(
+                    replica_id=self.config.replica_id,
+                    group_rank=self.config.group_rank,
+                    step=self._position().step,
+                )
+                cid, unknown = self.client.heartbeat([beat])
+                if unknown or cid != self._coordinator_id:
+                    self.registered.clear()
+                    continue
+                if warned:
+                    logger.info(
+                        "%s: coordinator %s reachable again", self.who, self.config.coordinator
+                    )
+                backoff, warned = 0.05, False
+                self._closed.wait(self._interval)
+            except CoordinatorUnavailableError as err:
+                if not warned:
+                    logger.warning("%s: %s", self.who, err)
+                    warned = True
+                self._closed.wait(backoff)
+                backoff = min(2 * backoff, MAX_BACKOFF_S)
+
+    def _watch_loop(self) -> None:
+        backoff = 0.05
+        while not self._closed.is_set():
+            if not self.registered.wait(0.2):
+                continue
+            orders, cancel = self.client.watch(self.config.replica_id, self.config.group_rank)
+            self._cancel_watch = cancel
+            if self._closed.is_set():
+                cancel()
+                return
+            try:
+                for order in orders:
+                    backoff = 0.05
+                    self._on_order(order)
+            except CoordinatorUnavailableError:
+                # The coordinator went away: the heartbeats notice and register again.
+                self._closed.wait(backoff)
+                backoff = min(2 * backoff, MAX_BACKOFF_S)
+
+    def _report_loop(self) -> None:
+        while True:
+            report = self._reports.get()
+            if report is None:
+                return
+            try:
+                self.client.report(report)
+            except RecoverydError as err:
+                logger.warning("%s: could not report plan %d: %s", self.who, report.plan_id, err)
