@@ -329,9 +329,12 @@ class Planner:
                 f"the last failure: {rnd.last_failure}"
             )
         if not same:
+            others = len(replicas) - 1
+            if others == 0:
+                return "no other replica is registered: this is the first replica"
             return (
-                f"no other replica has this state layout among {len(replicas) - 1} others "
-                "(this is the first replica, or the layouts differ)"
+                f"none of the {others} other replica(s) has this state layout "
+                "(different model, sharding or dtypes)"
             )
         with_state = [v for v in same if v.step is not None]
         if not with_state:
