@@ -976,10 +976,8 @@ def _render_targets(targets: list[dict[str, Any]], quick: bool) -> str:
         )
     for t in targets:
         verdict = "MET" if t["met"] else "NOT MET"
-        out.append(
-            f"  {t['target']} ({t['ranks']:,} ranks): {verdict}: "
-            f"{_f(t['measured_ms'])} ms ({t['note']})"
-        )
+        label = t["target"] if "ranks" in t["target"] else f"{t['target']} ({t['ranks']:,} ranks)"
+        out.append(f"  {label}: {verdict}: {_f(t['measured_ms'])} ms ({t['note']})")
     return "\n".join(out)
 
 
