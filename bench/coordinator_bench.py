@@ -22,7 +22,7 @@ No Watch streams are open (a real agent holds one per rank).
 Usage (from the repository root)::
 
     python -m bench.coordinator_bench [--quick] [--ranks 2000,10000] [--ranks-per-replica 8]
-                                      [--interval 1] [--duration 10] [--workers 4]
+                                      [--interval 2] [--duration 10] [--workers 4]
                                       [--donor-probes 50] [--json PATH]
 """
 
@@ -112,7 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ranks-per-replica", type=int, default=8, help="ranks per replica (default 8)")
     p.add_argument(
-        "--interval", type=float, default=1.0, help="seconds between a rank's beats (default 1)"
+        "--interval",
+        type=float,
+        default=2.0,
+        help="seconds between a rank's beats (default 2, the coordinator's default)",
     )
     p.add_argument(
         "--duration", type=float, default=None, help="measured seconds per row (default 10)"

@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--bind", default="0.0.0.0:29400", help="HOST:PORT to listen on (default 0.0.0.0:29400)"
     )
-    p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds (default 1)")
+    p.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds (default 2)")
     p.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds (default 10)")
     p.add_argument(
         "--transfer-timeout",

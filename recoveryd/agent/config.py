@@ -54,8 +54,8 @@ class AgentConfig:
     """Port of the rendezvous store this agent hosts (0: any free port)."""
     labels: Mapping[str, str] = field(default_factory=dict)
     """Locality labels (``node``, ``zone``) the coordinator prefers donors by."""
-    heartbeat_interval: timedelta = timedelta(seconds=1)
-    """Heartbeat period until the coordinator says otherwise."""
+    heartbeat_interval: timedelta = timedelta(seconds=2)
+    """Heartbeat period until the coordinator says otherwise (it does, when the agent registers)."""
     rpc_timeout: timedelta = timedelta(seconds=5)
     """Deadline of each coordinator call."""
     rendezvous_timeout: timedelta = timedelta(seconds=60)

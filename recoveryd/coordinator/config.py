@@ -12,8 +12,10 @@ from recoveryd.errors import ConfigError
 class CoordinatorConfig:
     """How the coordinator judges health and runs recoveries."""
 
-    heartbeat_interval: timedelta = timedelta(seconds=1)
-    """How often agents heartbeat (told to them when they register)."""
+    heartbeat_interval: timedelta = timedelta(seconds=2)
+    """How often agents heartbeat (told to them when they register). A
+    heartbeat costs the coordinator ~0.5 ms of CPU (bench/RESULTS.md), so a
+    core serves ~2,000 a second: ranks / interval must stay well below that."""
     heartbeat_timeout: timedelta = timedelta(seconds=10)
     """A rank silent for this long is unhealthy, and so is its replica."""
     fence_steps: int = 2

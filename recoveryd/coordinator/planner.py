@@ -174,7 +174,6 @@ class Planner:
         self._bandwidth_bps: dict[str, float] = {}
         self.version = 0
         self._started = clock()
-        self._expired_at = clock()
         """Bumped by every change a waiting joiner could care about (long polls wait on it)."""
 
     # ---- membership events -------------------------------------------------
@@ -477,18 +476,19 @@ class Planner:
 
     # ---- time -------------------------------------------------------------------
 
-    def tick(self) -> None:
-        """Fails plans that ran out of time or lost their donor; forgets long-gone ranks."""
-        now = self._clock()
-        gone = []
-        if now - self._expired_at >= 1.0:  # a walk over every rank: once a second is plenty
-            self._expired_at = now
-            gone = self._members.expire(self._config.forget_after)
+    def housekeep(self) -> None:
+        """Forgets ranks silent for ``forget_after`` (a walk over every rank: call it
+        from a timer, not on a request's path)."""
+        gone = self._members.expire(self._config.forget_after)
         if gone:
             self.version += 1
             for rid in {rid for rid, _ in gone}:
                 if self._members.replica(rid) is None:
                     self._rounds.pop(rid, None)
+
+    def tick(self) -> None:
+        """Fails plans that ran out of time or lost their donor."""
+        now = self._clock()
         prepare_s = self._config.prepare_timeout.total_seconds()
         for plan in list(self._active.values()):
             age = now - plan.created

@@ -81,12 +81,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
         self._news = asyncio.Event()
 
     async def tick_forever(self, period_s: float) -> None:
-        """Fails timed-out plans and wakes long polls, every ``period_s``."""
+        """Fails timed-out plans and wakes long polls, every ``period_s``; once a
+        second, forgets long-silent ranks."""
+        housekept = 0.0
         while True:
             await asyncio.sleep(period_s)
             before = self.planner.version
             try:
                 self.planner.tick()
+                if self._clock() - housekept >= 1.0:
+                    housekept = self._clock()
+                    self.planner.housekeep()
             except Exception:
                 logger.exception("coordinator tick failed")
             if self.planner.version != before:

@@ -624,12 +624,12 @@ def test_long_silent_ranks_are_forgotten_and_their_rounds_dropped() -> None:
     c.join("gone", step=None)
     assert c.planner.recover("gone", 0).state == "no_donor"
     c.clock.now = 59.0
-    c.planner.tick()
+    c.planner.housekeep()
     view = c.members.replica("gone")
     assert view is not None  # unhealthy, still listed
     assert not view.healthy
     c.clock.now = 61.5
-    c.planner.tick()
+    c.planner.housekeep()
     assert c.members.replica("gone") is None
     assert c.members.rank_count() == 0
 
