@@ -90,6 +90,7 @@ class Agent:
             on_new_coordinator=self._donor.drop_all,
         )
         self._donor.link = self._link
+        self._link.start()
         logger.info(
             "agent %s: rank %d/%d of %r, transfers rendezvous at %s, coordinator %s",
             self.agent_id,

@@ -108,6 +108,9 @@ class CoordinatorLink:
                 ("report", self._report_loop),
             )
         ]
+
+    def start(self) -> None:
+        """Starts the threads: registration first, then heartbeats, orders and reports."""
         for t in self._threads:
             t.start()
 
@@ -185,7 +188,8 @@ class CoordinatorLink:
             self._cancel_watch()
         end = time.monotonic() + timeout
         for t in self._threads:
-            t.join(max(0.0, end - time.monotonic()))
+            if t.is_alive():
+                t.join(max(0.0, end - time.monotonic()))
         self.client.close()
 
     # ---- threads --------------------------------------------------------------

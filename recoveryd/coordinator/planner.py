@@ -253,14 +253,15 @@ class Planner:
         plan = rnd.plan
         if plan is not None and plan.state in ("preparing", "armed"):
             return
-        self.version += 1
         if plan is not None and plan.state == "done":
+            self.version += 1
             assert plan.step is not None
             rnd.final = Answer(
                 state="done", plan_id=plan.plan.plan_id, donor=plan.plan.donor, step=plan.step
             )
             return
         if rnd.attempts >= self._config.max_attempts:
+            self.version += 1
             rnd.final = Answer(
                 state="no_donor",
                 reason=f"{rnd.attempts} plans failed; the last: {rnd.last_failure}",
@@ -284,8 +285,10 @@ class Planner:
                     f"{self._config.warmup.total_seconds():g} s for replicas to register again"
                 )
                 return
+            self.version += 1
             rnd.final = Answer(state="no_donor", reason=self._why_no_donor(rnd, replicas))
             return
+        self.version += 1
         rnd.waiting = ""
         rnd.attempts += 1
         kinds = {m.device_kind for m in (*joiner.ranks.values(), *donor.ranks.values())}

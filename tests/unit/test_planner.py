@@ -674,3 +674,21 @@ def test_fast_steps_get_a_fence_far_enough_ahead_in_time() -> None:
     for r in range(2):
         assert c2.planner.acknowledge(plan2, "donor", r, 50, step_time_s=1.0)
     assert c2.planner.recover("joiner", 0).step == 52
+
+
+def test_asking_again_while_nothing_changed_is_not_news() -> None:
+    # Held long polls wake on every version change: an unchanged answer must
+    # not bump it, or two waiting ranks would wake each other in a loop.
+    c = _coord(warmup=5.0)
+    c.join("joiner", step=None)
+    c.planner.recover("joiner", 0)  # opens the round
+    before = c.planner.version
+    assert c.planner.recover("joiner", 0).state == "wait"  # warm-up: nobody to ask yet
+    assert c.planner.recover("joiner", 1).state == "wait"
+    assert c.planner.version == before
+    c.join("donor", step=10)
+    plan = c.planner.recover("joiner", 0)
+    assert plan.state == "transfer"
+    before = c.planner.version
+    assert c.planner.recover("joiner", 0, received_plan_id=0).state == "transfer"
+    assert c.planner.version == before
