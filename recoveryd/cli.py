@@ -98,9 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser(
         "demo", help="kill and recover a replica of a small training job on this machine"
     )
-    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--replicas", type=int, default=3, help="replicas (default 3)")
     p.add_argument("--ranks", type=int, default=2, help="ranks per replica")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     p.add_argument("--kill-at", type=int, default=60, help="kill the last replica at this step")
     p.add_argument("--hidden", type=int, default=512, help="MLP width")
     p.add_argument("--extra-mib", type=int, default=0, help="extra MiB of state per rank")

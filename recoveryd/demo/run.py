@@ -20,6 +20,7 @@ from typing import Any, TextIO
 from recoveryd.agent.client import CoordinatorClient
 from recoveryd.demo.cluster import LocalCluster
 from recoveryd.demo.trainer import Event
+from recoveryd.errors import ConfigError
 from recoveryd.status import human_bytes, phases_line, render
 
 
@@ -37,6 +38,18 @@ class DemoConfig:
     extra_bytes: int = 0
     step_delay_s: float = 0.02
     timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.replicas < 2:
+            raise ConfigError(
+                "replicas", self.replicas, "must be >= 2 (one is killed, another donates)"
+            )
+        if self.ranks < 1:
+            raise ConfigError("ranks", self.ranks, "must be >= 1")
+        if not 0 < self.kill_at < self.steps:
+            raise ConfigError("kill_at", self.kill_at, f"must be in (0, steps={self.steps})")
+        if self.hidden < 8 or self.layers < 1 or self.extra_bytes < 0:
+            raise ConfigError("hidden", self.hidden, "hidden >= 8, layers >= 1, extra bytes >= 0")
 
 
 def _fmt(ev: Event, t0: float) -> str | None:
