@@ -2,22 +2,51 @@
 
 The public API is what ``__all__`` lists; everything else may change. Every
 error is a :class:`RecoverydError`; the specific ones live in
-:mod:`recoveryd.errors`.
+:mod:`recoveryd.errors`. Names are imported on first use, so the coordinator
+and the command line start without importing torch.
 """
 
-from recoveryd.agent import Agent, AgentConfig, RecoveryRecord
-from recoveryd.coordinator.config import CoordinatorConfig
-from recoveryd.coordinator.server import Coordinator
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from recoveryd.errors import CoordinatorUnavailableError, RecoverydError, TransferError
-from recoveryd.transport import (
-    ReceivedState,
-    TransferConfig,
-    TransferStats,
-    recv_state_dict,
-    send_state_dict,
-)
+
+if TYPE_CHECKING:
+    from recoveryd.agent import Agent, AgentConfig, RecoveryRecord
+    from recoveryd.coordinator.config import CoordinatorConfig
+    from recoveryd.coordinator.server import Coordinator
+    from recoveryd.transport import (
+        ReceivedState,
+        TransferConfig,
+        TransferStats,
+        recv_state_dict,
+        send_state_dict,
+    )
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Agent": "recoveryd.agent",
+    "AgentConfig": "recoveryd.agent",
+    "RecoveryRecord": "recoveryd.agent",
+    "Coordinator": "recoveryd.coordinator.server",
+    "CoordinatorConfig": "recoveryd.coordinator.config",
+    "ReceivedState": "recoveryd.transport",
+    "TransferConfig": "recoveryd.transport",
+    "TransferStats": "recoveryd.transport",
+    "recv_state_dict": "recoveryd.transport",
+    "send_state_dict": "recoveryd.transport",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'recoveryd' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "Agent",

@@ -12,5 +12,6 @@ fi
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # The CPU build first: with it installed, torchft's torch requirement is met and
 # pip does not fetch a multi-GB CUDA build.
-python -m pip install -q "torch==2.13.0"
+# TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu) picks where it comes from.
+python -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 python -m pip install -q -c constraints-dev.txt -e ".[dev]"

@@ -128,8 +128,9 @@ class Agent:
             :attr:`last_recovery` for the coordinator's reason).
 
         Raises:
-            CoordinatorUnavailableError: the coordinator was unreachable until the deadline.
-            TransferTimeoutError: no recovery finished within ``timeout``.
+            CoordinatorUnavailableError: no answer from the coordinator by the
+                deadline (a trainer may then start as the first replica would).
+            TransferTimeoutError: plans were under way but none finished within ``timeout``.
             RecoverydError: a background thread of the agent failed.
         """
         self._raise_failure()
@@ -169,6 +170,7 @@ class Agent:
         if not self._stepped:  # e.g. optimizer state created by the first step
             self._stepped = True
             self._link.set_layout(fingerprint(self._state_fn()))
+            self._link.nudge()  # tell the coordinator at once that this rank holds a step
         if self._donor.due(step):
             self._donor.serve(step, self._state_fn)
 

@@ -122,6 +122,10 @@ def recover_into(
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
+            if last_answer == "none yet":
+                raise CoordinatorUnavailableError(
+                    config.coordinator, f"{link.who} got no answer within {timeout}"
+                )
             raise TransferTimeoutError(
                 f"{link.who}: no recovery within {timeout} (last answer: {last_answer})"
             )

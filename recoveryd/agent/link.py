@@ -98,6 +98,7 @@ class CoordinatorLink:
         self._interval = config.heartbeat_interval.total_seconds()
         self._coordinator_id = ""
         self._closed = threading.Event()
+        self._nudged = threading.Event()
         self._reports: queue.Queue[Report | None] = queue.Queue()
         self._cancel_watch: Callable[[], None] | None = None
         self._threads = [
@@ -129,6 +130,10 @@ class CoordinatorLink:
         if layout != self._layout:
             self._layout = layout
             self.registered.clear()
+
+    def nudge(self) -> None:
+        """Heartbeats now rather than at the next interval."""
+        self._nudged.set()
 
     def reregister(self) -> None:
         """Asks the heartbeat thread to register again (e.g. the coordinator forgot us)."""
@@ -183,6 +188,7 @@ class CoordinatorLink:
         if self._closed.is_set():
             return
         self._closed.set()
+        self._nudged.set()
         self._reports.put(None)
         if self._cancel_watch is not None:
             self._cancel_watch()
@@ -252,7 +258,8 @@ class CoordinatorLink:
                         "%s: coordinator %s reachable again", self.who, self.config.coordinator
                     )
                 backoff, warned = 0.05, False
-                self._closed.wait(self._interval)
+                self._nudged.wait(self._interval)
+                self._nudged.clear()
             except CoordinatorUnavailableError as err:
                 if not warned:
                     logger.warning("%s: %s", self.who, err)

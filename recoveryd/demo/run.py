@@ -111,9 +111,11 @@ def run_demo(config: DemoConfig, *, out: TextIO = sys.stdout, as_json: bool = Fa
         killed_at = cluster.step_of(victim)
         cluster.kill_replica(victim)
         t_kill = time.time()
-        say(f"{t_kill - t0:7.2f}s  KILL -9 {victim} (both ranks) at step ~{killed_at}")
+        notes = [(t_kill, f"KILL -9 {victim} (both ranks) at step ~{killed_at}")]
+        say(f"{t_kill - t0:7.2f}s  {notes[-1][1]}")
         cluster.start_replica(victim, config.ranks)
-        say(f"{time.time() - t0:7.2f}s  restarted {victim}")
+        notes.append((time.time(), f"restarted {victim}"))
+        say(f"{notes[-1][0] - t0:7.2f}s  {notes[-1][1]}")
         recovered = cluster.wait_for(
             lambda e: (
                 e.replica_id == victim and e.incarnation == 1 and e.kind in ("recovered", "fresh")
@@ -195,10 +197,13 @@ def run_demo(config: DemoConfig, *, out: TextIO = sys.stdout, as_json: bool = Fa
         return 0 if passed else 1
 
     say("\ntimeline (seconds since start):")
+    lines = [(t, f"{t - t0:7.2f}s  {text}") for t, text in notes]
     for ev in events:
         line = _fmt(ev, t0)
         if line is not None and (ev.kind != "finished" or ev.replica_id == victim):
-            say(line)
+            lines.append((ev.time, line))
+    for _, line in sorted(lines):
+        say(line)
     say("\ncoordinator status at the end of the run:")
     say(render(status))
     say("\nchecks:")
