@@ -125,7 +125,9 @@ class Agent:
         Returns:
             The recovered step, or ``None`` when there is nothing to recover
             from (the first replica, or no healthy donor: see
-            :attr:`last_recovery` for the coordinator's reason).
+            :attr:`last_recovery` for the coordinator's reason). If plans
+            failed midway before that answer, ``last_recovery.state_written``
+            is set and ``state_dict`` must be initialised again.
 
         Raises:
             CoordinatorUnavailableError: no answer from the coordinator by the

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from recoveryd.agent.config import AgentConfig
 from recoveryd.agent.link import CoordinatorLink, Position, result_of
-from recoveryd.agent.rendezvous import DONOR_RANK, JOINER_RANK, device_for, open_group
+from recoveryd.agent.rendezvous import DONOR_RANK, JOINER_RANK, device_for, go_key, open_group
 from recoveryd.coordinator.planner import Order, Report
 from recoveryd.errors import RecoverydError, TransferError
 from recoveryd.transport import send_state_dict
@@ -155,6 +155,9 @@ class Donor:
         with self._lock:
             self._orders.pop(o.plan_id, None)
         try:
+            # The joiner waits for this key, not in a receive: a plan cancelled
+            # before its fence, or a donor that died, then never holds it.
+            self._store.set(go_key(o.prefix), str(step))
             stats = send_state_dict(
                 o.group,
                 [JOINER_RANK],

@@ -25,6 +25,7 @@ from recoveryd.agent.rendezvous import (
     JOINER_RANK,
     connect_store,
     device_for,
+    go_key,
     open_group,
 )
 from recoveryd.errors import (
@@ -54,10 +55,13 @@ class RecoveryRecord:
         seconds: from the call to the state being ready on every rank.
         phases: seconds per phase: ``plan`` (until a plan named a donor),
             ``rendezvous`` (forming the transfer group), ``fence`` (until the
-            donor reached the fenced step and its manifest arrived), the
-            transfer's other phases (``prepare``, ``handshake``, ``data``, ``verify``),
+            donor reached the fenced step), the transfer's phases
+            (``manifest``, ``prepare``, ``handshake``, ``data``, ``verify``),
             and ``confirm`` (until every rank of the replica had its state).
         reason: why there was no donor.
+        state_written: whether any transfer wrote into the state. After a
+            ``no_donor`` with this set (plans failed midway), the state is
+            partly overwritten: initialise it again or load a checkpoint.
     """
 
     outcome: str
@@ -69,6 +73,7 @@ class RecoveryRecord:
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
     reason: str = ""
+    state_written: bool = False
 
 
 def merge_values(dst: object, src: object) -> object:
@@ -98,6 +103,48 @@ def merge_values(dst: object, src: object) -> object:
     return src
 
 
+def _await_go(
+    link: CoordinatorLink,
+    store: dist.Store,
+    prefix: str,
+    plan_id: int,
+    received: int,
+    deadline: float,
+) -> str | None:
+    """Waits for the donor rank to reach the fence; returns why not, or ``None`` when it did.
+
+    Polls the donor's store (a dead donor fails the poll at once) and, every
+    second, the coordinator (a plan that failed or was replaced is dropped).
+    """
+    config = link.config
+    key = go_key(prefix)
+    asked = time.monotonic()
+    nap = 0.001
+    while time.monotonic() < deadline:
+        try:
+            if store.check([key]):
+                return None
+        except RuntimeError as err:
+            return f"donor rank unreachable before the fence: {err}"
+        if time.monotonic() - asked >= 1.0:
+            asked = time.monotonic()
+            try:
+                now = link.client.recover(
+                    config.replica_id,
+                    config.group_rank,
+                    wait=timedelta(0),
+                    received_plan_id=received,
+                    joined_plan_id=plan_id,
+                )
+            except (CoordinatorUnavailableError, UnknownMemberError):
+                continue  # keep waiting on the donor; the coordinator is not needed for this
+            if now.state != "transfer" or now.plan_id != plan_id:
+                return f"the coordinator ended the plan ({now.state} {now.reason})".strip()
+        time.sleep(nap)
+        nap = min(2 * nap, 0.02)
+    return "the recovery's deadline passed before the donor reached the fence"
+
+
 def recover_into(
     link: CoordinatorLink,
     state_dict: object,
@@ -116,6 +163,7 @@ def recover_into(
     deadline = start + timeout.total_seconds()
     received = joined = 0
     group: dist.ProcessGroup | None = None
+    store: dist.Store | None = None
     received_at: float | None = None
     backoff = 0.05
     last_answer = "none yet"
@@ -175,7 +223,7 @@ def recover_into(
         if ans.plan_id != joined:
             if group is not None:
                 graveyard.append(group)
-            group, joined = None, 0
+            group, store, joined = None, None, 0
             record.attempts += 1
             record.phases.setdefault("plan", time.monotonic() - start)
             t0 = time.monotonic()
@@ -199,13 +247,35 @@ def recover_into(
                     started=t0,
                     message=f"rendezvous: {err}",
                     wait=True,
+                    deadline=deadline,
                 )
+                store = None
                 continue
             joined = ans.plan_id
             record.phases["rendezvous"] = time.monotonic() - t0
-        if ans.step is None or group is None:
+        if ans.step is None or group is None or store is None:
             continue  # the long poll holds us until the plan is armed
+        t_fence = time.monotonic()
+        gone = _await_go(link, store, ans.rendezvous_prefix, joined, received, deadline)
+        if gone is not None:
+            if gone.startswith("donor"):
+                link.report(
+                    joined,
+                    "joiner",
+                    "peer_lost",
+                    started=t_fence,
+                    message=gone,
+                    step=ans.step,
+                    wait=True,
+                    deadline=deadline,
+                )
+            logger.info("%s: plan %d from %r dropped: %s", link.who, joined, ans.donor, gone)
+            graveyard.append(group)
+            group, store, joined = None, None, 0
+            continue
+        record.phases["fence"] = time.monotonic() - t_fence
         t0 = time.monotonic()
+        record.state_written = True  # from here on, a failure may leave it half written
         try:
             got = recv_state_dict(
                 group,
@@ -226,15 +296,14 @@ def recover_into(
                 message=str(err),
                 step=ans.step,
                 wait=True,
+                deadline=deadline,
             )
             graveyard.append(group)
             group, joined = None, 0
             continue
         merge_values(state_dict, got.state_dict)
         st = got.stats
-        # The manifest comes when the donor reaches the fence: that wait is the fence's.
-        record.phases["fence"] = st.phases.get("manifest", 0.0)
-        record.phases.update({k: v for k, v in st.phases.items() if k != "manifest"})
+        record.phases.update(st.phases)
         record.donor, record.plan_id, record.bytes = ans.donor, ans.plan_id, st.payload_bytes
         link.report(
             ans.plan_id,
@@ -245,6 +314,7 @@ def recover_into(
             nbytes=st.payload_bytes,
             phases=st.phases,
             wait=True,
+            deadline=deadline,
         )
         received, received_at = ans.plan_id, time.monotonic()
         group = None  # done with it; Gloo tears it down

@@ -151,12 +151,14 @@ class CoordinatorLink:
         nbytes: int = 0,
         phases: dict[str, float] | None = None,
         wait: bool = False,
+        deadline: float | None = None,
     ) -> Report:
         """Reports one side of one transfer that started at ``started`` (monotonic).
 
         With ``wait`` the call is made now and retried while the coordinator
-        is away (a joiner waits on the coordinator anyway); otherwise it is
-        queued for the report thread (a donor's trainer is not held).
+        is away, until ``deadline`` (monotonic; a joiner waits on the
+        coordinator anyway); otherwise it is queued for the report thread (a
+        donor's trainer is not held).
         """
         report = Report(
             plan_id=plan_id,
@@ -174,14 +176,19 @@ class CoordinatorLink:
         if not wait:
             self._reports.put(report)
             return report
-        for attempt in range(20):
+        end = deadline if deadline is not None else time.monotonic() + 30.0
+        attempt = 0
+        while True:
             try:
                 self.client.report(report)
                 return report
             except CoordinatorUnavailableError:
-                time.sleep(min(0.05 * 2**attempt, MAX_BACKOFF_S))
-        logger.warning("%s: gave up reporting plan %d", self.who, plan_id)
-        return report
+                nap = min(0.05 * 2**attempt, MAX_BACKOFF_S)
+                if time.monotonic() + nap >= end:
+                    logger.warning("%s: gave up reporting plan %d", self.who, plan_id)
+                    return report
+                time.sleep(nap)
+                attempt += 1
 
     def close(self, timeout: float = 5.0) -> None:
         """Stops the threads and closes the channel."""
@@ -260,7 +267,7 @@ class CoordinatorLink:
                 backoff, warned = 0.05, False
                 self._nudged.wait(self._interval)
                 self._nudged.clear()
-            except CoordinatorUnavailableError as err:
+            except RecoverydError as err:  # unreachable, or registration refused: retry
                 if not warned:
                     logger.warning("%s: %s", self.who, err)
                     warned = True

@@ -20,6 +20,11 @@ DONOR_RANK = 0
 JOINER_RANK = 1
 
 
+def go_key(prefix: str) -> str:
+    """The key a donor rank sets (to its step) right before it sends a plan's state."""
+    return f"{prefix}/go"
+
+
 def host_store(host: str, port: int, *, timeout: timedelta) -> dist.TCPStore:
     """Hosts this agent's rendezvous store on ``host:port`` (port 0: any free port)."""
     return dist.TCPStore(host, port, None, True, timeout, wait_for_workers=False)

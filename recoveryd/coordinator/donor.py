@@ -2,10 +2,11 @@
 
 All ranks of a joiner pull from one donor replica, rank r from rank r, at one
 step boundary, so the joiner's ranks end up with one consistent step. Among
-the replicas that can donate (healthy, same layout, same world size, with a
-step), the highest step wins; ties go to the donor with the fewest transfers
-in flight, then the nearest (same node, then same zone), then the fastest
-link seen in past transfers.
+the replicas that can donate (healthy, same layout rank by rank, same world
+size, with a step), the most advanced win (within a slack of a few steps);
+among those, the donor with the fewest transfers in flight, then the nearest
+(same node, then same zone), then the fastest link seen in past transfers,
+then the highest step.
 """
 
 from __future__ import annotations
@@ -45,6 +46,21 @@ class RecoveryPlan:
     pairs: Sequence[RankPair]
 
 
+def layouts_match(joiner: ReplicaView, candidate: ReplicaView) -> bool:
+    """Whether every registered rank r of ``joiner`` has the layout of ``candidate``'s rank r.
+
+    Ranks of one replica may hold different layouts (pipeline stages, uneven
+    shards); only rank r of the donor feeds rank r of the joiner.
+    """
+    if joiner.fingerprint is not None and candidate.fingerprint is not None:
+        return joiner.fingerprint == candidate.fingerprint  # one layout for all ranks: O(1)
+    for r, mine in joiner.ranks.items():
+        theirs = candidate.ranks.get(r)
+        if theirs is None or theirs.layout_fingerprint != mine.layout_fingerprint:
+            return False
+    return True
+
+
 def eligible(joiner: ReplicaView, candidate: ReplicaView) -> bool:
     """Whether ``candidate`` can donate to ``joiner`` at all."""
     return (
@@ -52,8 +68,7 @@ def eligible(joiner: ReplicaView, candidate: ReplicaView) -> bool:
         and candidate.healthy
         and candidate.step is not None
         and candidate.world_size == joiner.world_size
-        and candidate.fingerprint is not None
-        and candidate.fingerprint == joiner.fingerprint
+        and layouts_match(joiner, candidate)
     )
 
 
@@ -74,6 +89,7 @@ def choose_donor(
     inflight: Mapping[str, int] | None = None,
     bandwidth_bps: Mapping[str, float] | None = None,
     exclude: Collection[str] = (),
+    step_slack: int = 0,
 ) -> ReplicaView | None:
     """The best donor for ``joiner``, or ``None`` if no replica can donate.
 
@@ -83,19 +99,25 @@ def choose_donor(
         inflight: transfers each replica is sending now.
         bandwidth_bps: the bandwidth seen from each replica in past transfers.
         exclude: replicas not to pick (e.g. a donor that just failed this joiner).
+        step_slack: replicas within this many steps of the most advanced one
+            count as equally up to date (replicas of a job are a step or two
+            apart at any moment, and the send happens at a fence ahead anyway),
+            so load, locality and bandwidth decide among them.
     """
     inflight = inflight or {}
     bandwidth_bps = bandwidth_bps or {}
     candidates = [c for c in replicas if c.replica_id not in exclude and eligible(joiner, c)]
     if not candidates:
         return None
+    best = max(c.step or 0 for c in candidates)
+    candidates = [c for c in candidates if (c.step or 0) >= best - step_slack]
     return min(
         candidates,
         key=lambda c: (
-            -(c.step or 0),
             inflight.get(c.replica_id, 0),
             _nearness(joiner, c),
             -bandwidth_bps.get(c.replica_id, 0.0),
+            -(c.step or 0),
             c.replica_id,  # deterministic among equals
         ),
     )

@@ -117,26 +117,30 @@ class Membership:
             (the rank restarted), so plans involving it are void.
 
         Raises:
-            ConfigError: the replica's other ranks declared another world size.
+            ConfigError: live ranks of the replica declared another world size
+                (ranks silent for ``heartbeat_timeout`` are dropped instead: the
+                replica was restarted with another size).
         """
+        now = self._clock()
         ranks = self._replicas.setdefault(info.replica_id, {})
-        for r in ranks.values():
-            if (
-                r.info.group_world_size != info.group_world_size
-                and r.info.group_rank != info.group_rank
-            ):
+        resized = [r for r in ranks.values() if r.info.group_world_size != info.group_world_size]
+        if resized:
+            live = [
+                r
+                for r in resized
+                if r.info.group_rank != info.group_rank and now - r.seen <= self._timeout
+            ]
+            if live:
                 raise ConfigError(
                     "group_world_size",
                     info.group_world_size,
-                    f"replica {info.replica_id!r} was registered with "
-                    f"{r.info.group_world_size} ranks",
+                    f"replica {info.replica_id!r} has live ranks registered with "
+                    f"{live[0].info.group_world_size} ranks; restart all its ranks with one size",
                 )
+            for r in resized:  # a resized replica: its old ranks are gone
+                del ranks[r.info.group_rank]
         before = ranks.get(info.group_rank)
-        ranks[info.group_rank] = _Rank(info=info, step=step, healthy=True, seen=self._clock())
-        if before is not None and before.info.group_world_size != info.group_world_size:
-            # The only rank of a resized replica: drop ranks beyond the new size.
-            for g in [g for g in ranks if g >= info.group_world_size]:
-                del ranks[g]
+        ranks[info.group_rank] = _Rank(info=info, step=step, healthy=True, seen=now)
         return before is not None and before.info.agent_id != info.agent_id
 
     def heartbeat(

@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from recoveryd.coordinator.config import CoordinatorConfig
-from recoveryd.coordinator.donor import RecoveryPlan, choose_donor, eligible, fence, make_plan
+from recoveryd.coordinator.donor import (
+    RecoveryPlan,
+    choose_donor,
+    eligible,
+    fence,
+    layouts_match,
+    make_plan,
+)
 from recoveryd.coordinator.membership import MemberInfo, Membership, UnknownMemberError
 
 PlanState = Literal["preparing", "armed", "done", "failed"]
@@ -125,9 +132,7 @@ class _Plan:
     reason: str = ""
     ended: float | None = None
 
-    @property
-    def prefix(self) -> str:
-        return f"recoveryd/plan/{self.plan.plan_id}"
+    prefix: str = ""
 
 
 @dataclass(slots=True)
@@ -162,12 +167,17 @@ class Planner:
         *,
         send: Callable[[str, int, Order], None],
         clock: Callable[[], float] = time.monotonic,
+        namespace: str = "",
+        first_plan_id: int = 1,
     ) -> None:
         self._members = membership
+        # Rendezvous keys outlive a coordinator (they live in the donors'
+        # stores): a restarted coordinator names its plans apart.
+        self._namespace = namespace
         self._config = config
         self._send = send
         self._clock = clock
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_plan_id)
         self._rounds: dict[str, _Round] = {}
         self._active: dict[int, _Plan] = {}
         self._recent: OrderedDict[int, _Plan] = OrderedDict()
@@ -213,6 +223,17 @@ class Planner:
         self.tick()
         now = self._clock()
         rnd = self._rounds.get(replica_id)
+        done = self._recent.get(received_plan_id) if received_plan_id else None
+        if (
+            done is not None
+            and done.state == "done"
+            and done.plan.joiner == replica_id
+            and (rnd is None or (rnd.final is not None and group_rank in rnd.told))
+        ):
+            # The rank received this plan and asks again: its DONE was lost on the way.
+            return Answer(
+                state="done", plan_id=done.plan.plan_id, donor=done.plan.donor, step=done.step
+            )
         if rnd is not None and rnd.final is not None and group_rank in rnd.told:
             rnd = None  # this rank already has its final answer: it is recovering anew
         if rnd is None:
@@ -276,6 +297,7 @@ class Planner:
             inflight=self.inflight(),
             bandwidth_bps=self._bandwidth_bps,
             exclude=rnd.excluded,
+            step_slack=self._config.fence_steps,
         )
         if donor is None:
             up = self._clock() - self._started
@@ -301,6 +323,9 @@ class Planner:
             backend="nccl" if kinds == {"cuda"} else "gloo",
             world_size=donor.world_size,
         )
+        plan.prefix = "/".join(
+            p for p in ("recoveryd", self._namespace, "plan", str(plan.plan.plan_id)) if p
+        )
         rnd.plan = plan
         self._active[plan.plan.plan_id] = plan
         for pair in plan.plan.pairs:
@@ -323,7 +348,7 @@ class Planner:
         same = [
             v
             for v in self._members.replicas().values()
-            if v.replica_id != rnd.joiner and v.fingerprint == joiner.fingerprint
+            if v.replica_id != rnd.joiner and layouts_match(joiner, v)
         ]
         if rnd.excluded:
             return (
@@ -415,6 +440,15 @@ class Planner:
         plan = self._active.get(report.plan_id) or self._recent.get(report.plan_id)
         if plan is None:
             return
+        party = plan.plan.joiner if report.role == "joiner" else plan.plan.donor
+        if report.replica_id != party or not 0 <= report.group_rank < plan.world_size:
+            return  # not a party to this plan (e.g. a report from before a restart)
+        if (
+            report.role == "joiner"
+            and report.result == "ok"
+            and (plan.state != "armed" or report.step != plan.step)
+        ):
+            return  # success at another step than the plan's cannot count
         side = plan.joiner_reports if report.role == "joiner" else plan.donor_reports
         side[report.group_rank] = report
         self.version += 1
@@ -507,6 +541,24 @@ class Planner:
                 )
             elif age > plan.timeout_s:
                 self._fail(plan, f"not finished within {plan.timeout_s:g} s", exclude=True)
+
+    def orders_for(self, replica_id: str, group_rank: int) -> list[Order]:
+        """The orders a donor rank should hold now (replayed when it watches again)."""
+        out: list[Order] = []
+        for plan in self._active.values():
+            if plan.plan.donor != replica_id or not 0 <= group_rank < plan.world_size:
+                continue
+            common = {
+                "plan_id": plan.plan.plan_id,
+                "joiner": plan.plan.joiner,
+                "timeout_s": plan.timeout_s,
+                "rendezvous_prefix": plan.prefix,
+                "backend": plan.backend,
+            }
+            out.append(Order(kind="prepare", **common))  # type: ignore[arg-type]
+            if plan.state == "armed":
+                out.append(Order(kind="arm", step=plan.step, **common))  # type: ignore[arg-type]
+        return out
 
     # ---- views ------------------------------------------------------------------
 

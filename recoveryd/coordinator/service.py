@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -61,7 +62,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
         self.config = config
         self.coordinator_id = uuid.uuid4().hex[:12]
         self.members = Membership(heartbeat_timeout=config.heartbeat_timeout, clock=clock)
-        self.planner = Planner(self.members, config, send=self._send, clock=clock)
+        self.planner = Planner(
+            self.members,
+            config,
+            send=self._send,
+            clock=clock,
+            namespace=self.coordinator_id,
+            # Ids unique across restarts, so a stale id from an agent never matches a new plan.
+            first_plan_id=secrets.randbelow(1 << 40) + 1,
+        )
         self._clock = clock
         self._started = clock()
         self._queues: dict[tuple[str, int], asyncio.Queue[Order | None]] = {}
@@ -162,13 +171,20 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
         key = (request.replica_id, request.group_rank)
         old = self._queues.get(key)
         q: asyncio.Queue[Order | None] = asyncio.Queue(_QUEUED_ORDERS)
+        queued: set[tuple[str, int]] = set()
         if old is not None:
             # A rank re-watching (it reconnected): keep what was queued, end the old stream.
             while not old.empty():
                 item = old.get_nowait()
                 if item is not None:
                     q.put_nowait(item)
+                    queued.add((item.kind, item.plan_id))
             old.put_nowait(None)
+        # Orders the rank should hold now, in case earlier ones were lost with
+        # an old stream (the agent ignores the ones it already has).
+        for replay in self.planner.orders_for(*key):
+            if (replay.kind, replay.plan_id) not in queued and not q.full():
+                q.put_nowait(replay)
         self._queues[key] = q
         try:
             while True:

@@ -11,7 +11,9 @@ rank sent, and (2) every replica ends the run with identical state.
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,8 +50,16 @@ class DemoConfig:
             raise ConfigError("ranks", self.ranks, "must be >= 1")
         if not 0 < self.kill_at < self.steps:
             raise ConfigError("kill_at", self.kill_at, f"must be in (0, steps={self.steps})")
-        if self.hidden < 8 or self.layers < 1 or self.extra_bytes < 0:
-            raise ConfigError("hidden", self.hidden, "hidden >= 8, layers >= 1, extra bytes >= 0")
+        if self.hidden < 8:
+            raise ConfigError("hidden", self.hidden, "must be >= 8")
+        if self.layers < 1:
+            raise ConfigError("layers", self.layers, "must be >= 1")
+        if self.extra_bytes < 0:
+            raise ConfigError("extra_bytes", self.extra_bytes, "must be >= 0")
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _fmt(ev: Event, t0: float) -> str | None:
@@ -77,7 +87,12 @@ def _fmt(ev: Event, t0: float) -> str | None:
 
 
 def run_demo(config: DemoConfig, *, out: TextIO = sys.stdout, as_json: bool = False) -> int:
-    """Runs the demo; returns 0 when every check passed."""
+    """Runs the demo; returns 0 when every check passed.
+
+    SIGTERM ends it like Ctrl-C: every rank is killed on the way out.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     timeout = timedelta(seconds=config.timeout_s)
     names = [f"replica-{i}" for i in range(config.replicas)]
     victim = names[-1]
@@ -128,7 +143,9 @@ def run_demo(config: DemoConfig, *, out: TextIO = sys.stdout, as_json: bool = Fa
             count=len(names) * config.ranks,
             timeout=timeout,
         )
-        status = CoordinatorClient(cluster.address).status(recent=10)
+        client = CoordinatorClient(cluster.address)
+        status = client.status(recent=10)
+        client.close()
         cluster.stop()
         events = sorted(cluster.events, key=lambda e: e.time)
 

@@ -151,6 +151,8 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
         format=f"%(asctime)s {spec.replica_id}/{spec.group_rank} %(name)s: %(message)s",
     )
     emit("started", pid=os.getpid())
+    parent = os.getppid()
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
     store = dist.TCPStore("127.0.0.1", spec.store_port, None, False, timedelta(seconds=60))
     train_store = dist.PrefixStore(f"train/{spec.replica_id}/{spec.incarnation}", store)
     pg = gloo_group(train_store, spec.group_rank, spec.group_world_size, timedelta(seconds=60))
@@ -253,6 +255,13 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
                 digest=state_digest(state()) if report.result == "ok" else "",
             )
     agent.close()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """Exits when the launcher is gone (killed), so no rank outlives a demo or test."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _arm_death_on_send(agent: Agent, step: int, after_s: float) -> bool:

@@ -78,6 +78,10 @@ class Coord:
             assert self.planner.acknowledge(plan_id, donor, r, s, idle=idle)
 
     def ok(self, plan_id: int, joiner: str, rank: int, **kw: object) -> None:
+        """A joiner rank's success, at the plan's step unless ``step=`` says otherwise."""
+        if "step" not in kw:
+            snap = self.planner.plan(plan_id)
+            kw["step"] = snap.step if snap is not None else None
         self.planner.report(
             Report(
                 plan_id=plan_id,
@@ -692,3 +696,70 @@ def test_asking_again_while_nothing_changed_is_not_news() -> None:
     before = c.planner.version
     assert c.planner.recover("joiner", 0, received_plan_id=0).state == "transfer"
     assert c.planner.version == before
+
+
+def test_reports_from_outsiders_or_at_another_step_do_not_count() -> None:
+    c = _coord()
+    c.join("donor", step=10)
+    c.join("joiner", step=None)
+    c.join("other", step=None)
+    plan = c.planner.recover("joiner", 0).plan_id
+    c.ack(plan, "donor", [10, 10])
+    c.ok(plan, "other", 0)  # not the plan's joiner
+    c.ok(plan, "joiner", 5)  # no such rank
+    c.ok(plan, "joiner", 0, step=11)  # not the fenced step (12)
+    snap = c.planner.plan(plan)
+    assert snap is not None
+    assert snap.ranks_done == 0
+    assert snap.state == "armed"
+    c.ok(plan, "joiner", 0)
+    c.ok(plan, "joiner", 1)
+    assert c.planner.recover("joiner", 0).state == "done"
+
+
+def test_a_lost_done_is_answered_again_not_a_new_round() -> None:
+    c = _coord()
+    c.join("donor", step=10)
+    c.join("joiner", step=None)
+    plan = c.planner.recover("joiner", 0).plan_id
+    c.planner.recover("joiner", 1)
+    c.ack(plan, "donor", [10, 10])
+    c.ok(plan, "joiner", 0)
+    c.ok(plan, "joiner", 1)
+    assert c.planner.recover("joiner", 0, received_plan_id=plan).state == "done"
+    assert c.planner.recover("joiner", 1, received_plan_id=plan).state == "done"  # round closed
+    again = c.planner.recover("joiner", 0, received_plan_id=plan)  # the answer was lost: retry
+    assert (again.state, again.plan_id, again.step) == ("done", plan, 12)
+
+
+def test_ranks_with_different_layouts_match_rank_by_rank() -> None:
+    # Pipeline stages: rank 0 and rank 1 hold different layouts.
+    c = _coord()
+    for rid, step in (("donor", 10), ("joiner", None)):
+        for r, fp in enumerate(("stage0", "stage1")):
+            c.register(rid, r, step=step, fp=fp)
+    got = c.planner.recover("joiner", 0)
+    assert (got.state, got.donor) == ("transfer", "donor")
+
+
+def test_steps_within_the_slack_count_as_equal_and_load_decides() -> None:
+    c = _coord(CoordinatorConfig(fence_steps=2))
+    c.join("busy", step=101)
+    c.join("idle", step=100)
+    c.join("j1", step=None)
+    c.join("j2", step=None)
+    assert c.planner.recover("j1", 0).donor == "busy"  # ahead by one: ties go to the step
+    assert c.planner.recover("j2", 0).donor == "idle"  # busy has a transfer in flight
+
+
+def test_a_rank_watching_again_gets_the_orders_it_should_hold() -> None:
+    c = _coord()
+    c.join("donor", step=10)
+    c.join("joiner", step=None)
+    plan = c.planner.recover("joiner", 0).plan_id
+    assert [o.kind for o in c.planner.orders_for("donor", 1)] == ["prepare"]
+    c.ack(plan, "donor", [10, 10])
+    orders = c.planner.orders_for("donor", 1)
+    assert [(o.kind, o.plan_id) for o in orders] == [("prepare", plan), ("arm", plan)]
+    assert orders[1].step == 12
+    assert c.planner.orders_for("joiner", 0) == []
