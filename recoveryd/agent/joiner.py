@@ -54,8 +54,9 @@ class RecoveryRecord:
         bytes: payload bytes received.
         seconds: from the call to the state being ready on every rank.
         phases: seconds per phase: ``plan`` (until a plan named a donor),
-            ``rendezvous`` (forming the transfer group), ``fence`` (until the
-            donor reached the fenced step), the transfer's phases
+            ``rendezvous`` (forming the transfer group), ``arm`` (until every
+            rank of both replicas was in its group and the fence was set),
+            ``fence`` (until the donor reached the fenced step), the transfer's phases
             (``manifest``, ``prepare``, ``handshake``, ``data``, ``verify``),
             and ``confirm`` (until every rank of the replica had its state).
         reason: why there was no donor.
@@ -165,6 +166,7 @@ def recover_into(
     group: dist.ProcessGroup | None = None
     store: dist.Store | None = None
     received_at: float | None = None
+    joined_at = start
     backoff = 0.05
     last_answer = "none yet"
     while True:
@@ -252,10 +254,12 @@ def recover_into(
                 store = None
                 continue
             joined = ans.plan_id
-            record.phases["rendezvous"] = time.monotonic() - t0
+            joined_at = time.monotonic()
+            record.phases["rendezvous"] = joined_at - t0
         if ans.step is None or group is None or store is None:
             continue  # the long poll holds us until the plan is armed
         t_fence = time.monotonic()
+        record.phases["arm"] = t_fence - joined_at
         gone = _await_go(link, store, ans.rendezvous_prefix, joined, received, deadline)
         if gone is not None:
             if gone.startswith("donor"):
@@ -305,6 +309,7 @@ def recover_into(
         st = got.stats
         record.phases.update(st.phases)
         record.donor, record.plan_id, record.bytes = ans.donor, ans.plan_id, st.payload_bytes
+        reported = time.monotonic()
         link.report(
             ans.plan_id,
             "joiner",
@@ -317,4 +322,5 @@ def recover_into(
             deadline=deadline,
         )
         received, received_at = ans.plan_id, time.monotonic()
+        record.phases["report"] = received_at - reported
         group = None  # done with it; Gloo tears it down

@@ -68,8 +68,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
             send=self._send,
             clock=clock,
             namespace=self.coordinator_id,
-            # Ids unique across restarts, so a stale id from an agent never matches a new plan.
-            first_plan_id=secrets.randbelow(1 << 40) + 1,
+            # Ids apart across restarts (a new block of 1,000 in 9,000), so a stale
+            # id from an agent does not match a new plan; short enough to read.
+            first_plan_id=1000 * (1 + secrets.randbelow(9000)) + 1,
         )
         self._clock = clock
         self._started = clock()
