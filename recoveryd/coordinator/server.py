@@ -105,10 +105,14 @@ class Coordinator:
         await self._stopped.wait()
         ticker.cancel()
         # Handlers still unwinding (a held long poll) finish here, not in a closed loop.
+        # Give them a moment to end on their own (server.stop cancelled their
+        # RPCs), then cancel what is left.
         rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in rest:
-            t.cancel()
-        await asyncio.gather(*rest, return_exceptions=True)
+        if rest:
+            _, pending = await asyncio.wait(rest, timeout=1.0)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def _shutdown(self, grace: timedelta) -> None:
         if self._health is not None:

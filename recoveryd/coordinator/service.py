@@ -208,14 +208,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
     async def Acknowledge(
         self, request: pb.AcknowledgeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.AcknowledgeResponse:
-        active = self.planner.acknowledge(
-            request.plan_id,
-            request.replica_id,
-            request.group_rank,
-            request.step,
-            idle=request.idle,
-            step_time_s=request.step_time_s,
-        )
+        try:
+            active = self.planner.acknowledge(
+                request.plan_id,
+                request.replica_id,
+                request.group_rank,
+                request.step,
+                idle=request.idle,
+                step_time_s=request.step_time_s,
+            )
+        except Exception as err:
+            await self._abort(context, err)
+            raise
         self._changed()
         return pb.AcknowledgeResponse(active=active)
 
@@ -272,7 +276,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
             phases=dict(request.phases),
             address=request.address,
         )
-        self.planner.report(report)
+        try:
+            self.planner.report(report)
+        except Exception as err:
+            await self._abort(context, err)
+            raise
         log = logger.info if report.result == "ok" else logger.warning
         log(
             "plan %d: %s rank %d of %r: %s %s(%d bytes in %.3f s via %s)",
