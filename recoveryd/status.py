@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from recoveryd.agent.client import ClusterStatus
-from recoveryd.coordinator.planner import PlanSnapshot
+from recoveryd.coordinator.messages import PlanSnapshot
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

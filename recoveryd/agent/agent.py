@@ -30,7 +30,7 @@ from recoveryd.agent.joiner import RecoveryRecord, recover_into
 from recoveryd.agent.layout import fingerprint
 from recoveryd.agent.link import CoordinatorLink, Position
 from recoveryd.agent.rendezvous import host_store
-from recoveryd.coordinator.planner import Report
+from recoveryd.coordinator.messages import Report
 from recoveryd.errors import RecoverydError
 
 logger = logging.getLogger(__name__)

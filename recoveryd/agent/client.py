@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import grpc
 
 from recoveryd.coordinator.membership import MemberInfo
-from recoveryd.coordinator.planner import Answer, Order, PlanSnapshot, Report
+from recoveryd.coordinator.messages import Answer, Order, PlanSnapshot, Report
 from recoveryd.errors import CoordinatorUnavailableError, RecoverydError, UnknownMemberError
 from recoveryd.v1 import coordinator_pb2 as pb
 from recoveryd.v1 import coordinator_pb2_grpc as pb_grpc

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from recoveryd.agent.config import AgentConfig
 from recoveryd.agent.link import CoordinatorLink, Position, result_of
 from recoveryd.agent.rendezvous import DONOR_RANK, JOINER_RANK, device_for, go_key, open_group
-from recoveryd.coordinator.planner import Order, Report
+from recoveryd.coordinator.messages import Order, Report
 from recoveryd.errors import RecoverydError, TransferError
 from recoveryd.transport import send_state_dict
 

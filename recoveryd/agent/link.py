@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from recoveryd.agent.client import Beat, CoordinatorClient
 from recoveryd.agent.config import AgentConfig
 from recoveryd.coordinator.membership import MemberInfo
-from recoveryd.coordinator.planner import Order, Report, Role
+from recoveryd.coordinator.messages import Order, Report, Role
 from recoveryd.errors import (
     CoordinatorUnavailableError,
     ManifestError,

@@ -20,7 +20,8 @@ import grpc
 
 from recoveryd.coordinator.config import CoordinatorConfig
 from recoveryd.coordinator.membership import MemberInfo, Membership, UnknownMemberError
-from recoveryd.coordinator.planner import RESULTS, Answer, Order, Planner, PlanSnapshot, Report
+from recoveryd.coordinator.messages import RESULTS, Answer, Order, PlanSnapshot, Report
+from recoveryd.coordinator.planner import Planner
 from recoveryd.errors import ConfigError
 from recoveryd.v1 import coordinator_pb2 as pb
 from recoveryd.v1 import coordinator_pb2_grpc as pb_grpc

@@ -211,7 +211,7 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
         loss.backward()  # type: ignore[no-untyped-call]
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        pg.allreduce([flat]).wait()
+        pg.allreduce([flat]).wait(timedelta(seconds=60))
         flat /= spec.group_world_size
         offset = 0
         for g in grads:

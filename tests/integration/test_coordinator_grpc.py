@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from recoveryd.agent.client import Beat, CoordinatorClient
 from recoveryd.coordinator.config import CoordinatorConfig
 from recoveryd.coordinator.membership import MemberInfo
-from recoveryd.coordinator.planner import Answer, Order, Report
+from recoveryd.coordinator.messages import Answer, Order, Report
 from recoveryd.coordinator.server import SERVICE_NAME, Coordinator
 from recoveryd.coordinator.service import CoordinatorService
 from recoveryd.errors import (

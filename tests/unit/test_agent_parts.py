@@ -11,7 +11,7 @@ from recoveryd.agent.client import ClusterStatus, RankStatus, ReplicaStatus
 from recoveryd.agent.config import AgentConfig, route_to
 from recoveryd.agent.joiner import merge_values
 from recoveryd.agent.layout import fingerprint
-from recoveryd.coordinator.planner import PlanSnapshot
+from recoveryd.coordinator.messages import PlanSnapshot
 from recoveryd.errors import ConfigError
 from recoveryd.status import render
 

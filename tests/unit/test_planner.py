@@ -10,7 +10,8 @@ import pytest
 
 from recoveryd.coordinator.config import CoordinatorConfig
 from recoveryd.coordinator.membership import MemberInfo, Membership, UnknownMemberError
-from recoveryd.coordinator.planner import Order, Planner, Report
+from recoveryd.coordinator.messages import Order, Report
+from recoveryd.coordinator.planner import Planner
 from recoveryd.errors import ConfigError
 
 
