@@ -454,6 +454,8 @@ class _CoordinatorProcess:
             "coordinator",
             "--bind",
             self.address,
+            "--metrics-port",
+            "0",
             "--heartbeat-interval",
             f"{self._interval_s:g}",
             "--heartbeat-timeout",

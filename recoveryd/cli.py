@@ -22,7 +22,10 @@ def _coordinator(args: argparse.Namespace) -> int:
         fence_steps=args.fence_steps,
         warmup=timedelta(seconds=args.warmup),
     )
-    Coordinator(args.bind, config).serve_forever(grace=timedelta(seconds=args.grace))
+    metrics_port = None if args.metrics_port < 0 else args.metrics_port
+    Coordinator(args.bind, config, metrics_port=metrics_port).serve_forever(
+        grace=timedelta(seconds=args.grace)
+    )
     return 0
 
 
@@ -84,6 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument(
         "--grace", type=float, default=5.0, help="seconds in-flight RPCs get on SIGTERM (default 5)"
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9400,
+        help="serve Prometheus /metrics on this port of the bind host (default 9400; -1: off)",
     )
     p.set_defaults(fn=_coordinator)
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import torch.distributed as dist
+from prometheus_client import CollectorRegistry
 
 from recoveryd.agent.config import AgentConfig
 from recoveryd.agent.donor import Donor
@@ -31,7 +32,8 @@ from recoveryd.agent.layout import fingerprint
 from recoveryd.agent.link import CoordinatorLink, Position
 from recoveryd.agent.rendezvous import host_store
 from recoveryd.coordinator.messages import Report
-from recoveryd.errors import RecoverydError
+from recoveryd.errors import CoordinatorUnavailableError, RecoverydError, TransferTimeoutError
+from recoveryd.metrics import AgentMetrics, MetricsServer
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +75,21 @@ class Agent:
         # buffers, so they are kept (not destroyed) for a while.
         self._graveyard: deque[dist.ProcessGroup] = deque(maxlen=16)
         self.last_recovery: RecoveryRecord | None = None
+        self.registry = CollectorRegistry()
+        """This agent's Prometheus metrics (served on ``config.metrics_port`` when set)."""
+        self.metrics = AgentMetrics(self.registry)
+        self._metrics_server = (
+            MetricsServer(self.registry, host=self.host, port=config.metrics_port)
+            if config.metrics_port is not None
+            else None
+        )
         self._donor = Donor(
             config,
             store=self._store,
             host=self.host,
             graveyard=self._graveyard,
             position=self._position,
+            metrics=self.metrics,
         )
         self._link = CoordinatorLink(
             config,
@@ -100,6 +111,13 @@ class Agent:
             self.rendezvous,
             config.coordinator,
         )
+
+    @property
+    def metrics_address(self) -> str | None:
+        """``host:port`` of this agent's ``/metrics``, or ``None`` when not served."""
+        if self._metrics_server is None:
+            return None
+        return f"{self.host}:{self._metrics_server.port}"
 
     @property
     def sends(self) -> deque[Report]:
@@ -139,16 +157,28 @@ class Agent:
         self._link.set_layout(fingerprint(state_dict))
         record = RecoveryRecord(outcome="recovering")
         self.last_recovery = record
-        step = recover_into(
-            self._link,
-            state_dict,
-            host=self.host,
-            graveyard=self._graveyard,
-            timeout=timeout,
-            record=record,
-        )
-        if step is not None:
-            self._step = step
+        try:
+            step = recover_into(
+                self._link,
+                state_dict,
+                host=self.host,
+                graveyard=self._graveyard,
+                timeout=timeout,
+                record=record,
+                metrics=self.metrics,
+            )
+        except CoordinatorUnavailableError:
+            self.metrics.recoveries.labels(result="coordinator_unavailable").inc()
+            raise
+        except TransferTimeoutError:
+            self.metrics.recoveries.labels(result="timeout").inc()
+            raise
+        if step is None:
+            self.metrics.recoveries.labels(result="no_donor").inc()
+            return None
+        self.metrics.recoveries.labels(result="recovered").inc()
+        self.metrics.recovery_seconds.observe(record.seconds)
+        self._step = step
         return step
 
     def step(self, step: int) -> None:
@@ -209,8 +239,11 @@ class Agent:
         self._link.set_layout(fingerprint(self._state_fn()))
 
     def close(self, timeout: timedelta = timedelta(seconds=5)) -> None:
-        """Stops the background threads and closes the coordinator channel."""
+        """Stops the background threads, the metrics endpoint and the coordinator channel."""
         self._link.close(timeout.total_seconds())
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
 
     def __enter__(self) -> Agent:
         return self

@@ -60,6 +60,16 @@ class AgentConfig:
     """Deadline of each coordinator call."""
     rendezvous_timeout: timedelta = timedelta(seconds=60)
     """How long a transfer group may take to form (both sides)."""
+    metrics_port: int | None = field(
+        default_factory=lambda: (
+            int(os.environ["RECOVERYD_METRICS_PORT"])
+            if "RECOVERYD_METRICS_PORT" in os.environ
+            else None
+        )
+    )
+    """Serve this agent's Prometheus ``/metrics`` on this port (0: any free
+    port; ``None``, the default: not served, e.g. with several ranks per
+    host; ``RECOVERYD_METRICS_PORT``). ``Agent.registry`` holds them either way."""
     transfer: TransferConfig = field(default_factory=TransferConfig)
     """Bucket sizes and checksums of the transfers."""
 
@@ -73,6 +83,8 @@ class AgentConfig:
             raise ConfigError(
                 "group_rank", self.group_rank, f"must be in [0, {self.group_world_size})"
             )
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ConfigError("metrics_port", self.metrics_port, "must be a port number or None")
         if not 0 <= self.rendezvous_port < 65536:
             raise ConfigError("rendezvous_port", self.rendezvous_port, "must be a port number")
         for name in ("heartbeat_interval", "rpc_timeout", "rendezvous_timeout"):

@@ -25,6 +25,7 @@ from recoveryd.agent.link import CoordinatorLink, Position, result_of
 from recoveryd.agent.rendezvous import DONOR_RANK, JOINER_RANK, device_for, go_key, open_group
 from recoveryd.coordinator.messages import Order, Report
 from recoveryd.errors import RecoverydError, TransferError
+from recoveryd.metrics import AgentMetrics
 from recoveryd.transport import send_state_dict
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,9 @@ class Donor:
         host: str,
         graveyard: deque[dist.ProcessGroup],
         position: Callable[[], Position],
+        metrics: AgentMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._config = config
         self._store = store
         self._host = host
@@ -172,12 +175,25 @@ class Donor:
                 "%s: send of plan %d to %r failed: %s", self.link.who, o.plan_id, o.joiner, err
             )
             self._graveyard.append(o.group)
+            if self._metrics is not None:
+                self._metrics.transfer(
+                    "donor", o.backend, result_of(err), seconds=time.monotonic() - t0
+                )
             self.sends.append(
                 self.link.report(
                     o.plan_id, "donor", result_of(err), started=t0, message=str(err), step=step
                 )
             )
             return
+        if self._metrics is not None:
+            self._metrics.transfer(
+                "donor",
+                o.backend,
+                "ok",
+                seconds=stats.seconds,
+                nbytes=stats.payload_bytes,
+                phases=stats.phases,
+            )
         logger.info(
             "%s: sent step %d to %r (plan %d): %d bytes in %.3f s",
             self.link.who,

@@ -34,6 +34,7 @@ from recoveryd.errors import (
     TransferTimeoutError,
     UnknownMemberError,
 )
+from recoveryd.metrics import AgentMetrics
 from recoveryd.transport import recv_state_dict
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ def recover_into(
     graveyard: deque[dist.ProcessGroup],
     timeout: timedelta,
     record: RecoveryRecord,
+    metrics: AgentMetrics | None = None,
 ) -> int | None:
     """Runs this rank's part of its replica's recovery round (see :meth:`Agent.recover`).
 
@@ -291,6 +293,10 @@ def recover_into(
                 device=device_for(ans.backend),
             )
         except TransferError as err:
+            if metrics is not None:
+                metrics.transfer(
+                    "joiner", ans.backend, result_of(err), seconds=time.monotonic() - t0
+                )
             logger.warning("%s: plan %d from %r failed: %s", link.who, ans.plan_id, ans.donor, err)
             link.report(
                 ans.plan_id,
@@ -307,6 +313,15 @@ def recover_into(
             continue
         merge_values(state_dict, got.state_dict)
         st = got.stats
+        if metrics is not None:
+            metrics.transfer(
+                "joiner",
+                ans.backend,
+                "ok",
+                seconds=st.seconds,
+                nbytes=st.payload_bytes,
+                phases=st.phases,
+            )
         record.phases.update(st.phases)
         record.donor, record.plan_id, record.bytes = ans.donor, ans.plan_id, st.payload_bytes
         reported = time.monotonic()

@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from recoveryd.coordinator.config import CoordinatorConfig
 from recoveryd.coordinator.donor import (
@@ -77,6 +78,18 @@ class _Round:
     waiting: str = ""
 
 
+class PlanObserver(Protocol):
+    """What a planner reports as it goes (metrics)."""
+
+    def decision(self, result: str, seconds: float) -> None:
+        """A donor decision: ``plan`` (a plan made) or ``no_donor``."""
+
+    def plan_finished(
+        self, result: str, *, phases: Mapping[str, float], end_to_end_s: float, nbytes: int
+    ) -> None:
+        """A plan ended: ``done`` or ``failed``."""
+
+
 class Planner:
     """Runs every replica's recovery round.
 
@@ -96,8 +109,10 @@ class Planner:
         clock: Callable[[], float] = time.monotonic,
         namespace: str = "",
         first_plan_id: int = 1,
+        observer: PlanObserver | None = None,
     ) -> None:
         self._members = membership
+        self._observer = observer
         # Rendezvous keys outlive a coordinator (they live in the donors'
         # stores): a restarted coordinator names its plans apart.
         self._namespace = namespace
@@ -215,6 +230,7 @@ class Planner:
                 reason=f"{rnd.attempts} plans failed; the last: {rnd.last_failure}",
             )
             return
+        decided = time.perf_counter()
         joiner = self._members.replica(rnd.joiner)
         assert joiner is not None
         replicas = self._members.replicas()
@@ -236,6 +252,8 @@ class Planner:
                 return
             self.version += 1
             rnd.final = Answer(state="no_donor", reason=self._why_no_donor(rnd, replicas))
+            if self._observer is not None:
+                self._observer.decision("no_donor", time.perf_counter() - decided)
             return
         self.version += 1
         rnd.waiting = ""
@@ -255,6 +273,8 @@ class Planner:
         )
         rnd.plan = plan
         self._active[plan.plan.plan_id] = plan
+        if self._observer is not None:
+            self._observer.decision("plan", time.perf_counter() - decided)
         for pair in plan.plan.pairs:
             self._send(
                 donor.replica_id,
@@ -401,6 +421,11 @@ class Planner:
         plan.state = "done"
         plan.ended = self._clock()
         self._retire(plan)
+        if self._observer is not None:
+            snap = self._snapshot(plan)
+            self._observer.plan_finished(
+                "done", phases=snap.phases, end_to_end_s=snap.recovery_s, nbytes=snap.bytes
+            )
         secs = max((r.seconds for r in plan.joiner_reports.values()), default=0.0)
         nbytes = sum(r.bytes for r in plan.joiner_reports.values())
         if secs > 0 and nbytes > 0:
@@ -417,6 +442,8 @@ class Planner:
         plan.reason = reason
         plan.ended = self._clock()
         self._retire(plan)
+        if self._observer is not None:
+            self._observer.plan_finished("failed", phases={}, end_to_end_s=0.0, nbytes=0)
         for r in range(plan.world_size):
             self._send(
                 plan.plan.donor,

@@ -20,10 +20,12 @@ from typing import TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from recoveryd.coordinator.config import CoordinatorConfig
 from recoveryd.coordinator.service import CoordinatorService
 from recoveryd.errors import ConfigError, RecoverydError
+from recoveryd.metrics import CoordinatorMetrics, MetricsServer
 from recoveryd.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,14 @@ class Coordinator:
             agent = Agent(AgentConfig(coordinator=coord.address, ...), state_fn)
     """
 
-    def __init__(self, bind: str = "127.0.0.1:0", config: CoordinatorConfig | None = None) -> None:
+    def __init__(
+        self,
+        bind: str = "127.0.0.1:0",
+        config: CoordinatorConfig | None = None,
+        *,
+        metrics_port: int | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         host, _, port = bind.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError("bind", bind, "must be HOST:PORT, e.g. 0.0.0.0:29400")
@@ -63,11 +72,23 @@ class Coordinator:
         self._stopped: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self.registry = registry or CollectorRegistry()
+        """Where the coordinator's metrics live (served on ``metrics_port`` when given)."""
+        self.metrics = CoordinatorMetrics(self.registry)
+        self._metrics_port = metrics_port
+        self._metrics_server: MetricsServer | None = None
 
     @property
     def address(self) -> str:
         """``host:port`` the server listens on (valid once started)."""
         return f"{self._host}:{self._port}"
+
+    @property
+    def metrics_address(self) -> str | None:
+        """``host:port`` of ``/metrics``, or ``None`` when not served."""
+        if self._metrics_server is None:
+            return None
+        return f"{self._host}:{self._metrics_server.port}"
 
     @property
     def service(self) -> CoordinatorService:
@@ -77,7 +98,7 @@ class Coordinator:
 
     async def _serve(self) -> None:
         self._stopped = asyncio.Event()
-        self._service = CoordinatorService(self.config)
+        self._service = CoordinatorService(self.config, metrics=self.metrics)
         server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 0),
@@ -139,6 +160,11 @@ class Coordinator:
         Raises:
             RecoverydError: the server did not start (e.g. the port is taken).
         """
+        if self._metrics_port is not None:
+            self._metrics_server = MetricsServer(
+                self.registry, host=self._host, port=self._metrics_port
+            )
+            logger.info("metrics on http://%s/metrics", self.metrics_address)
         self._thread = threading.Thread(target=self._run, name="recoveryd-coordinator", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout.total_seconds()):
@@ -150,11 +176,13 @@ class Coordinator:
     def stop(self, grace: timedelta = timedelta(seconds=2)) -> None:
         """Stops serving: NOT_SERVING first, then in-flight RPCs get ``grace``."""
         loop, thread = self._loop, self._thread
-        if loop is None or thread is None or not thread.is_alive():
-            return
-        fut = asyncio.run_coroutine_threadsafe(self._shutdown(grace), loop)
-        fut.result(grace.total_seconds() + 10)
-        thread.join(grace.total_seconds() + 10)
+        if loop is not None and thread is not None and thread.is_alive():
+            fut = asyncio.run_coroutine_threadsafe(self._shutdown(grace), loop)
+            fut.result(grace.total_seconds() + 10)
+            thread.join(grace.total_seconds() + 10)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
 
     def serve_forever(self, grace: timedelta = timedelta(seconds=5)) -> None:
         """Serves in this thread until SIGTERM or SIGINT, then shuts down gracefully."""

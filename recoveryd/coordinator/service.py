@@ -23,6 +23,7 @@ from recoveryd.coordinator.membership import MemberInfo, Membership, UnknownMemb
 from recoveryd.coordinator.messages import RESULTS, Answer, Order, PlanSnapshot, Report
 from recoveryd.coordinator.planner import Planner
 from recoveryd.errors import ConfigError
+from recoveryd.metrics import CoordinatorMetrics
 from recoveryd.v1 import coordinator_pb2 as pb
 from recoveryd.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -58,9 +59,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
     """
 
     def __init__(
-        self, config: CoordinatorConfig, *, clock: Callable[[], float] = time.monotonic
+        self,
+        config: CoordinatorConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        metrics: CoordinatorMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics
         self.coordinator_id = uuid.uuid4().hex[:12]
         self.members = Membership(heartbeat_timeout=config.heartbeat_timeout, clock=clock)
         self.planner = Planner(
@@ -72,6 +78,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
             # Ids apart across restarts (a new block of 1,000 in 9,000), so a stale
             # id from an agent does not match a new plan; short enough to read.
             first_plan_id=1000 * (1 + secrets.randbelow(9000)) + 1,
+            observer=metrics,
         )
         self._clock = clock
         self._started = clock()
@@ -103,6 +110,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
                 if self._clock() - housekept >= 1.0:
                     housekept = self._clock()
                     self.planner.housekeep()
+                    if self.metrics is not None:
+                        self.metrics.observe_cluster(self.members, self.planner)
             except Exception:
                 logger.exception("coordinator tick failed")
             if self.planner.version != before:
@@ -165,6 +174,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
                 )
             except UnknownMemberError:
                 unknown.append(i)
+        if self.metrics is not None:
+            self.metrics.heartbeats.inc(len(request.beats))
+            if unknown:
+                self.metrics.unknown_heartbeats.inc(len(unknown))
         return pb.HeartbeatResponse(coordinator_id=self.coordinator_id, unknown=unknown)
 
     async def Watch(

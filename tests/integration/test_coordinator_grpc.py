@@ -579,7 +579,14 @@ def test_cli_coordinator_and_status(tmp_path: Path) -> None:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         coord = _cli(
-            "coordinator", "--bind", address, "--grace", "1", log=tmp_path / "coordinator.log"
+            "coordinator",
+            "--bind",
+            address,
+            "--grace",
+            "1",
+            "--metrics-port",
+            "0",
+            log=tmp_path / "coordinator.log",
         )
         procs.append(coord)
         # Started alongside (each interpreter takes seconds to import torch).

@@ -179,6 +179,8 @@ def _start_coordinator(port: int) -> subprocess.Popen[bytes]:
             "0.2",
             "--heartbeat-timeout",
             "2",
+            "--metrics-port",
+            "0",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -1,0 +1,233 @@
+"""Every Prometheus metric recoveryd exports, defined once; the registry is passed in.
+
+Names follow Prometheus practice: a ``recoveryd_`` prefix, base units
+(seconds, bytes), ``_total`` counters. Labels are a small fixed set (role,
+backend, phase, result, state), never a step, a tensor name, an address or
+a replica id. Durations use buckets from 10 ms to 30 min: a recovery can be
+a fraction of a second on one node or many minutes over a slow link.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+import recoveryd
+from recoveryd.coordinator.membership import Membership
+from recoveryd.coordinator.planner import Planner
+from recoveryd.errors import ConfigError
+
+BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+"""Histogram buckets for every duration, in seconds."""
+
+REPLICA_STATES = ("healthy", "unhealthy", "recovering")
+PLAN_RESULTS = ("done", "failed", "no_donor")
+
+
+class CoordinatorMetrics:
+    """The coordinator's metrics.
+
+    Args:
+        registry: where to register them (a fresh one per test).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.heartbeats = Counter(
+            "recoveryd_coordinator_heartbeats_total",
+            "Heartbeats received (one per rank per beat, batched or not).",
+            registry=registry,
+        )
+        self.unknown_heartbeats = Counter(
+            "recoveryd_coordinator_unknown_heartbeats_total",
+            "Heartbeats from ranks the coordinator does not know (they register again).",
+            registry=registry,
+        )
+        self.replicas = Gauge(
+            "recoveryd_coordinator_replicas",
+            "Replicas by state.",
+            ["state"],
+            registry=registry,
+        )
+        self.ranks = Gauge(
+            "recoveryd_coordinator_ranks",
+            "Registered ranks by health.",
+            ["state"],
+            registry=registry,
+        )
+        self.transfers_in_flight = Gauge(
+            "recoveryd_coordinator_transfers_in_flight",
+            "Recovery plans not finished yet.",
+            registry=registry,
+        )
+        self.step = Gauge(
+            "recoveryd_coordinator_replica_step",
+            "Training step of the slowest and of the fastest healthy replica.",
+            ["which"],
+            registry=registry,
+        )
+        self.decisions = Counter(
+            "recoveryd_coordinator_donor_decisions_total",
+            "Donor decisions, by outcome (a plan made, or no donor).",
+            ["result"],
+            registry=registry,
+        )
+        self.decision_seconds = Histogram(
+            "recoveryd_coordinator_donor_decision_seconds",
+            "Time to choose a donor and make a plan.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=registry,
+        )
+        self.plans = Counter(
+            "recoveryd_coordinator_plans_total",
+            "Finished recovery plans, by result.",
+            ["result"],
+            registry=registry,
+        )
+        self.recovery_seconds = Histogram(
+            "recoveryd_recovery_seconds",
+            "Recovery time per phase as the joiner saw it (the slowest rank); phase "
+            "'end_to_end' is from the replica's first ask to every rank holding the state.",
+            ["phase"],
+            buckets=BUCKETS_S,
+            registry=registry,
+        )
+        self.recovery_bytes = Counter(
+            "recoveryd_recovery_bytes_total",
+            "Payload bytes of finished recoveries (all ranks of a replica).",
+            registry=registry,
+        )
+        self.build = Info("recoveryd_build", "recoveryd version.", registry=registry)
+        self.build.info({"version": recoveryd.__version__})
+        for state in REPLICA_STATES:
+            self.replicas.labels(state=state)
+        for result in PLAN_RESULTS:
+            self.plans.labels(result=result)
+
+    def decision(self, result: str, seconds: float) -> None:
+        """Records a donor decision (``plan`` or ``no_donor``)."""
+        self.decisions.labels(result=result).inc()
+        self.decision_seconds.observe(seconds)
+        if result == "no_donor":
+            self.plans.labels(result="no_donor").inc()
+
+    def observe_cluster(self, membership: Membership, planner: Planner) -> None:
+        """Sets the gauges from the coordinator's state (call from its own thread)."""
+        views = membership.replicas()
+        recovering = planner.recovering()
+        counts = dict.fromkeys(REPLICA_STATES, 0)
+        healthy_ranks = unhealthy_ranks = 0
+        steps = []
+        for rid, v in views.items():
+            state = "recovering" if rid in recovering else ("healthy" if v.healthy else "unhealthy")
+            counts[state] += 1
+            if v.healthy:
+                healthy_ranks += len(v.ranks)
+                if v.step is not None:
+                    steps.append(v.step)
+            else:
+                unhealthy_ranks += len(v.ranks)
+        for state, n in counts.items():
+            self.replicas.labels(state=state).set(n)
+        self.ranks.labels(state="healthy").set(healthy_ranks)
+        self.ranks.labels(state="unhealthy").set(unhealthy_ranks)
+        self.transfers_in_flight.set(sum(planner.inflight().values()))
+        if steps:
+            self.step.labels(which="slowest").set(min(steps))
+            self.step.labels(which="fastest").set(max(steps))
+
+    def plan_finished(
+        self, result: str, *, phases: Mapping[str, float], end_to_end_s: float, nbytes: int
+    ) -> None:
+        """Records a finished plan and, when it succeeded, its phases."""
+        self.plans.labels(result=result).inc()
+        if result != "done":
+            return
+        for phase, seconds in phases.items():
+            self.recovery_seconds.labels(phase=phase).observe(seconds)
+        self.recovery_seconds.labels(phase="end_to_end").observe(end_to_end_s)
+        self.recovery_bytes.inc(nbytes)
+
+
+class AgentMetrics:
+    """One agent's metrics (a rank's transfers and recoveries).
+
+    Args:
+        registry: where to register them.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.transfers = Counter(
+            "recoveryd_agent_transfers_total",
+            "Transfers this rank took part in, by role, backend and result.",
+            ["role", "backend", "result"],
+            registry=registry,
+        )
+        self.transfer_seconds = Histogram(
+            "recoveryd_agent_transfer_seconds",
+            "Seconds per phase of this rank's successful transfers ('total': the whole call).",
+            ["role", "backend", "phase"],
+            buckets=BUCKETS_S,
+            registry=registry,
+        )
+        self.transfer_bytes = Counter(
+            "recoveryd_agent_transfer_bytes_total",
+            "Payload bytes this rank sent or received in successful transfers.",
+            ["role", "backend"],
+            registry=registry,
+        )
+        self.recoveries = Counter(
+            "recoveryd_agent_recoveries_total",
+            "Calls to recover(), by outcome (recovered, no_donor, timeout, coordinator_unavailable).",
+            ["result"],
+            registry=registry,
+        )
+        self.recovery_seconds = Histogram(
+            "recoveryd_agent_recovery_seconds",
+            "From recover() to the state being ready on every rank of the replica.",
+            buckets=BUCKETS_S,
+            registry=registry,
+        )
+        self.build = Info("recoveryd_build", "recoveryd version.", registry=registry)
+        self.build.info({"version": recoveryd.__version__})
+
+    def transfer(
+        self,
+        role: str,
+        backend: str,
+        result: str,
+        *,
+        seconds: float,
+        nbytes: int = 0,
+        phases: Mapping[str, float] | None = None,
+    ) -> None:
+        """Records one transfer of this rank."""
+        self.transfers.labels(role=role, backend=backend, result=result).inc()
+        if result != "ok":
+            return
+        self.transfer_bytes.labels(role=role, backend=backend).inc(nbytes)
+        self.transfer_seconds.labels(role=role, backend=backend, phase="total").observe(seconds)
+        for phase, secs in (phases or {}).items():
+            self.transfer_seconds.labels(role=role, backend=backend, phase=phase).observe(secs)
+
+
+class MetricsServer:
+    """Serves ``/metrics`` from a registry on ``host:port`` (port 0: any free port)."""
+
+    def __init__(
+        self, registry: CollectorRegistry, *, host: str = "0.0.0.0", port: int = 0
+    ) -> None:
+        if not 0 <= port < 65536:
+            raise ConfigError("metrics_port", port, "must be a port number (0: any free one)")
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        self.port = int(self._server.server_port)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stops serving."""
+        with self._lock:
+            self._server.shutdown()
+            self._server.server_close()
