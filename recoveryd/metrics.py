@@ -9,7 +9,6 @@ a fraction of a second on one node or many minutes over a slow link.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
@@ -224,10 +223,9 @@ class MetricsServer:
             raise ConfigError("metrics_port", port, "must be a port number (0: any free one)")
         self._server, self._thread = start_http_server(port, addr=host, registry=registry)
         self.port = int(self._server.server_port)
-        self._lock = threading.Lock()
 
     def close(self) -> None:
-        """Stops serving."""
-        with self._lock:
-            self._server.shutdown()
-            self._server.server_close()
+        """Stops serving and frees the port."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)

@@ -7,7 +7,6 @@ place (:func:`_error_for`): UNAVAILABLE / DEADLINE_EXCEEDED become
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -122,7 +121,6 @@ class CoordinatorClient:
             ],
         )
         self._stub = pb_grpc.CoordinatorStub(self._channel)
-        self._lock = threading.Lock()
 
     def close(self) -> None:
         """Closes the channel (open watches end)."""
