@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/tools.sh
 . .venv/bin/activate
 echo "== generated code"; bash scripts/gen_proto.sh --check
 echo "== ruff"; ruff check . && ruff format --check .

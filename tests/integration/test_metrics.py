@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 import urllib.request
 from datetime import timedelta
@@ -30,9 +32,24 @@ def _member(rid: str, rank: int) -> MemberInfo:
     )
 
 
-def _scrape(address: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+def _text(address: str) -> str:
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
-        text = r.read().decode()
+        return str(r.read().decode())
+
+
+def _promtool_check(text: str) -> None:
+    """``promtool check metrics`` on an exposition (the real linter Prometheus ships)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (scripts/tools.sh installs it as root)")
+    done = subprocess.run(
+        [promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr).decode()
+
+
+def _scrape(address: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    text = _text(address)
     out: dict[str, list[tuple[dict[str, str], float]]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -86,6 +103,7 @@ def test_a_recovery_shows_in_the_coordinators_metrics() -> None:
         time.sleep(1.5)  # the gauges are refreshed once a second
 
         m = _scrape(coord.metrics_address)
+        _promtool_check(_text(coord.metrics_address))
 
         assert _value(m, "recoveryd_coordinator_heartbeats_total") == 2
         assert _value(m, "recoveryd_coordinator_donor_decisions_total", result="plan") == 1
@@ -169,6 +187,7 @@ def test_agents_count_their_transfers_and_recoveries() -> None:
         trainer.join(10)
 
         j = _scrape(joiner.metrics_address)
+        _promtool_check(_text(joiner.metrics_address))
         assert _value(j, "recoveryd_agent_recoveries_total", result="recovered") == 1
         assert _value(j, "recoveryd_agent_recovery_seconds_count") == 1
         assert (
