@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from recoveryd.coordinator.config import CoordinatorConfig
 from recoveryd.coordinator.donor import (
@@ -61,6 +61,18 @@ class _Plan:
     ended: float | None = None
 
     prefix: str = ""
+
+    def order(self, kind: Literal["prepare", "arm"]) -> Order:
+        """This plan's PREPARE or ARM order for its donor ranks."""
+        return Order(
+            kind=kind,
+            plan_id=self.plan.plan_id,
+            joiner=self.plan.joiner,
+            step=self.step if kind == "arm" else None,
+            timeout_s=self.timeout_s,
+            rendezvous_prefix=self.prefix,
+            backend=self.backend,
+        )
 
 
 @dataclass(slots=True)
@@ -279,14 +291,7 @@ class Planner:
             self._send(
                 donor.replica_id,
                 pair.group_rank,
-                Order(
-                    kind="prepare",
-                    plan_id=plan.plan.plan_id,
-                    joiner=rnd.joiner,
-                    timeout_s=plan.timeout_s,
-                    rendezvous_prefix=plan.prefix,
-                    backend=plan.backend,
-                ),
+                plan.order("prepare"),
             )
 
     def _why_no_donor(self, rnd: _Round, replicas: Mapping[str, object]) -> str:
@@ -368,15 +373,7 @@ class Planner:
                     self._send(
                         plan.plan.donor,
                         r,
-                        Order(
-                            kind="arm",
-                            plan_id=plan_id,
-                            joiner=plan.plan.joiner,
-                            step=plan.step,
-                            timeout_s=plan.timeout_s,
-                            rendezvous_prefix=plan.prefix,
-                            backend=plan.backend,
-                        ),
+                        plan.order("arm"),
                     )
         return True
 
@@ -502,16 +499,9 @@ class Planner:
         for plan in self._active.values():
             if plan.plan.donor != replica_id or not 0 <= group_rank < plan.world_size:
                 continue
-            common = {
-                "plan_id": plan.plan.plan_id,
-                "joiner": plan.plan.joiner,
-                "timeout_s": plan.timeout_s,
-                "rendezvous_prefix": plan.prefix,
-                "backend": plan.backend,
-            }
-            out.append(Order(kind="prepare", **common))  # type: ignore[arg-type]
+            out.append(plan.order("prepare"))
             if plan.state == "armed":
-                out.append(Order(kind="arm", step=plan.step, **common))  # type: ignore[arg-type]
+                out.append(plan.order("arm"))
         return out
 
     # ---- views ------------------------------------------------------------------

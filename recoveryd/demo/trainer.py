@@ -225,16 +225,7 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
         if spec.die_during_send_s is not None and not dying:
             dying = _arm_death_on_send(agent, step, spec.die_during_send_s)
         agent.step(step)
-        for report in list(agent.sends)[sent_before:]:
-            emit(
-                "sent",
-                plan_id=report.plan_id,
-                step=report.step,
-                result=report.result,
-                bytes=report.bytes,
-                seconds=report.seconds,
-                digest=state_digest(state()) if report.result == "ok" else "",
-            )
+        _emit_sends(agent, sent_before, emit, state)
         if step % 10 == 0 or step == spec.steps:
             emit("progress", step=step, loss=float(loss.detach()))
         if spec.step_delay_s:
@@ -244,17 +235,22 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
     while not stop.is_set():
         sent_before = len(agent.sends)
         agent.park(timedelta(seconds=0.2))
-        for report in list(agent.sends)[sent_before:]:
-            emit(
-                "sent",
-                plan_id=report.plan_id,
-                step=report.step,
-                result=report.result,
-                bytes=report.bytes,
-                seconds=report.seconds,
-                digest=state_digest(state()) if report.result == "ok" else "",
-            )
+        _emit_sends(agent, sent_before, emit, state)
     agent.close()
+
+
+def _emit_sends(agent: Agent, since: int, emit: Any, state: Any) -> None:
+    """One ``sent`` event per send the agent made since ``since``, with the digest of what went."""
+    for report in list(agent.sends)[since:]:
+        emit(
+            "sent",
+            plan_id=report.plan_id,
+            step=report.step,
+            result=report.result,
+            bytes=report.bytes,
+            seconds=report.seconds,
+            digest=state_digest(state()) if report.result == "ok" else "",
+        )
 
 
 def _exit_when_orphaned(parent: int) -> None:
