@@ -52,9 +52,17 @@ def _demo(args: argparse.Namespace) -> int:
             kill_at=args.kill_at,
             hidden=args.hidden,
             extra_bytes=args.extra_mib << 20,
+            prometheus_sd=args.prometheus_sd,
+            linger_s=args.linger,
         ),
         as_json=args.json,
     )
+
+
+def _example_trainer(args: argparse.Namespace) -> int:
+    from recoveryd.demo.standalone import main as run
+
+    return run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,7 +124,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--json", action="store_true", help="print a JSON summary instead of the timeline"
     )
+    p.add_argument(
+        "--prometheus-sd",
+        metavar="FILE",
+        help="serve /metrics on the coordinator and every rank and write their addresses to "
+        "FILE as Prometheus file_sd_configs targets",
+    )
+    p.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        help="seconds to keep everything up after training ends (default 0)",
+    )
     p.set_defaults(fn=_demo)
+
+    p = sub.add_parser(
+        "example-trainer",
+        help="train a small MLP with an embedded agent, configured by RECOVERYD_* "
+        "environment variables (what deploy/k8s runs)",
+    )
+    p.set_defaults(fn=_example_trainer)
 
     args = parser.parse_args(argv)
     level = "WARNING" if args.command == "demo" and args.log_level == "INFO" else args.log_level

@@ -21,8 +21,40 @@ from recoveryd.errors import ConfigError
 BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 """Histogram buckets for every duration, in seconds."""
 
+BUCKETS_BPS = (1e6, 1e7, 5e7, 1e8, 2.5e8, 5e8, 1e9, 2.5e9, 5e9, 1e10, 2.5e10, 5e10, 1e11)
+"""Histogram buckets for throughput, in bytes per second: 1 MB/s (a broken
+link) to 100 GB/s (NVLink); a transfer on the wrong interface stands out."""
+
 REPLICA_STATES = ("healthy", "unhealthy", "recovering")
 PLAN_RESULTS = ("done", "failed", "no_donor")
+"""How recovery rounds end: ``no_donor`` when state exists but cannot be had."""
+DECISION_RESULTS = ("plan", "fresh", "no_donor")
+"""``fresh``: nothing to recover from yet (a job's start), not a failure."""
+RECOVERY_PHASES = (
+    "plan",
+    "rendezvous",
+    "arm",
+    "fence",
+    "manifest",
+    "prepare",
+    "handshake",
+    "data",
+    "verify",
+    "end_to_end",
+)
+"""The phases a joiner reports (the agent's, then the transport's receive
+phases), and the whole; others a report may carry are not exported, so a
+buggy or hostile agent cannot grow the label set. Their series exist from the start, at zero: a
+histogram or counter child born with its first observation is invisible to
+``rate()``/``increase()``, so the first recovery would not show."""
+RECOVERY_RESULTS = ("recovered", "no_donor", "timeout", "coordinator_unavailable")
+TRANSFER_RESULTS = ("ok", "timeout", "peer_lost", "rejected", "step_mismatch", "error")
+TRANSFER_PHASES = {
+    "donor": ("plan", "handshake", "data", "confirm", "total"),
+    "joiner": ("manifest", "prepare", "handshake", "data", "verify", "total"),
+}
+"""Each role's transport phases (``total``: the whole call), created at zero
+like :data:`RECOVERY_PHASES`."""
 
 
 class CoordinatorMetrics:
@@ -69,7 +101,8 @@ class CoordinatorMetrics:
         )
         self.decisions = Counter(
             "recoveryd_coordinator_donor_decisions_total",
-            "Donor decisions, by outcome (a plan made, or no donor).",
+            "Donor decisions, by outcome: plan (a donor chosen), fresh (no replica holds "
+            "this state yet: a job's start), no_donor (state exists but cannot be had).",
             ["result"],
             registry=registry,
         )
@@ -98,15 +131,37 @@ class CoordinatorMetrics:
             "Payload bytes of finished recoveries (all ranks of a replica).",
             registry=registry,
         )
+        self.recovery_throughput = Histogram(
+            "recoveryd_recovery_throughput_bytes_per_second",
+            "Per finished recovery: bytes a joiner rank received over its transfer "
+            "seconds (the slowest rank's rate).",
+            buckets=BUCKETS_BPS,
+            registry=registry,
+        )
+        self.last_recovery = Gauge(
+            "recoveryd_coordinator_last_recovery_timestamp_seconds",
+            "Unix time the last recovery finished (0: none since the coordinator started).",
+            registry=registry,
+        )
+        self.heartbeat_misses = Counter(
+            "recoveryd_coordinator_heartbeat_misses_total",
+            "Ranks that went silent for longer than the heartbeat timeout.",
+            registry=registry,
+        )
         self.build = Info("recoveryd_build", "recoveryd version.", registry=registry)
         self.build.info({"version": recoveryd.__version__})
+        self._silent: set[tuple[str, int]] = set()
         for state in REPLICA_STATES:
             self.replicas.labels(state=state)
         for result in PLAN_RESULTS:
             self.plans.labels(result=result)
+        for result in DECISION_RESULTS:
+            self.decisions.labels(result=result)
+        for phase in RECOVERY_PHASES:
+            self.recovery_seconds.labels(phase=phase)
 
     def decision(self, result: str, seconds: float) -> None:
-        """Records a donor decision (``plan`` or ``no_donor``)."""
+        """Records a donor decision (``plan``, ``fresh`` or ``no_donor``)."""
         self.decisions.labels(result=result).inc()
         self.decision_seconds.observe(seconds)
         if result == "no_donor":
@@ -114,6 +169,9 @@ class CoordinatorMetrics:
 
     def observe_cluster(self, membership: Membership, planner: Planner) -> None:
         """Sets the gauges from the coordinator's state (call from its own thread)."""
+        silent = membership.silent_ranks()
+        self.heartbeat_misses.inc(len(silent - self._silent))
+        self._silent = silent
         views = membership.replicas()
         recovering = planner.recovering()
         counts = dict.fromkeys(REPLICA_STATES, 0)
@@ -138,16 +196,26 @@ class CoordinatorMetrics:
             self.step.labels(which="fastest").set(max(steps))
 
     def plan_finished(
-        self, result: str, *, phases: Mapping[str, float], end_to_end_s: float, nbytes: int
+        self,
+        result: str,
+        *,
+        phases: Mapping[str, float],
+        end_to_end_s: float,
+        nbytes: int,
+        rank_bytes_per_s: float = 0.0,
     ) -> None:
         """Records a finished plan and, when it succeeded, its phases."""
         self.plans.labels(result=result).inc()
         if result != "done":
             return
         for phase, seconds in phases.items():
-            self.recovery_seconds.labels(phase=phase).observe(seconds)
+            if phase in RECOVERY_PHASES and phase != "end_to_end":
+                self.recovery_seconds.labels(phase=phase).observe(seconds)
         self.recovery_seconds.labels(phase="end_to_end").observe(end_to_end_s)
         self.recovery_bytes.inc(nbytes)
+        if rank_bytes_per_s > 0:
+            self.recovery_throughput.observe(rank_bytes_per_s)
+        self.last_recovery.set_to_current_time()
 
 
 class AgentMetrics:
@@ -155,9 +223,13 @@ class AgentMetrics:
 
     Args:
         registry: where to register them.
+        backends: the backends this rank can transfer with; their series are
+            created at zero (``gloo``; ``nccl`` too when it holds CUDA state).
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, *, backends: tuple[str, ...] = ("gloo",)
+    ) -> None:
         self.registry = registry
         self.transfers = Counter(
             "recoveryd_agent_transfers_total",
@@ -178,12 +250,29 @@ class AgentMetrics:
             ["role", "backend"],
             registry=registry,
         )
+        self.transfer_throughput = Histogram(
+            "recoveryd_agent_transfer_throughput_bytes_per_second",
+            "Payload bytes over seconds of each successful transfer of this rank.",
+            ["role", "backend"],
+            buckets=BUCKETS_BPS,
+            registry=registry,
+        )
         self.recoveries = Counter(
             "recoveryd_agent_recoveries_total",
             "Calls to recover(), by outcome (recovered, no_donor, timeout, coordinator_unavailable).",
             ["result"],
             registry=registry,
         )
+        for result in RECOVERY_RESULTS:
+            self.recoveries.labels(result=result)
+        for backend in backends:
+            for role, phases in TRANSFER_PHASES.items():
+                self.transfer_bytes.labels(role=role, backend=backend)
+                self.transfer_throughput.labels(role=role, backend=backend)
+                for phase in phases:
+                    self.transfer_seconds.labels(role=role, backend=backend, phase=phase)
+                for result in TRANSFER_RESULTS:
+                    self.transfers.labels(role=role, backend=backend, result=result)
         self.recovery_seconds = Histogram(
             "recoveryd_agent_recovery_seconds",
             "From recover() to the state being ready on every rank of the replica.",
@@ -209,6 +298,8 @@ class AgentMetrics:
             return
         self.transfer_bytes.labels(role=role, backend=backend).inc(nbytes)
         self.transfer_seconds.labels(role=role, backend=backend, phase="total").observe(seconds)
+        if seconds > 0 and nbytes > 0:
+            self.transfer_throughput.labels(role=role, backend=backend).observe(nbytes / seconds)
         for phase, secs in (phases or {}).items():
             self.transfer_seconds.labels(role=role, backend=backend, phase=phase).observe(secs)
 

@@ -79,12 +79,22 @@ def render(status: ClusterStatus) -> str:
                     "yes" if k.healthy else "NO",
                     f"{k.last_seen_s:.1f}s",
                     k.device_kind,
-                    k.rendezvous,
+                    f"{k.rendezvous} ({k.interface or '?'})",
                     ",".join(f"{a}={b}" for a, b in sorted(k.labels.items())) or "-",
                 ]
             )
     lines += _table(
-        ["REPLICA", "STATE", "RANK", "STEP", "HEALTHY", "SEEN", "DEVICE", "RENDEZVOUS", "LABELS"],
+        [
+            "REPLICA",
+            "STATE",
+            "RANK",
+            "STEP",
+            "HEALTHY",
+            "SEEN",
+            "DEVICE",
+            "RENDEZVOUS (INTERFACE)",
+            "LABELS",
+        ],
         rows,
     )
     heads = [

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 
@@ -77,7 +78,9 @@ class Agent:
         self.last_recovery: RecoveryRecord | None = None
         self.registry = CollectorRegistry()
         """This agent's Prometheus metrics (served on ``config.metrics_port`` when set)."""
-        self.metrics = AgentMetrics(self.registry)
+        self.metrics = AgentMetrics(
+            self.registry, backends=("gloo", "nccl") if torch.cuda.is_available() else ("gloo",)
+        )
         self._metrics_server = (
             MetricsServer(self.registry, host=self.host, port=config.metrics_port)
             if config.metrics_port is not None
@@ -103,12 +106,13 @@ class Agent:
         self._donor.link = self._link
         self._link.start()
         logger.info(
-            "agent %s: rank %d/%d of %r, transfers rendezvous at %s, coordinator %s",
+            "agent %s: rank %d/%d of %r, transfers rendezvous at %s (interface %s), coordinator %s",
             self.agent_id,
             config.group_rank,
             config.group_world_size,
             config.replica_id,
             self.rendezvous,
+            self._link.interface or "?",
             config.coordinator,
         )
 

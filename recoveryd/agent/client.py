@@ -61,6 +61,7 @@ class RankStatus:
     rendezvous: str
     device_kind: str
     labels: Mapping[str, str]
+    interface: str = ""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -144,6 +145,7 @@ class CoordinatorClient:
             rendezvous=info.rendezvous,
             labels=dict(info.labels),
             agent_id=info.agent_id,
+            interface=info.interface,
         )
         if step is not None:
             member.step = step
@@ -292,6 +294,7 @@ class CoordinatorClient:
                             rendezvous=k.rendezvous,
                             device_kind=k.device_kind,
                             labels=dict(k.labels),
+                            interface=k.interface,
                         )
                         for k in rep.ranks
                     ],

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -31,12 +33,50 @@ def route_to(address: str) -> str:
         return "127.0.0.1"
 
 
+def interface_of(host: str) -> str:
+    """The name of the local interface that holds ``host`` (``eth0``), or ``""``.
+
+    Linux only (the ``SIOCGIFADDR`` ioctl); IPv4 only. Transfers bind to the
+    advertised host, so this is the interface their bytes leave by.
+    """
+    try:
+        ip = socket.gethostbyname(host)
+        if ip.startswith("127."):
+            return "lo"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _, name in socket.if_nameindex():
+                req = struct.pack("256s", name.encode()[:15])
+                try:
+                    got = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, req)
+                except OSError:
+                    continue
+                if socket.inet_ntoa(got[20:24]) == ip:
+                    return name
+    except (OSError, UnicodeError):
+        pass
+    return ""
+
+
+_SIOCGIFADDR = 0x8915
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(name, value, "must be an integer (a port number)") from None
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AgentConfig:
     """Who this rank is and how its agent behaves.
 
-    Every field but the identity has a default; ``RECOVERYD_HOST`` overrides
-    the advertised host.
+    Every field but the identity has a default; ``RECOVERYD_HOST``,
+    ``RECOVERYD_RENDEZVOUS_PORT`` and ``RECOVERYD_METRICS_PORT`` override
+    the advertised host and the ports.
     """
 
     coordinator: str
@@ -50,8 +90,9 @@ class AgentConfig:
     host: str = field(default_factory=lambda: os.environ.get("RECOVERYD_HOST", ""))
     """Address peers reach this rank's transfers at; empty: the interface that
     routes to the coordinator. Logged, and shown by ``recoveryd status``."""
-    rendezvous_port: int = 0
-    """Port of the rendezvous store this agent hosts (0: any free port)."""
+    rendezvous_port: int = field(default_factory=lambda: _env_int("RECOVERYD_RENDEZVOUS_PORT") or 0)
+    """Port of the rendezvous store this agent hosts (0, the default: any free
+    port; ``RECOVERYD_RENDEZVOUS_PORT``, e.g. a named container port)."""
     labels: Mapping[str, str] = field(default_factory=dict)
     """Locality labels (``node``, ``zone``) the coordinator prefers donors by."""
     heartbeat_interval: timedelta = timedelta(seconds=2)
@@ -60,13 +101,7 @@ class AgentConfig:
     """Deadline of each coordinator call."""
     rendezvous_timeout: timedelta = timedelta(seconds=60)
     """How long a transfer group may take to form (both sides)."""
-    metrics_port: int | None = field(
-        default_factory=lambda: (
-            int(os.environ["RECOVERYD_METRICS_PORT"])
-            if "RECOVERYD_METRICS_PORT" in os.environ
-            else None
-        )
-    )
+    metrics_port: int | None = field(default_factory=lambda: _env_int("RECOVERYD_METRICS_PORT"))
     """Serve this agent's Prometheus ``/metrics`` on this port (0: any free
     port; ``None``, the default: not served, e.g. with several ranks per
     host; ``RECOVERYD_METRICS_PORT``). ``Agent.registry`` holds them either way."""

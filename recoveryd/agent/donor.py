@@ -26,6 +26,7 @@ from recoveryd.agent.rendezvous import DONOR_RANK, JOINER_RANK, device_for, go_k
 from recoveryd.coordinator.messages import Order, Report
 from recoveryd.errors import RecoverydError, TransferError
 from recoveryd.metrics import AgentMetrics
+from recoveryd.status import human_bytes
 from recoveryd.transport import send_state_dict
 
 logger = logging.getLogger(__name__)
@@ -195,13 +196,16 @@ class Donor:
                 phases=stats.phases,
             )
         logger.info(
-            "%s: sent step %d to %r (plan %d): %d bytes in %.3f s",
+            "%s: sent step %d to %r (plan %d) over %s (%s): %d bytes in %.3f s, %s/s",
             self.link.who,
             step,
             o.joiner,
             o.plan_id,
+            self.link.interface or "?",
+            self._host,
             stats.payload_bytes,
             stats.seconds,
+            human_bytes(stats.payload_bytes / stats.seconds if stats.seconds > 0 else 0),
         )
         self.sends.append(
             self.link.report(

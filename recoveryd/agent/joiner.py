@@ -35,6 +35,7 @@ from recoveryd.errors import (
     UnknownMemberError,
 )
 from recoveryd.metrics import AgentMetrics
+from recoveryd.status import human_bytes
 from recoveryd.transport import recv_state_dict
 
 logger = logging.getLogger(__name__)
@@ -324,6 +325,19 @@ def recover_into(
             )
         record.phases.update(st.phases)
         record.donor, record.plan_id, record.bytes = ans.donor, ans.plan_id, st.payload_bytes
+        logger.info(
+            "%s: received step %d from %r (plan %d) over %s (%s) <- %s: %d bytes in %.3f s, %s/s",
+            link.who,
+            ans.step,
+            ans.donor,
+            ans.plan_id,
+            link.interface or "?",
+            host,
+            ans.rendezvous,
+            st.payload_bytes,
+            st.seconds,
+            human_bytes(st.payload_bytes / st.seconds if st.seconds > 0 else 0),
+        )
         reported = time.monotonic()
         link.report(
             ans.plan_id,
@@ -332,7 +346,7 @@ def recover_into(
             started=t0,
             step=ans.step,
             nbytes=st.payload_bytes,
-            phases=st.phases,
+            phases=dict(record.phases),  # plan, rendezvous, arm, fence, then the transport's
             wait=True,
             deadline=deadline,
         )

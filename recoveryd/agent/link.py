@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from recoveryd.agent.client import Beat, CoordinatorClient
-from recoveryd.agent.config import AgentConfig
+from recoveryd.agent.config import AgentConfig, interface_of
 from recoveryd.coordinator.membership import MemberInfo
 from recoveryd.coordinator.messages import Order, Report, Role
 from recoveryd.errors import (
@@ -86,6 +86,8 @@ class CoordinatorLink:
         self.config = config
         self.agent_id = agent_id
         self.rendezvous = rendezvous
+        self.interface = interface_of(rendezvous.rpartition(":")[0].strip("[]"))
+        """The local interface transfers use (empty when unknown)."""
         self.client = CoordinatorClient(config.coordinator, timeout=config.rpc_timeout)
         self.registered = threading.Event()
         """Set while the current coordinator knows this rank."""
@@ -229,6 +231,7 @@ class CoordinatorLink:
                 rendezvous=self.rendezvous,
                 labels=dict(self.config.labels),
                 agent_id=self.agent_id,
+                interface=self.interface,
             ),
             step=self._position().step,
         )

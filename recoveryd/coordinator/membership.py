@@ -38,6 +38,8 @@ class MemberInfo:
     """Locality labels, e.g. ``{"node": ..., "zone": ...}``."""
     agent_id: str = ""
     """Unique per agent process: a new one for a registered rank means the rank restarted."""
+    interface: str = ""
+    """The network interface the rendezvous address is on (``eth0``), as the agent saw it."""
 
     def __post_init__(self) -> None:
         if not self.replica_id:
@@ -175,6 +177,16 @@ class Membership:
             if not ranks:
                 del self._replicas[rid]
         return gone
+
+    def silent_ranks(self) -> set[tuple[str, int]]:
+        """Registered ranks not heard from for ``heartbeat_timeout``."""
+        limit = self._clock() - self._timeout
+        return {
+            (rid, g)
+            for rid, ranks in self._replicas.items()
+            for g, r in ranks.items()
+            if r.seen < limit
+        }
 
     def member(self, replica_id: str, group_rank: int) -> MemberInfo | None:
         """A registered rank's info, or ``None``."""

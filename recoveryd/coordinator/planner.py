@@ -94,12 +94,21 @@ class PlanObserver(Protocol):
     """What a planner reports as it goes (metrics)."""
 
     def decision(self, result: str, seconds: float) -> None:
-        """A donor decision: ``plan`` (a plan made) or ``no_donor``."""
+        """A donor decision: ``plan`` (a plan made), ``fresh`` (nothing to recover
+        from: no replica holds this state yet) or ``no_donor`` (state exists, but
+        no replica can donate it, or every attempt failed)."""
 
     def plan_finished(
-        self, result: str, *, phases: Mapping[str, float], end_to_end_s: float, nbytes: int
+        self,
+        result: str,
+        *,
+        phases: Mapping[str, float],
+        end_to_end_s: float,
+        nbytes: int,
+        rank_bytes_per_s: float = 0.0,
     ) -> None:
-        """A plan ended: ``done`` or ``failed``."""
+        """A plan ended: ``done`` or ``failed`` (``rank_bytes_per_s``: the slowest
+        joiner rank's rate)."""
 
 
 class Planner:
@@ -235,14 +244,16 @@ class Planner:
                 state="done", plan_id=plan.plan.plan_id, donor=plan.plan.donor, step=plan.step
             )
             return
+        decided = time.perf_counter()
         if rnd.attempts >= self._config.max_attempts:
             self.version += 1
             rnd.final = Answer(
                 state="no_donor",
                 reason=f"{rnd.attempts} plans failed; the last: {rnd.last_failure}",
             )
+            if self._observer is not None:
+                self._observer.decision("no_donor", time.perf_counter() - decided)
             return
-        decided = time.perf_counter()
         joiner = self._members.replica(rnd.joiner)
         assert joiner is not None
         replicas = self._members.replicas()
@@ -263,9 +274,12 @@ class Planner:
                 )
                 return
             self.version += 1
-            rnd.final = Answer(state="no_donor", reason=self._why_no_donor(rnd, replicas))
+            fresh, reason = self._why_no_donor(rnd, replicas)
+            rnd.final = Answer(state="no_donor", reason=reason)
             if self._observer is not None:
-                self._observer.decision("no_donor", time.perf_counter() - decided)
+                self._observer.decision(
+                    "fresh" if fresh else "no_donor", time.perf_counter() - decided
+                )
             return
         self.version += 1
         rnd.waiting = ""
@@ -294,7 +308,10 @@ class Planner:
                 plan.order("prepare"),
             )
 
-    def _why_no_donor(self, rnd: _Round, replicas: Mapping[str, object]) -> str:
+    def _why_no_donor(self, rnd: _Round, replicas: Mapping[str, object]) -> tuple[bool, str]:
+        """Whether the replica simply starts fresh (no other replica holds state
+        of its layout: a job's start, or another job on this coordinator), and
+        why no donor, in words."""
         joiner = self._members.replica(rnd.joiner)
         assert joiner is not None
         same = [
@@ -303,21 +320,21 @@ class Planner:
             if v.replica_id != rnd.joiner and layouts_match(joiner, v)
         ]
         if rnd.excluded:
-            return (
+            return False, (
                 f"every donor failed this recovery ({', '.join(sorted(rnd.excluded))}); "
                 f"the last failure: {rnd.last_failure}"
             )
         if not same:
             others = len(replicas) - 1
             if others == 0:
-                return "no other replica is registered: this is the first replica"
-            return (
+                return True, "no other replica is registered: this is the first replica"
+            return True, (
                 f"none of the {others} other replica(s) has this state layout "
                 "(different model, sharding or dtypes)"
             )
         with_state = [v for v in same if v.step is not None]
         if not with_state:
-            return f"{len(same)} replica(s) with this layout, none holding a step yet"
+            return True, f"{len(same)} replica(s) with this layout, none holding a step yet"
         why = []
         for v in sorted(with_state, key=lambda v: v.replica_id):
             if v.world_size != joiner.world_size:
@@ -328,7 +345,7 @@ class Planner:
                 why.append(f"{v.replica_id} is unhealthy")
             elif not eligible(joiner, v):
                 why.append(f"{v.replica_id} cannot donate")
-        return f"no replica can donate: {'; '.join(why)}"
+        return False, f"no replica can donate: {'; '.join(why)}"
 
     # ---- donor side -------------------------------------------------------------
 
@@ -420,8 +437,13 @@ class Planner:
         self._retire(plan)
         if self._observer is not None:
             snap = self._snapshot(plan)
+            rates = [r.bytes / r.seconds for r in plan.joiner_reports.values() if r.seconds > 0]
             self._observer.plan_finished(
-                "done", phases=snap.phases, end_to_end_s=snap.recovery_s, nbytes=snap.bytes
+                "done",
+                phases=snap.phases,
+                end_to_end_s=snap.recovery_s,
+                nbytes=snap.bytes,
+                rank_bytes_per_s=min(rates, default=0.0),
             )
         secs = max((r.seconds for r in plan.joiner_reports.values()), default=0.0)
         nbytes = sum(r.bytes for r in plan.joiner_reports.values())

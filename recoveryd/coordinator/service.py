@@ -139,6 +139,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
                 rendezvous=m.rendezvous,
                 labels=dict(m.labels),
                 agent_id=m.agent_id,
+                interface=m.interface,
             )
             restarted = self.members.register(info, step=m.step if m.HasField("step") else None)
             self.planner.on_register(info, restarted=restarted)
@@ -343,6 +344,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
                     rendezvous=info.rendezvous,
                     device_kind=info.device_kind,
                     labels=dict(info.labels),
+                    interface=info.interface,
                 )
                 if st[0] is not None:
                     rank.step = st[0]

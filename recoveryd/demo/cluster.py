@@ -9,6 +9,7 @@ still running, so nothing is left behind.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import queue
@@ -37,6 +38,10 @@ class LocalCluster:
         coordinator: address of a running coordinator; ``None`` starts one in
             this process on 127.0.0.1.
         coordinator_config: for the coordinator started here.
+        prometheus_sd: write the ``/metrics`` addresses of the coordinator
+            started here and of every rank to this file, as Prometheus
+            ``file_sd_configs`` targets (label ``component``: ``coordinator`` or
+            ``agent``), and serve them; ``None``: no metrics endpoints.
         defaults: :class:`TrainerSpec` fields every rank gets unless overridden.
     """
 
@@ -45,9 +50,16 @@ class LocalCluster:
         *,
         coordinator: str | None = None,
         coordinator_config: CoordinatorConfig | None = None,
+        prometheus_sd: str | None = None,
         **defaults: Any,
     ) -> None:
         self.coordinator: Coordinator | None = None
+        self._sd_path = prometheus_sd
+        self._coordinator_target: list[str] = []
+        self._agent_targets: dict[tuple[str, int], str] = {}
+        """Each rank's latest incarnation's ``/metrics`` (a killed one's goes with it)."""
+        if prometheus_sd is not None:
+            defaults.setdefault("metrics_port", 0)
         if coordinator is None:
             self.coordinator = Coordinator(
                 "127.0.0.1:0",
@@ -57,8 +69,11 @@ class LocalCluster:
                     heartbeat_timeout=timedelta(seconds=2),
                     warmup=timedelta(seconds=1),
                 ),
+                metrics_port=0 if prometheus_sd is not None else None,
             ).start()
             coordinator = self.coordinator.address
+            if self.coordinator.metrics_address is not None:
+                self._coordinator_target.append(self.coordinator.metrics_address)
         self.address = coordinator
         self._defaults = defaults
         self._ctx = mp.get_context("spawn")
@@ -73,6 +88,7 @@ class LocalCluster:
         self._incarnations: dict[str, int] = {}
         self.events: list[Event] = []
         self.t0 = time.time()
+        self._write_sd()
 
     def start_replica(self, replica_id: str, world_size: int, **overrides: Any) -> int:
         """Starts every rank of a replica; returns its incarnation (0 the first time)."""
@@ -104,6 +120,11 @@ class LocalCluster:
                 os.kill(p.pid, signal.SIGKILL)
         for p in procs:
             p.join(10)
+        gone = [k for k in self._agent_targets if k[0] == replica_id]
+        for k in gone:
+            del self._agent_targets[k]
+        if gone:
+            self._write_sd()
 
     def alive(self, replica_id: str) -> list[bool]:
         """Whether each rank of a replica is alive."""
@@ -129,6 +150,11 @@ class LocalCluster:
             time.sleep(0.01)
         new.sort(key=lambda e: e.time)
         self.events += new
+        served = [e for e in new if e.kind == "metrics"]
+        for e in served:
+            self._agent_targets[(e.replica_id, e.group_rank)] = e.data["address"]
+        if served:
+            self._write_sd()
         for ev in new:
             if ev.kind == "error":
                 raise ClusterError(
@@ -136,6 +162,20 @@ class LocalCluster:
                     f"{ev.data['traceback']}"
                 )
         return new
+
+    def _write_sd(self) -> None:
+        """Rewrites the Prometheus targets file atomically (Prometheus watches it)."""
+        if self._sd_path is None:
+            return
+        targets = {
+            "coordinator": self._coordinator_target,
+            "agent": sorted(self._agent_targets.values()),
+        }
+        groups = [{"targets": t, "labels": {"component": c}} for c, t in targets.items() if t]
+        tmp = f"{self._sd_path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(groups, f, indent=1)
+        os.replace(tmp, self._sd_path)
 
     def wait_for(
         self, predicate: Callable[[Event], bool], *, count: int = 1, timeout: timedelta

@@ -40,6 +40,11 @@ class DemoConfig:
     extra_bytes: int = 0
     step_delay_s: float = 0.02
     timeout_s: float = 120.0
+    prometheus_sd: str | None = None
+    """Serve ``/metrics`` on the coordinator and every rank, and list them in
+    this file as Prometheus ``file_sd_configs`` targets."""
+    linger_s: float = 0.0
+    """Keep everything running this long after training ends (for scrapes)."""
 
     def __post_init__(self) -> None:
         if self.replicas < 2:
@@ -56,6 +61,8 @@ class DemoConfig:
             raise ConfigError("layers", self.layers, "must be >= 1")
         if self.extra_bytes < 0:
             raise ConfigError("extra_bytes", self.extra_bytes, "must be >= 0")
+        if self.linger_s < 0:
+            raise ConfigError("linger_s", self.linger_s, "must be >= 0")
 
 
 def _terminate(signum: int, _frame: object) -> None:
@@ -103,6 +110,7 @@ def run_demo(config: DemoConfig, *, out: TextIO = sys.stdout, as_json: bool = Fa
         layers=config.layers,
         extra_bytes=config.extra_bytes,
         step_delay_s=config.step_delay_s,
+        prometheus_sd=config.prometheus_sd,
     ) as cluster:
         t0 = cluster.t0
         say(
@@ -110,6 +118,11 @@ def run_demo(config: DemoConfig, *, out: TextIO = sys.stdout, as_json: bool = Fa
             f"{config.ranks} ranks training an MLP ({config.layers}x{config.hidden}) for "
             f"{config.steps} steps; {victim} is killed at step {config.kill_at} and restarted\n"
         )
+        if config.prometheus_sd is not None and cluster.coordinator is not None:
+            say(
+                f"metrics: coordinator http://{cluster.coordinator.metrics_address}/metrics; "
+                f"every rank's in {config.prometheus_sd} (Prometheus file_sd targets)\n"
+            )
         for name in names:
             cluster.start_replica(name, config.ranks)
         cluster.wait_for(
@@ -143,6 +156,11 @@ def run_demo(config: DemoConfig, *, out: TextIO = sys.stdout, as_json: bool = Fa
             count=len(names) * config.ranks,
             timeout=timeout,
         )
+        if config.linger_s:
+            say(f"{time.time() - t0:7.2f}s  lingering {config.linger_s:g} s (metrics stay up)")
+            end = time.monotonic() + config.linger_s
+            while time.monotonic() < end:
+                cluster.drain(min(0.2, max(0.0, end - time.monotonic())))
         client = CoordinatorClient(cluster.address)
         status = client.status(recent=10)
         client.close()

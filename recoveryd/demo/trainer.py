@@ -62,6 +62,8 @@ class TrainerSpec:
     die_during_send_s: float | None = None
     """SIGKILL this process this long after its first send starts."""
     labels: dict[str, str] = field(default_factory=dict)
+    metrics_port: int | None = None
+    """Serve the agent's ``/metrics`` on this port (0: any free one); ``None``: off."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -70,7 +72,7 @@ class Event:
 
     kind: str
     """``started``, ``fresh``, ``recovered``, ``sent``, ``progress``,
-    ``finished``, ``error``."""
+    ``finished``, ``metrics`` (where the agent serves ``/metrics``), ``error``."""
     replica_id: str
     group_rank: int
     incarnation: int
@@ -186,9 +188,12 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
             labels=spec.labels,
             heartbeat_interval=timedelta(seconds=spec.heartbeat_interval_s),
             rendezvous_timeout=timedelta(seconds=spec.rendezvous_timeout_s),
+            metrics_port=spec.metrics_port,
         ),
         state,
     )
+    if agent.metrics_address is not None:
+        emit("metrics", address=agent.metrics_address)
     live = state()
     t0 = time.monotonic()
     got = agent.recover(live, timeout=timedelta(seconds=spec.recover_timeout_s))

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Member(_message.Message):
-    __slots__ = ("replica_id", "group_rank", "group_world_size", "layout_fingerprint", "device_kind", "rendezvous", "labels", "step", "agent_id")
+    __slots__ = ("replica_id", "group_rank", "group_world_size", "layout_fingerprint", "device_kind", "rendezvous", "labels", "step", "agent_id", "interface")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class Member(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    INTERFACE_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     group_rank: int
     group_world_size: int
@@ -34,7 +35,8 @@ class Member(_message.Message):
     labels: _containers.ScalarMap[str, str]
     step: int
     agent_id: str
-    def __init__(self, replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., group_world_size: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., device_kind: _Optional[str] = ..., rendezvous: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., step: _Optional[int] = ..., agent_id: _Optional[str] = ...) -> None: ...
+    interface: str
+    def __init__(self, replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., group_world_size: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., device_kind: _Optional[str] = ..., rendezvous: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., step: _Optional[int] = ..., agent_id: _Optional[str] = ..., interface: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("member",)
@@ -236,7 +238,7 @@ class StatusRequest(_message.Message):
     def __init__(self, recent: _Optional[int] = ...) -> None: ...
 
 class RankStatus(_message.Message):
-    __slots__ = ("group_rank", "step", "healthy", "last_seen_s", "rendezvous", "device_kind", "labels")
+    __slots__ = ("group_rank", "step", "healthy", "last_seen_s", "rendezvous", "device_kind", "labels", "interface")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +253,7 @@ class RankStatus(_message.Message):
     RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    INTERFACE_FIELD_NUMBER: _ClassVar[int]
     group_rank: int
     step: int
     healthy: bool
@@ -258,7 +261,8 @@ class RankStatus(_message.Message):
     rendezvous: str
     device_kind: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, group_rank: _Optional[int] = ..., step: _Optional[int] = ..., healthy: _Optional[bool] = ..., last_seen_s: _Optional[float] = ..., rendezvous: _Optional[str] = ..., device_kind: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    interface: str
+    def __init__(self, group_rank: _Optional[int] = ..., step: _Optional[int] = ..., healthy: _Optional[bool] = ..., last_seen_s: _Optional[float] = ..., rendezvous: _Optional[str] = ..., device_kind: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., interface: _Optional[str] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
     __slots__ = ("replica_id", "world_size", "step", "healthy", "state", "ranks")

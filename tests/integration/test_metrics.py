@@ -199,14 +199,28 @@ def test_agents_count_their_transfers_and_recoveries() -> None:
 
         from prometheus_client import generate_latest
 
-        d = {
-            s.name: s.value
+        donor_samples = [
+            s
             for f in text_string_to_metric_families(generate_latest(donor.registry).decode())
             for s in f.samples
-            if s.labels.get("role") == "donor"
+            if s.labels.get("role") == "donor" and s.labels.get("backend") == "gloo"
+        ]
+        by_result = {
+            s.labels["result"]: s.value
+            for s in donor_samples
+            if s.name == "recoveryd_agent_transfers_total"
         }
-        assert d["recoveryd_agent_transfers_total"] == 1
-        assert d["recoveryd_agent_transfer_bytes_total"] == 4096 * 4
+        # Every result exists from the start (at zero), so rate() sees the first one.
+        assert by_result == {
+            "ok": 1,
+            "timeout": 0,
+            "peer_lost": 0,
+            "rejected": 0,
+            "step_mismatch": 0,
+            "error": 0,
+        }
+        sent = [s for s in donor_samples if s.name == "recoveryd_agent_transfer_bytes_total"]
+        assert [s.value for s in sent] == [4096 * 4]
     finally:
         stop.set()
         if trainer.is_alive():

@@ -764,3 +764,30 @@ def test_a_rank_watching_again_gets_the_orders_it_should_hold() -> None:
     assert [(o.kind, o.plan_id) for o in orders] == [("prepare", plan), ("arm", plan)]
     assert orders[1].step == 12
     assert c.planner.orders_for("joiner", 0) == []
+
+
+def test_decisions_tell_a_fresh_start_from_a_missing_donor() -> None:
+    seen: list[str] = []
+
+    class Observer:
+        def decision(self, result: str, seconds: float) -> None:
+            assert seconds >= 0
+            seen.append(result)
+
+        def plan_finished(self, result: str, **kw: object) -> None:
+            seen.append(f"plan {result}")
+
+    c = _coord(CoordinatorConfig(max_attempts=1))
+    c.planner._observer = Observer()
+    c.join("first", step=None)
+    assert c.planner.recover("first", 0).state == "no_donor"
+    c.join("other-model", step=None, fp="f2")
+    c.planner.recover("other-model", 0)
+    c.beat("first", step=10)
+    c.join("j", step=None)
+    assert c.planner.recover("j", 0).state == "transfer"
+    c.fail(1, "j", "peer_lost")
+    assert c.planner.recover("j", 0).state == "no_donor"  # max_attempts spent
+    # Nothing of this layout anywhere (a job's start, another job's model) is
+    # "fresh"; a round that ran out of attempts is "no_donor".
+    assert seen == ["fresh", "fresh", "plan", "plan failed", "no_donor"]
