@@ -11,12 +11,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from recoveryd.errors import CoordinatorUnavailableError, RecoverydError, TransferError
+from recoveryd.errors import (
+    CoordinatorUnavailableError,
+    RecoverydError,
+    SidecarLostError,
+    TransferError,
+)
 
 if TYPE_CHECKING:
     from recoveryd.agent import Agent, AgentConfig, RecoveryRecord
     from recoveryd.coordinator.config import CoordinatorConfig
     from recoveryd.coordinator.server import Coordinator
+    from recoveryd.sidecar.client import Attachment, attach
     from recoveryd.transport import (
         ReceivedState,
         TransferConfig,
@@ -30,6 +36,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "Agent": "recoveryd.agent",
     "AgentConfig": "recoveryd.agent",
+    "Attachment": "recoveryd.sidecar.client",
+    "attach": "recoveryd.sidecar.client",
     "RecoveryRecord": "recoveryd.agent",
     "Coordinator": "recoveryd.coordinator.server",
     "CoordinatorConfig": "recoveryd.coordinator.config",
@@ -51,16 +59,19 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Agent",
     "AgentConfig",
+    "Attachment",
     "Coordinator",
     "CoordinatorConfig",
     "CoordinatorUnavailableError",
     "ReceivedState",
     "RecoveryRecord",
     "RecoverydError",
+    "SidecarLostError",
     "TransferConfig",
     "TransferError",
     "TransferStats",
     "__version__",
+    "attach",
     "recv_state_dict",
     "send_state_dict",
 ]

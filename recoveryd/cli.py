@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -54,9 +57,40 @@ def _demo(args: argparse.Namespace) -> int:
             extra_bytes=args.extra_mib << 20,
             prometheus_sd=args.prometheus_sd,
             linger_s=args.linger,
+            sidecars=args.sidecar,
         ),
         as_json=args.json,
     )
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from recoveryd.sidecar.server import Sidecar, SidecarConfig
+
+    env_port = os.environ.get("RECOVERYD_METRICS_PORT")
+    port = (
+        args.metrics_port
+        if args.metrics_port is not None
+        else (int(env_port) if env_port else None)
+    )
+    config = SidecarConfig(
+        coordinator=args.coordinator,
+        socket_path=args.socket,
+        metrics_port=port,
+        **({"host": args.host} if args.host is not None else {}),
+    )
+    sidecar = Sidecar(config)
+
+    def stop(signum: int, _frame: object) -> None:
+        logging.getLogger(__name__).info("signal %d: detaching trainers", signum)
+        threading.Thread(target=sidecar.close, daemon=True).start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    try:
+        sidecar.serve_forever()
+    finally:
+        sidecar.close()
+    return 0
 
 
 def _example_trainer(args: argparse.Namespace) -> int:
@@ -131,12 +165,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         "FILE as Prometheus file_sd_configs targets",
     )
     p.add_argument(
+        "--sidecar",
+        action="store_true",
+        help="run each rank's agent as a sidecar process the rank attaches to",
+    )
+    p.add_argument(
         "--linger",
         type=float,
         default=0.0,
         help="seconds to keep everything up after training ends (default 0)",
     )
     p.set_defaults(fn=_demo)
+
+    p = sub.add_parser(
+        "agent",
+        help="run the agent as a sidecar: trainers attach over a Unix socket "
+        "(recoveryd.attach) and share their tensors with it",
+    )
+    p.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
+    p.add_argument("--socket", required=True, help="Unix socket path trainers attach to")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve /metrics on this port (default: off; RECOVERYD_METRICS_PORT)",
+    )
+    p.add_argument(
+        "--host",
+        default=None,
+        help="address peers reach transfers at (default: RECOVERYD_HOST, else the "
+        "interface that routes to the coordinator)",
+    )
+    p.set_defaults(fn=_agent)
 
     p = sub.add_parser(
         "example-trainer",

@@ -145,3 +145,22 @@ class UnknownMemberError(RecoverydError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class SidecarLostError(RecoverydError, ConnectionError):
+    """The sidecar agent a trainer is attached to went away (or never answered).
+
+    The trainer can keep training without recovery support: after this error
+    the attachment's ``step()`` does nothing.
+
+    Attributes:
+        path: the sidecar's socket.
+    """
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(
+            f"the recoveryd sidecar at {path} is gone ({detail}); training can go on without "
+            "recovery support: restart the sidecar container and the trainer re-attaches "
+            "when it restarts"
+        )
+        self.path = path

@@ -58,7 +58,13 @@ class Agent:
         agent.close()
     """
 
-    def __init__(self, config: AgentConfig, state_dict: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        state_dict: Callable[[], object],
+        *,
+        metrics: AgentMetrics | None = None,
+    ) -> None:
         self.config = config
         self._state_fn = state_dict
         self.host = config.advertised_host()
@@ -76,11 +82,14 @@ class Agent:
         # buffers, so they are kept (not destroyed) for a while.
         self._graveyard: deque[dist.ProcessGroup] = deque(maxlen=16)
         self.last_recovery: RecoveryRecord | None = None
-        self.registry = CollectorRegistry()
+        if metrics is None:
+            metrics = AgentMetrics(
+                CollectorRegistry(),
+                backends=("gloo", "nccl") if torch.cuda.is_available() else ("gloo",),
+            )
+        self.metrics = metrics
+        self.registry = metrics.registry
         """This agent's Prometheus metrics (served on ``config.metrics_port`` when set)."""
-        self.metrics = AgentMetrics(
-            self.registry, backends=("gloo", "nccl") if torch.cuda.is_available() else ("gloo",)
-        )
         self._metrics_server = (
             MetricsServer(self.registry, host=self.host, port=config.metrics_port)
             if config.metrics_port is not None
@@ -242,8 +251,16 @@ class Agent:
         """Re-fingerprints the state (call after its layout changed, e.g. a resharding)."""
         self._link.set_layout(fingerprint(self._state_fn()))
 
-    def close(self, timeout: timedelta = timedelta(seconds=5)) -> None:
-        """Stops the background threads, the metrics endpoint and the coordinator channel."""
+    def close(self, timeout: timedelta = timedelta(seconds=5), *, unhealthy: bool = False) -> None:
+        """Stops the background threads, the metrics endpoint and the coordinator channel.
+
+        Args:
+            timeout: how long the background threads get to stop.
+            unhealthy: first tell the coordinator this rank's state is gone
+                (its trainer died), so it is never chosen as a donor again.
+        """
+        if unhealthy:
+            self._link.say_unhealthy()
         self._link.close(timeout.total_seconds())
         if self._metrics_server is not None:
             self._metrics_server.close()

@@ -99,6 +99,7 @@ class CoordinatorLink:
         self._on_new_coordinator = on_new_coordinator
         self._interval = config.heartbeat_interval.total_seconds()
         self._coordinator_id = ""
+        self._healthy = True
         self._closed = threading.Event()
         self._nudged = threading.Event()
         self._reports: queue.Queue[Report | None] = queue.Queue()
@@ -132,6 +133,23 @@ class CoordinatorLink:
         if layout != self._layout:
             self._layout = layout
             self.registered.clear()
+
+    def say_unhealthy(self) -> None:
+        """Heartbeats as unhealthy from now on, the first time at once (best effort)."""
+        self._healthy = False
+        try:
+            self.client.heartbeat(
+                [
+                    Beat(
+                        replica_id=self.config.replica_id,
+                        group_rank=self.config.group_rank,
+                        step=self._position().step,
+                        healthy=False,
+                    )
+                ]
+            )
+        except RecoverydError as err:
+            logger.warning("%s: could not report the rank unhealthy: %s", self.who, err)
 
     def nudge(self) -> None:
         """Heartbeats now rather than at the next interval."""
@@ -258,6 +276,7 @@ class CoordinatorLink:
                     replica_id=self.config.replica_id,
                     group_rank=self.config.group_rank,
                     step=self._position().step,
+                    healthy=self._healthy,
                 )
                 cid, unknown = self.client.heartbeat([beat])
                 if unknown or cid != self._coordinator_id:

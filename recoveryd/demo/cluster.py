@@ -13,7 +13,11 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -42,6 +46,9 @@ class LocalCluster:
             started here and of every rank to this file, as Prometheus
             ``file_sd_configs`` targets (label ``component``: ``coordinator`` or
             ``agent``), and serve them; ``None``: no metrics endpoints.
+        sidecars: run every rank's agent as a sidecar process (``recoveryd
+            agent``) that the rank attaches to; a sidecar outlives its rank
+            (a killed replica's ranks attach again when restarted).
         defaults: :class:`TrainerSpec` fields every rank gets unless overridden.
     """
 
@@ -51,6 +58,7 @@ class LocalCluster:
         coordinator: str | None = None,
         coordinator_config: CoordinatorConfig | None = None,
         prometheus_sd: str | None = None,
+        sidecars: bool = False,
         **defaults: Any,
     ) -> None:
         self.coordinator: Coordinator | None = None
@@ -85,6 +93,8 @@ class LocalCluster:
             "127.0.0.1", 0, None, True, timedelta(seconds=60), wait_for_workers=False
         )
         self._procs: dict[tuple[str, int], Any] = {}
+        self._sidecars: dict[tuple[str, int], subprocess.Popen[bytes]] = {}
+        self._sidecar_dir = tempfile.mkdtemp(prefix="recoveryd-sidecars-") if sidecars else None
         self._incarnations: dict[str, int] = {}
         self.events: list[Event] = []
         self.t0 = time.time()
@@ -96,6 +106,8 @@ class LocalCluster:
         self._incarnations[replica_id] = inc
         for rank in range(world_size):
             fields = {**self._defaults, **overrides}
+            if self._sidecar_dir is not None:
+                fields["sidecar_socket"] = self._sidecar(replica_id, rank)
             spec = TrainerSpec(
                 coordinator=self.address,
                 replica_id=replica_id,
@@ -111,6 +123,22 @@ class LocalCluster:
             p.start()
             self._procs[(replica_id, rank)] = p
         return inc
+
+    def _sidecar(self, replica_id: str, rank: int) -> str:
+        """The socket of the rank's sidecar, started the first time it is asked for."""
+        assert self._sidecar_dir is not None
+        path = os.path.join(self._sidecar_dir, f"{replica_id}-{rank}.sock")
+        proc = self._sidecars.get((replica_id, rank))
+        if proc is None or proc.poll() is not None:
+            cmd = [sys.executable, "-m", "recoveryd", "agent", "--coordinator", self.address]
+            cmd += ["--socket", path, "--host", "127.0.0.1"]
+            if self._sd_path is not None:
+                cmd += ["--metrics-port", "0"]
+            with open(f"{path}.log", "ab") as log:
+                self._sidecars[(replica_id, rank)] = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
+        return path
 
     def kill_replica(self, replica_id: str) -> None:
         """SIGKILLs every rank of a replica and waits for them to die."""
@@ -224,6 +252,17 @@ class LocalCluster:
                 os.kill(p.pid, signal.SIGKILL)
         for p in self._procs.values():
             p.join(10)
+        for s in self._sidecars.values():
+            if s.poll() is None:
+                s.terminate()
+        for s in self._sidecars.values():
+            try:
+                s.wait(15)
+            except subprocess.TimeoutExpired:
+                s.kill()
+                s.wait(5)
+        if self._sidecar_dir is not None:
+            shutil.rmtree(self._sidecar_dir, ignore_errors=True)
         if self.coordinator is not None:
             self.coordinator.stop()
 

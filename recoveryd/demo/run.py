@@ -45,6 +45,9 @@ class DemoConfig:
     this file as Prometheus ``file_sd_configs`` targets."""
     linger_s: float = 0.0
     """Keep everything running this long after training ends (for scrapes)."""
+    sidecars: bool = False
+    """Run each rank's agent as a sidecar process (``recoveryd agent``) that
+    survives the kill; the restarted ranks attach to it again."""
 
     def __post_init__(self) -> None:
         if self.replicas < 2:
@@ -111,6 +114,7 @@ def run_demo(config: DemoConfig, *, out: TextIO = sys.stdout, as_json: bool = Fa
         extra_bytes=config.extra_bytes,
         step_delay_s=config.step_delay_s,
         prometheus_sd=config.prometheus_sd,
+        sidecars=config.sidecars,
     ) as cluster:
         t0 = cluster.t0
         say(
@@ -118,6 +122,11 @@ def run_demo(config: DemoConfig, *, out: TextIO = sys.stdout, as_json: bool = Fa
             f"{config.ranks} ranks training an MLP ({config.layers}x{config.hidden}) for "
             f"{config.steps} steps; {victim} is killed at step {config.kill_at} and restarted\n"
         )
+        if config.sidecars:
+            say(
+                "agents run as sidecar processes (recoveryd agent); the kill takes the "
+                "trainers only, and the restarted ones attach to their sidecars again\n"
+            )
         if config.prometheus_sd is not None and cluster.coordinator is not None:
             say(
                 f"metrics: coordinator http://{cluster.coordinator.metrics_address}/metrics; "
@@ -139,7 +148,12 @@ def run_demo(config: DemoConfig, *, out: TextIO = sys.stdout, as_json: bool = Fa
         killed_at = cluster.step_of(victim)
         cluster.kill_replica(victim)
         t_kill = time.time()
-        notes = [(t_kill, f"KILL -9 {victim} (both ranks) at step ~{killed_at}")]
+        notes = [
+            (
+                t_kill,
+                f"KILL -9 {victim} (all {config.ranks} trainer ranks) at step ~{killed_at}",
+            )
+        ]
         say(f"{t_kill - t0:7.2f}s  {notes[-1][1]}")
         cluster.start_replica(victim, config.ranks)
         notes.append((time.time(), f"restarted {victim}"))

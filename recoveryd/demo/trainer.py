@@ -27,7 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from recoveryd.agent import Agent, AgentConfig
+from recoveryd.agent import Agent, AgentConfig, RecoveryRecord
+from recoveryd.sidecar.client import Attachment, attach
 from recoveryd.testing.ranks import gloo_group
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class TrainerSpec:
     labels: dict[str, str] = field(default_factory=dict)
     metrics_port: int | None = None
     """Serve the agent's ``/metrics`` on this port (0: any free one); ``None``: off."""
+    sidecar_socket: str | None = None
+    """Attach to the sidecar agent on this socket instead of running one in-process."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -178,33 +181,48 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
             **extra,
         }
 
-    agent = Agent(
-        AgentConfig(
-            coordinator=spec.coordinator,
+    agent: Agent | Attachment
+    if spec.sidecar_socket is not None:
+        agent = attach(
+            spec.sidecar_socket,
+            state,
             replica_id=spec.replica_id,
             group_rank=spec.group_rank,
             group_world_size=spec.group_world_size,
-            host="127.0.0.1",
             labels=spec.labels,
-            heartbeat_interval=timedelta(seconds=spec.heartbeat_interval_s),
-            rendezvous_timeout=timedelta(seconds=spec.rendezvous_timeout_s),
-            metrics_port=spec.metrics_port,
-        ),
-        state,
-    )
-    if agent.metrics_address is not None:
-        emit("metrics", address=agent.metrics_address)
+            timeout=timedelta(seconds=60),
+        )
+        if agent.metrics_port is not None:
+            emit("metrics", address=f"127.0.0.1:{agent.metrics_port}")
+    else:
+        agent = Agent(
+            AgentConfig(
+                coordinator=spec.coordinator,
+                replica_id=spec.replica_id,
+                group_rank=spec.group_rank,
+                group_world_size=spec.group_world_size,
+                host="127.0.0.1",
+                labels=spec.labels,
+                heartbeat_interval=timedelta(seconds=spec.heartbeat_interval_s),
+                rendezvous_timeout=timedelta(seconds=spec.rendezvous_timeout_s),
+                metrics_port=spec.metrics_port,
+            ),
+            state,
+        )
+        if agent.metrics_address is not None:
+            emit("metrics", address=agent.metrics_address)
     live = state()
     t0 = time.monotonic()
     got = agent.recover(live, timeout=timedelta(seconds=spec.recover_timeout_s))
     rec = agent.last_recovery
     assert rec is not None
+    record = asdict(rec) if isinstance(rec, RecoveryRecord) else dict(rec)
     if got is None:
-        emit("fresh", reason=rec.reason, seconds=time.monotonic() - t0)
+        emit("fresh", reason=record["reason"], seconds=time.monotonic() - t0)
         start = 0
     else:
         opt.load_state_dict(live["optim"])  # the optimizer's own copy of hyper-parameters
-        emit("recovered", digest=state_digest(state()), **asdict(rec))
+        emit("recovered", digest=state_digest(state()), **record)
         start = got
 
     dying = False
@@ -227,7 +245,7 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
         progress["step"] = step
         progress["samples"] += spec.batch * spec.group_world_size
         sent_before = len(agent.sends)
-        if spec.die_during_send_s is not None and not dying:
+        if spec.die_during_send_s is not None and not dying and isinstance(agent, Agent):
             dying = _arm_death_on_send(agent, step, spec.die_during_send_s)
         agent.step(step)
         _emit_sends(agent, sent_before, emit, state)
@@ -244,7 +262,7 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
     agent.close()
 
 
-def _emit_sends(agent: Agent, since: int, emit: Any, state: Any) -> None:
+def _emit_sends(agent: Agent | Attachment, since: int, emit: Any, state: Any) -> None:
     """One ``sent`` event per send the agent made since ``since``, with the digest of what went."""
     for report in list(agent.sends)[since:]:
         emit(

@@ -32,3 +32,16 @@ def test_demo_recovers_bit_for_bit_and_leaves_nothing_behind() -> None:
         if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     ]
     assert [p.cmdline() for p in left if "resource_tracker" not in " ".join(p.cmdline())] == []
+
+
+def test_demo_in_sidecar_mode_recovers_through_the_surviving_sidecars() -> None:
+    out = io.StringIO()
+
+    rc = run_demo(
+        DemoConfig(steps=150, kill_at=30, hidden=128, sidecars=True), out=out, as_json=True
+    )
+
+    summary = json.loads(out.getvalue())
+    assert rc == 0, summary
+    assert [c["ok"] for c in summary["checks"]] == [True] * 4
+    assert summary["recovered_step"] > summary["killed_at_step"]

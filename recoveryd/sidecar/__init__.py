@@ -1,0 +1,1 @@
+"""The agent as a sidecar process: ``recoveryd agent`` and :func:`recoveryd.attach`."""

@@ -1,0 +1,330 @@
+"""``recoveryd agent``: the agent as its own process next to the trainer (a sidecar).
+
+It listens on a Unix socket. A trainer rank attaches (:func:`recoveryd.attach`)
+and shares its live tensors (see :mod:`recoveryd.sidecar.share`); the sidecar
+then runs the same agent core as the in-process :class:`recoveryd.Agent` over
+those tensors: registration and heartbeats, the transfer groups, donor sends
+at the trainer's step boundaries, and recovery straight into the trainer's
+memory. One sidecar serves any number of attached ranks, each on its own
+connection, and outlives them: a trainer that crashes is noticed at once (its
+socket closes), reported unhealthy to the coordinator, and its state is
+dropped, never served again; the restarted trainer attaches anew and
+recovers through the normal plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import select
+import socket
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from recoveryd.agent.agent import Agent
+from recoveryd.agent.config import AgentConfig
+from recoveryd.errors import ConfigError, CoordinatorUnavailableError, RecoverydError
+from recoveryd.metrics import AgentMetrics, MetricsServer
+from recoveryd.sidecar import wire
+from recoveryd.sidecar.share import SharedState
+from recoveryd.transport._flatten import build_plan
+
+logger = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT = timedelta(seconds=30)
+"""How long the rest of a request may take to arrive once it started."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SidecarConfig:
+    """The sidecar's knobs (the ranks' identities come from the trainers that attach)."""
+
+    coordinator: str
+    """``host:port`` of the coordinator."""
+    socket_path: str
+    """The Unix socket trainers attach to (its directory must exist)."""
+    metrics_port: int | None = None
+    """Serve ``/metrics`` (every attached rank's transfers) on this port; ``None``: off."""
+    host: str = field(default_factory=lambda: os.environ.get("RECOVERYD_HOST", ""))
+    """Address peers reach transfers at (empty: the interface that routes to the coordinator)."""
+    heartbeat_interval: timedelta = timedelta(seconds=2)
+    rendezvous_timeout: timedelta = timedelta(seconds=60)
+
+    def __post_init__(self) -> None:
+        if not self.socket_path:
+            raise ConfigError("socket_path", self.socket_path, "must be a path")
+        parent = os.path.dirname(os.path.abspath(self.socket_path))
+        if not os.path.isdir(parent):
+            raise ConfigError("socket_path", self.socket_path, f"directory {parent} does not exist")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ConfigError("metrics_port", self.metrics_port, "must be a port number")
+
+
+class Sidecar:
+    """Serves attached trainer ranks until :meth:`close`.
+
+    Args:
+        config: where to listen and which coordinator to use.
+    """
+
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.metrics = AgentMetrics(
+            self.registry, backends=("gloo", "nccl") if torch.cuda.is_available() else ("gloo",)
+        )
+        _remove_stale_socket(config.socket_path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(config.socket_path)
+        os.chmod(config.socket_path, 0o660)  # the pod's containers share a group, not the world
+        self._listener.listen(64)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._sessions: dict[int, _Session] = {}
+        self._threads: list[threading.Thread] = []
+        self._metrics_server = (
+            MetricsServer(self.registry, port=config.metrics_port)
+            if config.metrics_port is not None
+            else None
+        )
+        logger.info(
+            "sidecar agent on %s (coordinator %s%s)",
+            config.socket_path,
+            config.coordinator,
+            f", metrics on :{self._metrics_server.port}" if self._metrics_server else "",
+        )
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port ``/metrics`` is served on, or ``None``."""
+        return self._metrics_server.port if self._metrics_server is not None else None
+
+    def attached(self) -> int:
+        """How many trainer ranks are attached now."""
+        with self._lock:
+            return sum(1 for s in self._sessions.values() if s.agent is not None)
+
+    def serve_forever(self) -> None:
+        """Accepts trainers until :meth:`close` (from another thread or a signal)."""
+        self._listener.settimeout(0.2)
+        n = 0
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                raise
+            n += 1
+            session = _Session(self, conn, n)
+            with self._lock:
+                self._sessions[n] = session
+            t = threading.Thread(target=session.run, name=f"recoveryd-session-{n}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def close(self, timeout: timedelta = timedelta(seconds=10)) -> None:
+        """Stops accepting, detaches every trainer (reported unhealthy), stops serving."""
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for s in sessions:
+            s.shutdown()
+        end = time.monotonic() + timeout.total_seconds()
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
+        with contextlib.suppress(OSError):
+            os.unlink(self.config.socket_path)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
+
+    def _done(self, n: int) -> None:
+        with self._lock:
+            self._sessions.pop(n, None)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Removes a socket file left by a dead sidecar; refuses to replace a live one."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError("socket_path", path, "exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: a leftover
+        return
+    finally:
+        probe.close()
+    raise ConfigError("socket_path", path, "another sidecar is listening on it")
+
+
+class _Session:
+    """One attached trainer rank: its connection, shared state and agent."""
+
+    def __init__(self, sidecar: Sidecar, conn: socket.socket, n: int) -> None:
+        self.sidecar = sidecar
+        self.conn = conn
+        self.n = n
+        self.agent: Agent | None = None
+        self.shared = SharedState()
+        self.state: object = None
+        self.who = f"session {n}"
+        self._closing = False
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.shutdown(socket.SHUT_RDWR)
+
+    def run(self) -> None:
+        clean = False
+        try:
+            while not self.sidecar._stop.is_set():
+                if not _readable(self.conn, 0.5):
+                    continue
+                frame = wire.recv(
+                    self.conn, deadline=time.monotonic() + REQUEST_TIMEOUT.total_seconds()
+                )
+                reply, payload = self._handle(frame)
+                wire.send(self.conn, reply, payload)
+                if frame.op == "close":
+                    clean = True
+                    return
+        except wire.WireError as err:
+            logger.warning("%s: trainer gone (%s): dropping its state", self.who, err)
+        except Exception:
+            logger.exception("%s: failed", self.who)
+        finally:
+            self._end(clean)
+
+    def _end(self, clean: bool) -> None:
+        if self.agent is not None:
+            # A trainer that went without saying goodbye may have died in the
+            # middle of an update: its state must never be served again.
+            self.agent.close(unhealthy=not clean)
+            self.agent = None
+        self.state = None
+        self.shared.close()
+        with contextlib.suppress(OSError):
+            self.conn.close()
+        self.sidecar._done(self.n)
+
+    def _handle(self, f: wire.Frame) -> tuple[dict[str, Any], bytes]:
+        try:
+            return self._dispatch(f)
+        except Exception as err:
+            if not isinstance(err, RecoverydError | ValueError | TypeError):
+                logger.exception("%s: %s failed", self.who, f.op)
+            out: dict[str, Any] = {"ok": False, "error": type(err).__name__, "message": str(err)}
+            if isinstance(err, CoordinatorUnavailableError):
+                out["address"] = err.address
+            return out, b""
+        finally:
+            wire._close_all(f.fds)  # those not taken over by the shared state
+            f.fds = []
+
+    def _dispatch(self, f: wire.Frame) -> tuple[dict[str, Any], bytes]:
+        h = f.header
+        if f.op == "attach":
+            if self.agent is not None:
+                raise ConfigError("attach", h.get("replica_id"), "this connection is attached")
+            self._share(f)
+            cfg = self.sidecar.config
+            self.agent = Agent(
+                AgentConfig(
+                    coordinator=cfg.coordinator,
+                    replica_id=str(h["replica_id"]),
+                    group_rank=int(h.get("group_rank", 0)),
+                    group_world_size=int(h.get("group_world_size", 1)),
+                    labels={str(k): str(v) for k, v in dict(h.get("labels") or {}).items()},
+                    host=cfg.host,
+                    rendezvous_port=0,
+                    heartbeat_interval=cfg.heartbeat_interval,
+                    rendezvous_timeout=cfg.rendezvous_timeout,
+                    metrics_port=None,
+                ),
+                lambda: self.state,
+                metrics=self.sidecar.metrics,
+            )
+            self.who = f"{h['replica_id']}/{h.get('group_rank', 0)}"
+            logger.info("%s attached (pid %s)", self.who, h.get("pid"))
+            return {
+                "ok": True,
+                "agent_id": self.agent.agent_id,
+                "rendezvous": self.agent.rendezvous,
+                "metrics_port": self.sidecar.metrics_port,
+            }, b""
+        agent = self.agent
+        if agent is None:
+            raise ConfigError("op", f.op, "attach first")
+        if f.op == "refresh":
+            self._share(f)
+            agent.refresh_layout()
+            return {"ok": True}, b""
+        if f.op == "recover":
+            step = agent.recover(self.state, timeout=timedelta(seconds=float(h["timeout_s"])))
+            rec = agent.last_recovery
+            plan = build_plan(
+                self.state,
+                step=None,
+                chain=[],
+                bucket_bytes=1 << 40,
+                direct_bytes=0,
+                checksums=False,
+            )
+            record = dataclasses.asdict(rec) if rec is not None else None
+            return {"ok": True, "step": step, "record": record}, plan.manifest.SerializeToString()
+        if f.op == "step":
+            step = int(h["step"])
+            if agent.send_due(step) and not h.get("fresh"):
+                return {"ok": True, "due": True}, b""  # the trainer refreshes its values first
+            last = agent.sends[-1] if agent.sends else None
+            agent.step(step)
+            return {"ok": True, "due": False, "sends": _since(agent, last)}, b""
+        if f.op == "park":
+            last = agent.sends[-1] if agent.sends else None
+            agent.park(timedelta(seconds=float(h["timeout_s"])))
+            return {"ok": True, "sends": _since(agent, last)}, b""
+        if f.op == "close":
+            agent.close()
+            self.agent = None
+            return {"ok": True}, b""
+        raise ConfigError("op", f.op, "unknown request")
+
+    def _share(self, f: wire.Frame) -> None:
+        fds, f.fds = f.fds, []
+        self.shared.add(list(f.header.get("handles") or []), fds)
+        self.state = self.shared.state(f.payload, list(f.header["spans"]))
+
+
+def _since(agent: Agent, last: object) -> list[dict[str, Any]]:
+    """The agent's send reports newer than ``last``, as plain data."""
+    sends = list(agent.sends)
+    start = 0  # ``last`` gone from the bounded deque: every report there is newer
+    for i in range(len(sends) - 1, -1, -1):
+        if sends[i] is last:
+            start = i + 1
+            break
+    return [dataclasses.asdict(r) for r in sends[start:]]
+
+
+def _readable(conn: socket.socket, wait_s: float) -> bool:
+    ready, _, _ = select.select([conn], [], [], wait_s)
+    return bool(ready)

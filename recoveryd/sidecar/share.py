@@ -1,0 +1,239 @@
+"""Sharing a trainer's live tensors with its sidecar, without copies.
+
+Trainer side (:class:`Exporter`): every CPU tensor's storage is moved into
+shared memory in place (``share_memory_()``: the storage keeps its identity,
+so every view of it, the optimizer's references included, follows), and
+each storage is described once by a handle: a file descriptor for CPU
+memory, a CUDA IPC handle for GPU memory. The state's tree, dtypes, shapes
+and plain values travel as the transport's manifest (protobuf, never
+pickle).
+
+Sidecar side (:class:`SharedState`): maps the handles and rebuilds the same
+tree over them. A byte the trainer writes is a byte the sidecar reads, and
+the other way round: the sidecar receives a recovery straight into the
+trainer's tensors.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
+
+from recoveryd.errors import ConfigError, ManifestError, UnsupportedValueError
+from recoveryd.transport._flatten import build_plan, path_str
+from recoveryd.transport._rebuild import (
+    TensorSpec,
+    TreeBuilder,
+    decode_tensors,
+    flatten_leaves,
+    local_of,
+    typed_view,
+)
+from recoveryd.v1 import manifest_pb2 as pb
+
+_TENSOR = pb.NODE_KIND_TENSOR
+
+
+@dataclass(slots=True)
+class Exported:
+    """A state described for the sidecar: what is new since the last export."""
+
+    manifest: bytes
+    spans: list[dict[str, int]]
+    """Per span of the manifest: handle index ``h`` (-1: empty), byte ``lo`` and ``n``."""
+    handles: list[dict[str, Any]] = field(default_factory=list)
+    """Handles of storages not exported before, numbered on from the last export."""
+    fds: list[int] = field(default_factory=list)
+    """One descriptor per new CPU handle, in handle order (owned by the storages: do not close)."""
+
+
+def _plain_tensors(state: object) -> list[torch.Tensor]:
+    out = []
+    for path, leaf in flatten_leaves(state).items():
+        if isinstance(leaf, DTensor | ShardedTensor):
+            raise UnsupportedValueError(
+                path_str(path) + " (a DTensor/ShardedTensor: the sidecar shares plain tensors; "
+                "use the in-process agent for sharded state)",
+                leaf,
+            )
+        out += local_of(leaf)
+    return out
+
+
+def signature(state: object) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """Where every tensor of ``state`` lives: changes when tensors are added or replaced."""
+    return tuple((t.data_ptr(), tuple(t.shape)) for t in _plain_tensors(state))
+
+
+class Exporter:
+    """The trainer's side: shares a state's storages and describes them."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, int], int] = {}
+
+    def export(self, state: object) -> Exported:
+        """Moves ``state``'s CPU tensors to shared memory (in place) and describes it.
+
+        Raises:
+            UnsupportedValueError: a leaf that cannot be shared (DTensor,
+                ShardedTensor, a tensor on another device kind, a strided
+                view the manifest would copy).
+        """
+        tensors = _plain_tensors(state)
+        for t in tensors:
+            if t.device.type == "cpu":
+                if not t.is_shared():  # type: ignore[no-untyped-call]
+                    t.share_memory_()  # type: ignore[no-untyped-call]
+            elif t.device.type != "cuda":
+                raise UnsupportedValueError(f"a tensor on {t.device}", t)
+        live = {(str(t.device), t.untyped_storage().data_ptr()) for t in tensors}
+        plan = build_plan(
+            state, step=None, chain=[], bucket_bytes=1 << 40, direct_bytes=0, checksums=False
+        )
+        out = Exported(manifest=plan.manifest.SerializeToString(), spans=[])
+        for sp in plan.spans:
+            if sp.nbytes == 0:
+                out.spans.append({"h": -1, "lo": 0, "n": 0})
+                continue
+            storage = sp.owner.untyped_storage()
+            key = (str(sp.owner.device), storage.data_ptr())
+            if key not in live:
+                raise UnsupportedValueError(
+                    "a strided view whose extent is mostly gaps, or a lazily conjugated "
+                    "tensor (the sidecar can only share tensors as they are stored)",
+                    sp.owner,
+                )
+            h = self._known.get(key)
+            if h is None:
+                h = self._known[key] = len(self._known)
+                out.handles.append(_handle(storage, out.fds))
+            out.spans.append({"h": h, "lo": sp.lo, "n": sp.nbytes})
+        return out
+
+
+def _handle(storage: torch.UntypedStorage, fds: list[int]) -> dict[str, Any]:
+    if storage.device.type == "cpu":
+        fd, size = storage._share_fd_cpu_()
+        fds.append(fd)
+        return {"kind": "cpu", "size": int(size)}
+    dev, handle, size, offset, rc_handle, rc_offset, event, sync = storage._share_cuda_()  # type: ignore[no-untyped-call]
+    return {
+        "kind": "cuda",
+        "device": int(dev),
+        "handle": base64.b64encode(handle).decode(),
+        "size": int(size),
+        "offset": int(offset),
+        "ref_counter": base64.b64encode(rc_handle).decode(),
+        "ref_counter_offset": int(rc_offset),
+        "event": base64.b64encode(event).decode() if event else "",
+        "event_sync": bool(sync),
+    }
+
+
+class SharedState:
+    """The sidecar's side: the trainer's storages, mapped, and its state over them."""
+
+    def __init__(self) -> None:
+        self._storages: list[torch.UntypedStorage] = []
+
+    def add(self, handles: list[dict[str, Any]], fds: list[int]) -> None:
+        """Maps new handles (closes the descriptors: the mappings keep the memory).
+
+        Raises:
+            ConfigError: a handle that cannot be mapped here (e.g. a CUDA
+                handle without the trainer's GPU visible to this process).
+        """
+        fd_iter = iter(fds)
+        try:
+            for h in handles:
+                if h.get("kind") == "cpu":
+                    fd = next(fd_iter)
+                    self._storages.append(
+                        torch.UntypedStorage._new_shared_fd_cpu(fd, int(h["size"]))  # type: ignore[attr-defined]
+                    )
+                elif h.get("kind") == "cuda":
+                    self._storages.append(_map_cuda(h))
+                else:
+                    raise ManifestError(f"unknown storage handle {h.get('kind')!r}")
+        except StopIteration:
+            raise ManifestError("fewer descriptors than CPU storages") from None
+        finally:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def state(self, manifest: bytes, spans: list[dict[str, int]]) -> object:
+        """The trainer's state tree over the mapped storages.
+
+        Raises:
+            ManifestError: the description does not fit the mapped storages.
+        """
+        m = pb.Manifest()
+        m.ParseFromString(manifest)
+        tensors = decode_tensors(m)
+        if len(spans) != len(m.storage_nbytes):
+            raise ManifestError(f"{len(spans)} spans for {len(m.storage_nbytes)} storages")
+        bufs = [
+            self._span(s, i, int(n))
+            for i, (s, n) in enumerate(zip(spans, m.storage_nbytes, strict=True))
+        ]
+        params = list(m.tensor_is_parameter)
+
+        def leaf(kind: int, arg: int, path: tuple[object, ...]) -> object:
+            if kind != _TENSOR:
+                raise ManifestError(f"{path_str(path)}: only plain tensors are shared")
+            spec: TensorSpec = tensors[arg]
+            t = typed_view(bufs[spec.storage], spec)
+            return torch.nn.Parameter(t, requires_grad=False) if params[arg] else t
+
+        return TreeBuilder(m, leaf).build()
+
+    def _span(self, span: dict[str, int], i: int, nbytes: int) -> torch.Tensor:
+        h, lo, n = int(span["h"]), int(span["lo"]), int(span["n"])
+        if n != nbytes:
+            raise ManifestError(f"span {i}: {n} bytes described, {nbytes} in the manifest")
+        if h < 0:
+            return torch.empty(0, dtype=torch.uint8)
+        if h >= len(self._storages):
+            raise ManifestError(f"span {i}: storage {h} was never shared")
+        storage = self._storages[h]
+        if lo < 0 or lo + n > storage.nbytes():
+            raise ManifestError(
+                f"span {i}: bytes [{lo}, {lo + n}) of a {storage.nbytes()}-byte storage"
+            )
+        return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(
+            storage, lo, (n,), (1,)
+        )
+
+    def close(self) -> None:
+        """Drops the mappings (the trainer's memory is freed once it lets go too)."""
+        self._storages.clear()
+
+
+def _map_cuda(h: dict[str, Any]) -> torch.UntypedStorage:
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "cuda",
+            h.get("device"),
+            "the trainer shares CUDA tensors but this sidecar sees no "
+            "GPU: run it with the trainer's GPU visible (same pod, same NVIDIA_VISIBLE_DEVICES)",
+        )
+    torch.cuda._lazy_init()  # type: ignore[no-untyped-call]
+    return torch.UntypedStorage._new_shared_cuda(
+        int(h["device"]),
+        base64.b64decode(h["handle"]),
+        int(h["size"]),
+        int(h["offset"]),
+        base64.b64decode(h["ref_counter"]),
+        int(h["ref_counter_offset"]),
+        base64.b64decode(h["event"]) if h.get("event") else b"",
+        bool(h["event_sync"]),
+    )

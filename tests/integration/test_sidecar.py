@@ -1,0 +1,299 @@
+"""The sidecar agent (`recoveryd agent`) and trainers attached to it, as real processes.
+
+Each "pod" is a sidecar process and a trainer process attached to it over a
+Unix socket; the coordinator runs in the test. The trainers train a small
+seeded MLP with Adam whose moments are created lazily by the first step (so
+the attachment must pick up new tensors after attaching), plus a large
+tensor that makes a copy show in the sidecar's memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from recoveryd.agent.client import CoordinatorClient
+from recoveryd.coordinator.config import CoordinatorConfig
+from recoveryd.coordinator.server import Coordinator
+
+pytestmark = pytest.mark.integration
+
+BIG = 64 << 20  # bytes of the extra tensor: a copy of it would show in the sidecar's RSS
+
+
+def _digest(state: dict[str, Any]) -> str:
+    h = hashlib.blake2b(digest_size=12)
+
+    def walk(o: object) -> None:
+        if isinstance(o, torch.Tensor):
+            h.update(o.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                h.update(repr(k).encode())
+                walk(v)
+        elif isinstance(o, list | tuple):
+            for v in o:
+                walk(v)
+        else:
+            h.update(repr(o).encode())
+
+    walk(state)
+    return h.hexdigest()
+
+
+def trainer(socket_path: str, name: str, events: Any, stop: Any, lazy_adam: bool) -> None:
+    """One trainer rank attached to its sidecar; reports what happens on ``events``."""
+    import recoveryd
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if not lazy_adam:  # a joiner's layout must be the donors' before it recovers
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    progress = {"step": 0}
+    big = torch.zeros(BIG // 4)
+
+    def state() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optim": opt.state_dict(),
+            "progress": progress,
+            "big": big,
+        }
+
+    try:
+        att = recoveryd.attach(socket_path, state, replica_id=name, timeout=timedelta(seconds=60))
+        live = state()
+        ptr = big.data_ptr()
+        got = att.recover(live, timeout=timedelta(seconds=60))
+        if got is not None:
+            opt.load_state_dict(live["optim"])
+        events.put(
+            (
+                "start",
+                name,
+                {
+                    "step": got,
+                    "pid": os.getpid(),
+                    "shared": big.is_shared(),
+                    "in_place": big.data_ptr() == ptr,
+                    "progress": progress["step"],
+                    "digest": _digest(state()) if got is not None else "",
+                },
+            )
+        )
+        step = got or 0
+        while not stop.is_set():
+            step += 1
+            g = torch.Generator().manual_seed(step)
+            x = torch.randn(16, 64, generator=g)
+            torch.nn.functional.mse_loss(model(x), x[:, :1]).backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            big[step % big.numel()] = float(step)
+            progress["step"] = step
+            try:
+                att.step(step)
+            except recoveryd.SidecarLostError as err:
+                events.put(("lost", name, {"step": step, "error": str(err)}))
+            if step % 20 == 0:
+                events.put(("digest", name, {"step": step, "digest": _digest(state())}))
+            if att.lost and step % 20 == 0:
+                events.put(("training_on", name, {"step": step}))
+            time.sleep(0.01)
+        att.close()
+    except BaseException as err:
+        events.put(("error", name, {"error": repr(err)}))
+    finally:
+        events.close()
+        events.join_thread()
+        os._exit(0)
+
+
+class Pod:
+    """A sidecar process and, when started, its attached trainer."""
+
+    def __init__(self, name: str, coordinator: str, tmp: Path, ctx: Any, events: Any) -> None:
+        self.name = name
+        self.socket = str(tmp / f"{name}.sock")
+        self.log = tmp / f"{name}-sidecar.log"
+        self.ctx, self.events = ctx, events
+        self.stop = ctx.Event()
+        env = {**os.environ, "RECOVERYD_HOST": "127.0.0.1"}
+        with self.log.open("wb") as f:
+            self.sidecar = subprocess.Popen(
+                [sys.executable, "-m", "recoveryd", "agent", "--coordinator", coordinator,
+                 "--socket", self.socket, "--metrics-port", "0"],
+                env=env, stdout=f, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self.trainer: Any = None
+
+    def start_trainer(self, *, lazy_adam: bool) -> None:
+        self.stop = self.ctx.Event()
+        self.trainer = self.ctx.Process(
+            target=trainer,
+            args=(self.socket, self.name, self.events, self.stop, lazy_adam),
+            daemon=True,
+        )
+        self.trainer.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.trainer is not None:
+            self.trainer.join(10)
+            if self.trainer.is_alive():
+                self.trainer.kill()
+        if self.sidecar.poll() is None:
+            self.sidecar.send_signal(signal.SIGTERM)
+            try:
+                self.sidecar.wait(15)
+            except subprocess.TimeoutExpired:
+                self.sidecar.kill()
+
+
+class Events:
+    def __init__(self, q: Any) -> None:
+        self.q = q
+        self.seen: list[tuple[str, str, dict[str, Any]]] = []
+
+    def wait(self, kind: str, name: str, timeout_s: float = 90, **match: object) -> dict[str, Any]:
+        end = time.monotonic() + timeout_s
+        while True:
+            for k, n, d in self.seen:
+                if k == kind and n == name and all(d.get(a) == b for a, b in match.items()):
+                    return d
+            errors = [d for k, _, d in self.seen if k == "error"]
+            assert not errors, errors
+            assert time.monotonic() < end, f"no {kind} from {name}; saw {self.seen[-6:]}"
+            try:
+                self.seen.append(self.q.get(timeout=0.2))
+            except queue.Empty:
+                pass
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[Coordinator, Any, Events, list[Pod]]]:
+    coord = Coordinator(
+        "127.0.0.1:0",
+        CoordinatorConfig(
+            heartbeat_interval=timedelta(seconds=0.2),
+            heartbeat_timeout=timedelta(seconds=10),  # long: "unhealthy" must come from the sidecar
+            warmup=timedelta(seconds=0.2),
+        ),
+    ).start()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    pods: list[Pod] = []
+    yield coord, ctx, Events(q), pods
+    for p in pods:
+        p.close()
+    coord.stop()
+
+
+def _rss_anon_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssAnon")
+
+
+def _healthy(coord: Coordinator, name: str) -> bool | None:
+    client = CoordinatorClient(coord.address)
+    try:
+        for r in client.status().replicas:
+            if r.replica_id == name:
+                return r.healthy
+        return None
+    finally:
+        client.close()
+
+
+def test_attached_trainers_donate_and_receive_through_their_sidecars(
+    cluster: tuple[Coordinator, Any, Events, list[Pod]], tmp_path: Path
+) -> None:
+    coord, ctx, ev, pods = cluster
+    a = Pod("a", coord.address, tmp_path, ctx, ev.q)
+    b = Pod("b", coord.address, tmp_path, ctx, ev.q)
+    pods += [a, b]
+    a.start_trainer(lazy_adam=True)  # Adam's moments appear after attaching
+    first = ev.wait("start", "a")
+    assert first["step"] is None
+    assert first["shared"] is True
+    ev.wait("digest", "a", step=40)
+    base_kib = _rss_anon_kib(b.sidecar.pid)
+    b.start_trainer(lazy_adam=False)
+    got = ev.wait("start", "b")
+    assert got["step"] is not None
+    assert got["step"] >= 40
+    assert got["in_place"] is True  # received into the trainer's own tensor
+    assert got["progress"] == got["step"]  # plain values came back over the socket
+    # Same state as the donor at that step, and from then on.
+    at = (got["step"] // 20 + 1) * 20
+    assert ev.wait("digest", "b", step=at)["digest"] == ev.wait("digest", "a", step=at)["digest"]
+    # Shared, not copied: 64 MiB went through sidecar b into trainer b's memory,
+    # and sidecar b's private memory did not grow by it.
+    grown = _rss_anon_kib(b.sidecar.pid) - base_kib
+    assert grown < BIG // 1024 // 4, f"sidecar b grew by {grown} KiB of private memory"
+    log = a.log.read_text()
+    assert "a/0 attached" in log
+    assert "sent step" in log
+
+
+def test_a_killed_trainer_is_reported_at_once_and_its_restart_recovers(
+    cluster: tuple[Coordinator, Any, Events, list[Pod]], tmp_path: Path
+) -> None:
+    coord, ctx, ev, pods = cluster
+    a = Pod("a", coord.address, tmp_path, ctx, ev.q)
+    b = Pod("b", coord.address, tmp_path, ctx, ev.q)
+    pods += [a, b]
+    a.start_trainer(lazy_adam=False)
+    ev.wait("digest", "a", step=20)
+    b.start_trainer(lazy_adam=False)
+    ev.wait("digest", "b", step=ev.wait("start", "b")["step"] // 20 * 20 + 40)
+    assert _healthy(coord, "b") is True
+    os.kill(b.trainer.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    while _healthy(coord, "b") is not False:
+        # Well under the coordinator's 10 s heartbeat timeout: the sidecar said so.
+        assert time.monotonic() - killed < 5, "the coordinator still thinks b is healthy"
+        time.sleep(0.1)
+    assert b.sidecar.poll() is None  # the sidecar outlives its trainer
+    ev.seen = [e for e in ev.seen if e[1] != "b"]
+    b.start_trainer(lazy_adam=False)
+    again = ev.wait("start", "b")
+    assert again["step"] is not None
+    assert again["in_place"] is True
+    assert "trainer gone" in b.log.read_text()
+
+
+def test_a_killed_sidecar_is_one_clear_error_then_training_goes_on(
+    cluster: tuple[Coordinator, Any, Events, list[Pod]], tmp_path: Path
+) -> None:
+    coord, ctx, ev, pods = cluster
+    a = Pod("a", coord.address, tmp_path, ctx, ev.q)
+    pods.append(a)
+    a.start_trainer(lazy_adam=False)
+    ev.wait("digest", "a", step=20)
+    a.sidecar.kill()
+    lost = ev.wait("lost", "a")
+    assert "sidecar" in lost["error"]
+    assert a.socket in lost["error"]
+    on = ev.wait("training_on", "a")
+    assert on["step"] > lost["step"]
+    assert [e for e in ev.seen if e[0] == "lost"] == [("lost", "a", lost)]  # raised once
