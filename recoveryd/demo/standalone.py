@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from recoveryd.agent import Agent, AgentConfig
-from recoveryd.errors import ConfigError, CoordinatorUnavailableError
+from recoveryd.errors import ConfigError, CoordinatorUnavailableError, SidecarLostError
+from recoveryd.sidecar.client import Attachment, attach
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ class ExampleTrainerConfig:
     labels: dict[str, str] = field(default_factory=dict)
     """Locality labels (``RECOVERYD_LABELS=node=...,zone=...``)."""
     recover_timeout: timedelta = timedelta(minutes=10)
+    sidecar_socket: str = ""
+    """Attach to the sidecar agent on this socket (``RECOVERYD_SIDECAR_SOCKET``);
+    empty: run the agent in this process."""
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -101,6 +105,7 @@ class ExampleTrainerConfig:
             layers=int(num("RECOVERYD_LAYERS", 4)),
             step_delay_s=num("RECOVERYD_STEP_DELAY", 0.5),
             labels=_labels(e.get("RECOVERYD_LABELS", "")),
+            sidecar_socket=e.get("RECOVERYD_SIDECAR_SOCKET", ""),
         )
 
 
@@ -127,27 +132,34 @@ def run_example_trainer(config: ExampleTrainerConfig, stop: threading.Event) -> 
     def state() -> dict[str, Any]:
         return {"model": model.state_dict(), "optim": opt.state_dict(), "progress": progress}
 
-    agent = Agent(
-        AgentConfig(
-            coordinator=config.coordinator, replica_id=config.replica_id, labels=config.labels
-        ),
-        state,
-    )
+    agent: Agent | Attachment
+    if config.sidecar_socket:
+        agent = attach(
+            config.sidecar_socket, state, replica_id=config.replica_id, labels=config.labels
+        )
+    else:
+        agent = Agent(
+            AgentConfig(
+                coordinator=config.coordinator, replica_id=config.replica_id, labels=config.labels
+            ),
+            state,
+        )
     try:
         live = state()
         try:
             got = agent.recover(live, timeout=config.recover_timeout)
-        except CoordinatorUnavailableError as err:
-            logger.warning("no coordinator (%s): starting from scratch", err)
+        except (CoordinatorUnavailableError, SidecarLostError) as err:
+            logger.warning("no recovery (%s): starting from scratch", err)
             got = None
         if got is not None:
             opt.load_state_dict(live["optim"])
         start, t0 = got or 0, time.monotonic()
         rec = agent.last_recovery
+        reason = (rec.get("reason") if isinstance(rec, dict) else rec.reason) if rec else None
         logger.info(
             "%s: %s at step %d",
             config.replica_id,
-            "recovered" if got is not None else f"fresh ({rec.reason if rec else 'no answer'})",
+            "recovered" if got is not None else f"fresh ({reason or 'no answer'})",
             start,
         )
         step = start
@@ -160,12 +172,18 @@ def run_example_trainer(config: ExampleTrainerConfig, stop: threading.Event) -> 
             opt.step()
             opt.zero_grad(set_to_none=True)
             progress["step"] = step
-            agent.step(step)
+            try:
+                agent.step(step)
+            except SidecarLostError as err:  # once; training goes on without recovery
+                logger.error("%s", err)
             if step % 100 == 0:
                 rate = (step - start) / max(time.monotonic() - t0, 1e-9)
                 logger.info("step %d loss %.5f (%.1f steps/s)", step, loss.item(), rate)
             stop.wait(config.step_delay_s)
         while not stop.is_set():  # done training: keep serving peers until SIGTERM
+            if isinstance(agent, Attachment) and agent.lost:
+                stop.wait(1)
+                continue
             agent.park(timedelta(seconds=1))
     finally:
         agent.close()

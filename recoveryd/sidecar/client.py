@@ -111,10 +111,10 @@ class Attachment:
         """How the last :meth:`recover` went (the sidecar's recovery record)."""
         self.sends: deque[Report] = deque(maxlen=32)
         """The last sends the sidecar made from this rank's state (newest last)."""
-        self._sock = self._connect()
         state = state_dict()
-        exp = self._exporter.export(state)
+        exp = self._exporter.export(state)  # fails fast (e.g. /dev/shm too small)
         self._sig = signature(state)
+        self._sock = self._connect()
         reply = self._call(
             {"op": "attach", **identity, "pid": os.getpid(), **_describe(exp)},
             exp.manifest,

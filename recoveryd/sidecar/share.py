@@ -89,7 +89,7 @@ class Exporter:
         for t in tensors:
             if t.device.type == "cpu":
                 if not t.is_shared():  # type: ignore[no-untyped-call]
-                    t.share_memory_()  # type: ignore[no-untyped-call]
+                    _to_shared_memory(t, tensors)
             elif t.device.type != "cuda":
                 raise UnsupportedValueError(f"a tensor on {t.device}", t)
         live = {(str(t.device), t.untyped_storage().data_ptr()) for t in tensors}
@@ -115,6 +115,20 @@ class Exporter:
                 out.handles.append(_handle(storage, out.fds))
             out.spans.append({"h": h, "lo": sp.lo, "n": sp.nbytes})
         return out
+
+
+def _to_shared_memory(t: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    try:
+        t.share_memory_()  # type: ignore[no-untyped-call]
+    except RuntimeError as err:
+        total = sum(x.untyped_storage().nbytes() for x in tensors if x.device.type == "cpu")
+        raise ConfigError(
+            "/dev/shm",
+            f"{total} bytes of CPU state",
+            f"could not move the state into shared memory ({err}). /dev/shm must hold the "
+            "whole CPU state: in Kubernetes, mount an emptyDir with medium: Memory at "
+            "/dev/shm, sized for it (deploy/k8s does); with Docker, --shm-size",
+        ) from err
 
 
 def _handle(storage: torch.UntypedStorage, fds: list[int]) -> dict[str, Any]:

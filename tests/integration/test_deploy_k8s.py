@@ -38,10 +38,12 @@ KUBERNETES_VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
 # The oldest Kubernetes the README promises (native gRPC probes are GA in 1.27)
 # and the newest whose schemas kubernetes-validate ships.
 K8S_VERSIONS = ("1.27", "1.37")
+# Native sidecars (an init container with restartPolicy: Always) need 1.29.
+VERSIONS = {"sidecar": ("1.29", "1.37")}
 NAMESPACE = "recoveryd"
 IMAGE = "ghcr.io/recoveryd/recoveryd"
 # Per overlay: the image tag and the RECOVERYD_DEVICE it runs the trainer with.
-EXPECTED = {"cpu": ("cpu", "cpu"), "gpu": ("cuda", "cuda")}
+EXPECTED = {"cpu": ("cpu", "cpu"), "gpu": ("cuda", "cuda"), "sidecar": ("cpu", "cpu")}
 # kubectl apply (client side) stores the whole object in an annotation, and all
 # of an object's annotations together may take at most 256 KiB.
 MAX_APPLY_BYTES = 256 * 1024
@@ -131,10 +133,12 @@ def _trainer(objects: list[Obj]) -> Obj:
     return _one(objects, "StatefulSet", "trainer")
 
 
-def _kubernetes_validate(path: Path) -> subprocess.CompletedProcess[str]:
+def _kubernetes_validate(
+    path: Path, versions: tuple[str, ...] = K8S_VERSIONS
+) -> subprocess.CompletedProcess[str]:
     assert KUBERNETES_VALIDATE.exists(), f"{KUBERNETES_VALIDATE}: install the dev extras"
     args = [str(KUBERNETES_VALIDATE), "--strict"]
-    for version in K8S_VERSIONS:
+    for version in versions:
         args += ["-k", f"{version}.0"]
     return subprocess.run(
         [*args, str(path)], capture_output=True, text=True, timeout=60, check=False
@@ -159,7 +163,8 @@ def test_overlay_passes_the_kubernetes_schemas_strictly(overlay: str, tmp_path: 
     objects = _objects(overlay)
     path = tmp_path / f"{overlay}.yaml"
     path.write_text(_rendered(overlay))
-    done = _kubernetes_validate(path)
+    versions = VERSIONS.get(overlay, K8S_VERSIONS)
+    done = _kubernetes_validate(path, versions)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     # kubernetes-validate only warns on a kind it has no schema for: make sure
@@ -169,7 +174,7 @@ def test_overlay_passes_the_kubernetes_schemas_strictly(overlay: str, tmp_path: 
         kind, name = o["kind"], o["metadata"]["name"]
         if kind in crd_kinds:
             continue
-        for version in K8S_VERSIONS:
+        for version in versions:
             line = f"passed for resource {kind.lower()}/{name} against version {version}"
             assert line in out, f"{kind}/{name} not validated against {version}:\n{out}"
     warned = set(re.findall(r"schema for kind (\S+)", out))
@@ -527,3 +532,26 @@ def test_podmonitor_labels_targets_as_the_plain_scrape_config(overlay: str) -> N
                     via_config.add((out["job"], out.get("component")))
         assert via_monitor == via_config, workload["metadata"]["name"]
         assert len(via_monitor) == 1, via_monitor
+
+
+def test_sidecar_overlay_runs_the_agent_beside_the_trainer() -> None:
+    trainer = _trainer(_objects("sidecar"))
+    pod = _pod_spec(trainer)
+    (agent,) = pod["initContainers"]
+    (main,) = pod["containers"]
+    assert agent["restartPolicy"] == "Always"  # a native sidecar: started first, kept running
+    args = agent["args"]
+    assert args[0] == "agent"
+    socket_path = args[args.index("--socket") + 1]
+    assert _env(main)["RECOVERYD_SIDECAR_SOCKET"]["value"] == socket_path
+    # Both see the socket's directory on the same emptyDir.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    agent_mounts = {m["mountPath"]: m["name"] for m in agent["volumeMounts"]}
+    main_mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
+    where = str(Path(socket_path).parent)
+    assert agent_mounts[where] == main_mounts[where]
+    assert "emptyDir" in volumes[agent_mounts[where]]
+    # The agent serves the pod's metrics port and advertises the pod IP.
+    assert int(args[args.index("--metrics-port") + 1]) == _port_names(trainer)["metrics"]
+    assert _env(agent)["RECOVERYD_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert args[args.index("--coordinator") + 1] == _env(main)["RECOVERYD_COORDINATOR"]["value"]

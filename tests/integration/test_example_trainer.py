@@ -43,7 +43,9 @@ def coordinator() -> Iterator[Coordinator]:
     c.stop()
 
 
-def _pod(name: str, coordinator: str, log: Path) -> subprocess.Popen[bytes]:
+def _pod(
+    name: str, coordinator: str, log: Path, sidecar: str | None = None
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "RECOVERYD_COORDINATOR": coordinator,
@@ -54,6 +56,8 @@ def _pod(name: str, coordinator: str, log: Path) -> subprocess.Popen[bytes]:
         "RECOVERYD_LABELS": "node=n1,zone=z1",
         "RECOVERYD_METRICS_PORT": "0",
     }
+    if sidecar is not None:
+        env["RECOVERYD_SIDECAR_SOCKET"] = sidecar
     with log.open("wb") as f:
         return subprocess.Popen(
             [sys.executable, "-m", "recoveryd", "example-trainer"],
@@ -75,20 +79,40 @@ def _wait_for(log: Path, pattern: str, proc: subprocess.Popen[bytes], timeout_s:
     raise AssertionError(f"no {pattern!r} in {timeout_s} s:\n{log.read_text(errors='replace')}")
 
 
+def _sidecar(coordinator: str, path: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as f:
+        return subprocess.Popen(
+            [sys.executable, "-m", "recoveryd", "agent", "--coordinator", coordinator,
+             "--socket", str(path), "--host", "127.0.0.1"],
+            stdout=f, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["in-process", "sidecar"])
 def test_a_second_pod_recovers_from_the_first_and_both_stop_on_sigterm(
-    coordinator: Coordinator, tmp_path: Path
+    coordinator: Coordinator, tmp_path: Path, mode: str
 ) -> None:
     a_log, b_log = tmp_path / "a.log", tmp_path / "b.log"
-    a = _pod("trainer-0", coordinator.address, a_log)
+    sidecars: list[subprocess.Popen[bytes]] = []
+    socks: list[str | None] = [None, None]
+    if mode == "sidecar":  # what deploy/k8s/overlays/sidecar runs in each pod
+        for i in range(2):
+            socks[i] = str(tmp_path / f"agent-{i}.sock")
+            sidecars.append(
+                _sidecar(coordinator.address, Path(socks[i]), tmp_path / f"sidecar-{i}.log")
+            )
+    # The transfer line comes from whoever runs the agent.
+    b_agent_log = tmp_path / "sidecar-1.log" if mode == "sidecar" else b_log
+    a = _pod("trainer-0", coordinator.address, a_log, socks[0])
     b: subprocess.Popen[bytes] | None = None
     try:
         assert "fresh" in _wait_for(a_log, r"trainer-0: (fresh[^\n]*) at step 0", a, 60)
         _wait_for(a_log, r"step (100) loss", a, 60)
-        b = _pod("trainer-1", coordinator.address, b_log)
+        b = _pod("trainer-1", coordinator.address, b_log, socks[1])
         step = int(_wait_for(b_log, r"trainer-1: recovered at step (\d+)", b, 90))
         assert step >= 100
         # The log names the peer, the interface and the rate of the transfer.
-        line = _wait_for(b_log, r"(received step \d+ from 'trainer-0'[^\n]*)", b, 5)
+        line = _wait_for(b_agent_log, r"(received step \d+ from 'trainer-0'[^\n]*)", b, 5)
         assert " over lo (127.0.0.1) <- 127.0.0.1:" in line
         assert line.endswith("/s")
         # Same state from there on: the same loss at the next hundred.
@@ -109,7 +133,11 @@ def test_a_second_pod_recovers_from_the_first_and_both_stop_on_sigterm(
             if p is not None and p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         codes = [p.wait(timeout=30) for p in (a, b) if p is not None]
+        for s in sidecars:
+            s.send_signal(signal.SIGTERM)
+        sidecar_codes = [s.wait(timeout=30) for s in sidecars]
     assert codes == [0, 0], a_log.read_text() + b_log.read_text()
+    assert sidecar_codes == [0] * len(sidecars)
 
 
 def test_the_environment_is_checked_with_clear_errors() -> None:

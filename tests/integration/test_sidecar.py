@@ -16,6 +16,7 @@ import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -39,7 +40,7 @@ def _digest(state: dict[str, Any]) -> str:
 
     def walk(o: object) -> None:
         if isinstance(o, torch.Tensor):
-            h.update(o.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         elif isinstance(o, dict):
             for k, v in o.items():
                 h.update(repr(k).encode())
@@ -54,31 +55,69 @@ def _digest(state: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def trainer(socket_path: str, name: str, events: Any, stop: Any, lazy_adam: bool) -> None:
+class Job:
+    """The training: deterministic, so any two replicas agree at every step."""
+
+    def __init__(self, *, lazy_adam: bool, device: str = "cpu") -> None:
+        torch.manual_seed(0)
+        self.device = torch.device(device)
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)
+        ).to(self.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        if not lazy_adam:  # a joiner's layout must be the donors' before it recovers
+            for p in self.model.parameters():
+                p.grad = torch.zeros_like(p)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        self.progress = {"step": 0}
+        self.big = torch.zeros(BIG // 4, device=self.device)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optim": self.opt.state_dict(),
+            "progress": self.progress,
+            "big": self.big,
+        }
+
+    def train(self, step: int) -> None:
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(16, 64, generator=g).to(self.device)
+        loss = torch.nn.functional.mse_loss(self.model(x), x[:, :1])
+        loss.backward()  # type: ignore[no-untyped-call]
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.big[step % self.big.numel()] = float(step)
+        self.progress["step"] = step
+
+
+def trainer(
+    socket_path: str,
+    name: str,
+    events: Any,
+    stop: Any,
+    lazy_adam: bool,
+    die_in_send: bool,
+    device: str,
+) -> None:
     """One trainer rank attached to its sidecar; reports what happens on ``events``."""
     import recoveryd
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    if not lazy_adam:  # a joiner's layout must be the donors' before it recovers
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    progress = {"step": 0}
-    big = torch.zeros(BIG // 4)
-
-    def state() -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optim": opt.state_dict(),
-            "progress": progress,
-            "big": big,
-        }
+    job = Job(lazy_adam=lazy_adam, device=device)
+    opt, progress, big, state = job.opt, job.progress, job.big, job.state
 
     try:
         att = recoveryd.attach(socket_path, state, replica_id=name, timeout=timedelta(seconds=60))
+        if die_in_send:  # fault injection: SIGKILL 20 ms after asking the sidecar to send
+            call = att._call
+
+            def dying_call(header: dict[str, Any], *a: Any, **k: Any) -> Any:
+                if header.get("fresh"):
+                    threading.Timer(0.02, os.kill, (os.getpid(), signal.SIGKILL)).start()
+                return call(header, *a, **k)
+
+            att._call = dying_call  # type: ignore[method-assign]
         live = state()
         ptr = big.data_ptr()
         got = att.recover(live, timeout=timedelta(seconds=60))
@@ -91,7 +130,7 @@ def trainer(socket_path: str, name: str, events: Any, stop: Any, lazy_adam: bool
                 {
                     "step": got,
                     "pid": os.getpid(),
-                    "shared": big.is_shared(),
+                    "shared": big.is_shared() or big.is_cuda,
                     "in_place": big.data_ptr() == ptr,
                     "progress": progress["step"],
                     "digest": _digest(state()) if got is not None else "",
@@ -101,13 +140,7 @@ def trainer(socket_path: str, name: str, events: Any, stop: Any, lazy_adam: bool
         step = got or 0
         while not stop.is_set():
             step += 1
-            g = torch.Generator().manual_seed(step)
-            x = torch.randn(16, 64, generator=g)
-            torch.nn.functional.mse_loss(model(x), x[:, :1]).backward()  # type: ignore[no-untyped-call]
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            big[step % big.numel()] = float(step)
-            progress["step"] = step
+            job.train(step)
             try:
                 att.step(step)
             except recoveryd.SidecarLostError as err:
@@ -144,11 +177,13 @@ class Pod:
             )  # fmt: skip
         self.trainer: Any = None
 
-    def start_trainer(self, *, lazy_adam: bool) -> None:
+    def start_trainer(
+        self, *, lazy_adam: bool, die_in_send: bool = False, device: str = "cpu"
+    ) -> None:
         self.stop = self.ctx.Event()
         self.trainer = self.ctx.Process(
             target=trainer,
-            args=(self.socket, self.name, self.events, self.stop, lazy_adam),
+            args=(self.socket, self.name, self.events, self.stop, lazy_adam, die_in_send, device),
             daemon=True,
         )
         self.trainer.start()
@@ -297,3 +332,83 @@ def test_a_killed_sidecar_is_one_clear_error_then_training_goes_on(
     on = ev.wait("training_on", "a")
     assert on["step"] > lost["step"]
     assert [e for e in ev.seen if e[0] == "lost"] == [("lost", "a", lost)]  # raised once
+
+
+def test_a_donor_trainer_killed_mid_send_never_leaves_a_corrupt_state(
+    cluster: tuple[Coordinator, Any, Events, list[Pod]], tmp_path: Path
+) -> None:
+    coord, ctx, ev, pods = cluster
+    a = Pod("a", coord.address, tmp_path, ctx, ev.q)
+    b = Pod("b", coord.address, tmp_path, ctx, ev.q)
+    pods += [a, b]
+    a.start_trainer(lazy_adam=False, die_in_send=True)
+    ev.wait("digest", "a", step=20)
+    b.start_trainer(lazy_adam=False)
+    got = ev.wait("start", "b")
+    a.trainer.join(30)
+    assert a.trainer.exitcode == -signal.SIGKILL  # it did die in its send
+    # Whatever b got (the sidecar finishing the send of the held, consistent
+    # state, or a fresh start after a failed plan), b's state is exactly a
+    # replica's at every later step: compare with the same training here.
+    at = ((got["step"] or 0) // 20 + 2) * 20
+    seen = ev.wait("digest", "b", step=at)["digest"]
+    job = Job(lazy_adam=False)
+    for step in range(1, at + 1):
+        job.train(step)
+    assert seen == _digest(job.state())
+    assert "trainer gone" in a.log.read_text()
+
+
+def test_a_dev_shm_too_small_for_the_state_is_a_clear_error(tmp_path: Path) -> None:
+    # A private mount namespace with a 1 MiB /dev/shm (root only; CI runs as root).
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+        capture_output=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a mount namespace here: {probe.stderr.decode().strip()}")
+    script = tmp_path / "attach.py"
+    script.write_text(
+        "import torch, recoveryd\n"
+        "from datetime import timedelta\n"
+        "big = torch.zeros(4 << 20)\n"
+        "try:\n"
+        f"    recoveryd.attach({str(tmp_path / 'none.sock')!r}, lambda: {{'big': big}},\n"
+        "                     replica_id='r', timeout=timedelta(seconds=1))\n"
+        "except recoveryd.RecoverydError as err:\n"
+        "    print(type(err).__name__, err)\n"
+    )
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c",
+         f"mount -t tmpfs -o size=1m tmpfs /dev/shm && exec {sys.executable} {script}"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ConfigError invalid /dev/shm='16777216 bytes of CPU state'")
+    assert "No space left on device" in done.stdout
+    assert "emptyDir with medium: Memory" in done.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tensors_are_shared_by_ipc_and_recovered_over_nccl(
+    cluster: tuple[Coordinator, Any, Events, list[Pod]], tmp_path: Path
+) -> None:
+    coord, ctx, ev, pods = cluster
+    a = Pod("a", coord.address, tmp_path, ctx, ev.q)
+    b = Pod("b", coord.address, tmp_path, ctx, ev.q)
+    pods += [a, b]
+    a.start_trainer(lazy_adam=False, device="cuda")
+    ev.wait("digest", "a", step=20)
+    b.start_trainer(lazy_adam=False, device="cuda")
+    got = ev.wait("start", "b")
+    assert got["step"] is not None
+    assert got["in_place"] is True
+    at = (got["step"] // 20 + 1) * 20
+    assert ev.wait("digest", "b", step=at)["digest"] == ev.wait("digest", "a", step=at)["digest"]
+    client = CoordinatorClient(coord.address)
+    try:
+        assert {k.device_kind for r in client.status().replicas for k in r.ranks} == {"cuda"}
+    finally:
+        client.close()
