@@ -47,7 +47,7 @@ phases), and the whole; others a report may carry are not exported, so a
 buggy or hostile agent cannot grow the label set. Their series exist from the start, at zero: a
 histogram or counter child born with its first observation is invisible to
 ``rate()``/``increase()``, so the first recovery would not show."""
-RECOVERY_RESULTS = ("recovered", "no_donor", "timeout", "coordinator_unavailable")
+RECOVERY_RESULTS = ("recovered", "fresh", "no_donor", "timeout", "coordinator_unavailable")
 TRANSFER_RESULTS = ("ok", "timeout", "peer_lost", "rejected", "step_mismatch", "error")
 TRANSFER_PHASES = {
     "donor": ("plan", "handshake", "data", "confirm", "total"),
@@ -178,7 +178,11 @@ class CoordinatorMetrics:
         healthy_ranks = unhealthy_ranks = 0
         steps = []
         for rid, v in views.items():
-            state = "recovering" if rid in recovering else ("healthy" if v.healthy else "unhealthy")
+            # A joiner that died during its recovery is unhealthy, not recovering:
+            # its round stays open until it is forgotten.
+            state = (
+                "unhealthy" if not v.healthy else "recovering" if rid in recovering else "healthy"
+            )
             counts[state] += 1
             if v.healthy:
                 healthy_ranks += len(v.ranks)
@@ -191,9 +195,9 @@ class CoordinatorMetrics:
         self.ranks.labels(state="healthy").set(healthy_ranks)
         self.ranks.labels(state="unhealthy").set(unhealthy_ranks)
         self.transfers_in_flight.set(sum(planner.inflight().values()))
-        if steps:
-            self.step.labels(which="slowest").set(min(steps))
-            self.step.labels(which="fastest").set(max(steps))
+        # No healthy replica holding a step: NaN (a gap), not the last value.
+        self.step.labels(which="slowest").set(min(steps) if steps else float("nan"))
+        self.step.labels(which="fastest").set(max(steps) if steps else float("nan"))
 
     def plan_finished(
         self,
@@ -259,7 +263,8 @@ class AgentMetrics:
         )
         self.recoveries = Counter(
             "recoveryd_agent_recoveries_total",
-            "Calls to recover(), by outcome (recovered, no_donor, timeout, coordinator_unavailable).",
+            "Calls to recover(), by outcome (recovered, fresh: nothing to recover from at a "
+            "job's start, no_donor, timeout, coordinator_unavailable).",
             ["result"],
             registry=registry,
         )

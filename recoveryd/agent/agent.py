@@ -91,7 +91,9 @@ class Agent:
         self.registry = metrics.registry
         """This agent's Prometheus metrics (served on ``config.metrics_port`` when set)."""
         self._metrics_server = (
-            MetricsServer(self.registry, host=self.host, port=config.metrics_port)
+            # Every interface (kubectl port-forward reaches it); the address
+            # advertised for scrapes is the transfer host's.
+            MetricsServer(self.registry, host="0.0.0.0", port=config.metrics_port)
             if config.metrics_port is not None
             else None
         )
@@ -187,7 +189,7 @@ class Agent:
             self.metrics.recoveries.labels(result="timeout").inc()
             raise
         if step is None:
-            self.metrics.recoveries.labels(result="no_donor").inc()
+            self.metrics.recoveries.labels(result=record.outcome).inc()  # fresh or no_donor
             return None
         self.metrics.recoveries.labels(result="recovered").inc()
         self.metrics.recovery_seconds.observe(record.seconds)

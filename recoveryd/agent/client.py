@@ -251,6 +251,7 @@ class CoordinatorClient:
             rendezvous_prefix=r.rendezvous_prefix,
             timeout_s=r.timeout_s,
             backend=r.backend or "gloo",
+            fresh=r.fresh,
         )
 
     def report(self, report: Report) -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import fcntl
+import ctypes
+import ctypes.util
 import os
 import socket
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -34,30 +34,86 @@ def route_to(address: str) -> str:
 
 
 def interface_of(host: str) -> str:
-    """The name of the local interface that holds ``host`` (``eth0``), or ``""``.
+    """The local interface that holds the address ``host`` (``eth0``), or ``""``.
 
-    Linux only (the ``SIOCGIFADDR`` ioctl); IPv4 only. Transfers bind to the
-    advertised host, so this is the interface their bytes leave by.
+    ``host`` must be an IP address (IPv4 or IPv6); a name gives ``""`` rather
+    than a DNS lookup that could hang. Every address of every interface counts
+    (secondary ones too). Gloo binds its transfers to this address, so this is
+    the interface their bytes use; NCCL picks its own (``NCCL_SOCKET_IFNAME``).
     """
     try:
-        ip = socket.gethostbyname(host)
-        if ip.startswith("127."):
-            return "lo"
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            for _, name in socket.if_nameindex():
-                req = struct.pack("256s", name.encode()[:15])
-                try:
-                    got = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, req)
-                except OSError:
-                    continue
-                if socket.inet_ntoa(got[20:24]) == ip:
-                    return name
-    except (OSError, UnicodeError):
-        pass
-    return ""
+        info = socket.getaddrinfo(host, None, flags=socket.AI_NUMERICHOST)
+    except (OSError, UnicodeError, ValueError):
+        return ""
+    ip = str(info[0][4][0]).split("%")[0]
+    if ip.startswith("127.") or ip == "::1":
+        return "lo"
+    return _interface_addresses().get(ip, "")
 
 
-_SIOCGIFADDR = 0x8915
+class _Sockaddr(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_ushort), ("data", ctypes.c_ubyte * 14)]
+
+
+class _SockaddrIn(ctypes.Structure):
+    _fields_ = [
+        ("family", ctypes.c_ushort),
+        ("port", ctypes.c_uint16),
+        ("addr", ctypes.c_ubyte * 4),
+    ]
+
+
+class _SockaddrIn6(ctypes.Structure):
+    _fields_ = [
+        ("family", ctypes.c_ushort),
+        ("port", ctypes.c_uint16),
+        ("flowinfo", ctypes.c_uint32),
+        ("addr", ctypes.c_ubyte * 16),
+        ("scope_id", ctypes.c_uint32),
+    ]
+
+
+class _Ifaddrs(ctypes.Structure):
+    pass
+
+
+_Ifaddrs._fields_ = [
+    ("next", ctypes.POINTER(_Ifaddrs)),
+    ("name", ctypes.c_char_p),
+    ("flags", ctypes.c_uint),
+    ("addr", ctypes.POINTER(_Sockaddr)),
+    ("netmask", ctypes.POINTER(_Sockaddr)),
+    ("ifu", ctypes.POINTER(_Sockaddr)),
+    ("data", ctypes.c_void_p),
+]
+
+
+def _interface_addresses() -> dict[str, str]:
+    """Every local IP address and the interface holding it (``getifaddrs``)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return {}
+    head = ctypes.POINTER(_Ifaddrs)()
+    if libc.getifaddrs(ctypes.byref(head)) != 0:
+        return {}
+    out: dict[str, str] = {}
+    try:
+        node = head
+        while node:
+            ifa = node.contents
+            if ifa.addr and ifa.name:
+                family = ifa.addr.contents.family
+                if family == socket.AF_INET:
+                    raw = bytes(ctypes.cast(ifa.addr, ctypes.POINTER(_SockaddrIn)).contents.addr)
+                    out.setdefault(socket.inet_ntop(socket.AF_INET, raw), ifa.name.decode())
+                elif family == socket.AF_INET6:
+                    raw = bytes(ctypes.cast(ifa.addr, ctypes.POINTER(_SockaddrIn6)).contents.addr)
+                    out.setdefault(socket.inet_ntop(socket.AF_INET6, raw), ifa.name.decode())
+            node = ifa.next
+    finally:
+        libc.freeifaddrs(head)
+    return out
 
 
 def _env_int(name: str) -> int | None:

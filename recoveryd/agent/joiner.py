@@ -48,7 +48,8 @@ class RecoveryRecord:
     """How one :meth:`Agent.recover` went, for logs and timelines.
 
     Attributes:
-        outcome: ``recovered`` or ``no_donor``.
+        outcome: ``recovered``, ``fresh`` (nothing of this layout ever held a
+            step: a job's start) or ``no_donor`` (state existed but could not be had).
         step: the recovered step.
         donor: the donor replica.
         plan_id: the plan that succeeded.
@@ -204,7 +205,7 @@ def recover_into(
         backoff = 0.05
         last_answer = f"{ans.state} {ans.reason}".strip()
         if ans.state == "no_donor":
-            record.outcome, record.reason = "no_donor", ans.reason
+            record.outcome, record.reason = "fresh" if ans.fresh else "no_donor", ans.reason
             record.seconds = time.monotonic() - start
             logger.info("%s: nothing to recover from: %s", link.who, ans.reason)
             return None

@@ -45,6 +45,8 @@ class Answer:
     rendezvous_prefix: str = ""
     timeout_s: float = 0.0
     backend: str = "gloo"
+    fresh: bool = False
+    """``no_donor`` at a job's start: nothing of this layout ever held a step here."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

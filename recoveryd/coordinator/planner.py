@@ -36,7 +36,12 @@ from recoveryd.coordinator.donor import (
     layouts_match,
     make_plan,
 )
-from recoveryd.coordinator.membership import MemberInfo, Membership, UnknownMemberError
+from recoveryd.coordinator.membership import (
+    MemberInfo,
+    Membership,
+    ReplicaView,
+    UnknownMemberError,
+)
 from recoveryd.coordinator.messages import Answer, Order, PlanSnapshot, PlanState, Report
 
 
@@ -145,6 +150,9 @@ class Planner:
         self._active: dict[int, _Plan] = {}
         self._recent: OrderedDict[int, _Plan] = OrderedDict()
         self._bandwidth_bps: dict[str, float] = {}
+        self._stepped: set[str] = set()
+        """Layout fingerprints some replica held a step with, since this coordinator
+        started: a replica of one of them that finds no donor lost live state."""
         self.version = 0
         self._started = clock()
         """Bumped by every change a waiting joiner could care about (long polls wait on it)."""
@@ -275,7 +283,7 @@ class Planner:
                 return
             self.version += 1
             fresh, reason = self._why_no_donor(rnd, replicas)
-            rnd.final = Answer(state="no_donor", reason=reason)
+            rnd.final = Answer(state="no_donor", reason=reason, fresh=fresh)
             if self._observer is not None:
                 self._observer.decision(
                     "fresh" if fresh else "no_donor", time.perf_counter() - decided
@@ -308,33 +316,44 @@ class Planner:
                 plan.order("prepare"),
             )
 
-    def _why_no_donor(self, rnd: _Round, replicas: Mapping[str, object]) -> tuple[bool, str]:
-        """Whether the replica simply starts fresh (no other replica holds state
-        of its layout: a job's start, or another job on this coordinator), and
-        why no donor, in words."""
+    def _why_no_donor(self, rnd: _Round, replicas: Mapping[str, ReplicaView]) -> tuple[bool, str]:
+        """Whether the replica simply starts fresh, and why there is no donor, in words.
+
+        Fresh means nothing was lost: no other replica holds a step, and none of
+        this layout held one since the coordinator started (a job's start).
+        Anything else (a layout or world size that matches no replica holding
+        state, donors unhealthy or failing, a whole job restarted) is a replica
+        that could not get state that existed: ``no_donor``.
+        """
         joiner = self._members.replica(rnd.joiner)
         assert joiner is not None
-        same = [
-            v
-            for v in self._members.replicas().values()
-            if v.replica_id != rnd.joiner and layouts_match(joiner, v)
-        ]
+        for v in replicas.values():
+            if v.step is not None and v.fingerprint is not None:
+                self._stepped.add(v.fingerprint)
+        others = [v for v in replicas.values() if v.replica_id != rnd.joiner]
+        holding = [v for v in others if v.step is not None]
+        seen_before = joiner.fingerprint in self._stepped
         if rnd.excluded:
             return False, (
                 f"every donor failed this recovery ({', '.join(sorted(rnd.excluded))}); "
                 f"the last failure: {rnd.last_failure}"
             )
-        if not same:
-            others = len(replicas) - 1
-            if others == 0:
-                return True, "no other replica is registered: this is the first replica"
-            return True, (
-                f"none of the {others} other replica(s) has this state layout "
-                "(different model, sharding or dtypes)"
-            )
+        same = [v for v in others if layouts_match(joiner, v)]
         with_state = [v for v in same if v.step is not None]
         if not with_state:
-            return True, f"{len(same)} replica(s) with this layout, none holding a step yet"
+            if holding:
+                return False, (
+                    f"{len(holding)} other replica(s) hold a step, none with this state layout "
+                    "(a different model, optimizer, sharding or dtypes)"
+                )
+            if seen_before:
+                return False, (
+                    "no replica holds a step of this layout any more, though some did: "
+                    "the live state is gone (the whole job restarted?)"
+                )
+            if not others:
+                return True, "no other replica is registered: this is the first replica"
+            return True, f"{len(others)} other replica(s), none holding a step yet"
         why = []
         for v in sorted(with_state, key=lambda v: v.replica_id):
             if v.world_size != joiner.world_size:
@@ -489,6 +508,9 @@ class Planner:
     def housekeep(self) -> None:
         """Forgets ranks silent for ``forget_after`` (a walk over every rank: call it
         from a timer, not on a request's path)."""
+        for v in self._members.replicas().values():
+            if v.step is not None and v.fingerprint is not None:
+                self._stepped.add(v.fingerprint)
         gone = self._members.expire(self._config.forget_after)
         if gone:
             self.version += 1

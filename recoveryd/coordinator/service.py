@@ -363,6 +363,7 @@ def _answer_pb(a: Answer) -> pb.RecoverResponse:
         rendezvous_prefix=a.rendezvous_prefix,
         timeout_s=a.timeout_s,
         backend=a.backend,
+        fresh=a.fresh,
     )
     if a.step is not None:
         out.step = a.step

@@ -13,6 +13,7 @@ its ~30 lines of agent wiring (:func:`run_example_trainer`) into a trainer.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import signal
@@ -109,8 +110,13 @@ class ExampleTrainerConfig:
         )
 
 
-def run_example_trainer(config: ExampleTrainerConfig, stop: threading.Event) -> int:
+def run_example_trainer(
+    config: ExampleTrainerConfig, stop: threading.Event, training: threading.Event | None = None
+) -> int:
     """Recovers (or starts fresh), then trains until ``config.steps`` or ``stop``.
+
+    ``training`` is set once recovery is over (the signal handler of
+    :func:`main` exits at once before that, at a step boundary after).
 
     Returns:
         0 (a clean stop).
@@ -144,6 +150,7 @@ def run_example_trainer(config: ExampleTrainerConfig, stop: threading.Event) -> 
             ),
             state,
         )
+    initial = copy.deepcopy(state())  # to start over if failed plans wrote into the state
     try:
         live = state()
         try:
@@ -151,10 +158,20 @@ def run_example_trainer(config: ExampleTrainerConfig, stop: threading.Event) -> 
         except (CoordinatorUnavailableError, SidecarLostError) as err:
             logger.warning("no recovery (%s): starting from scratch", err)
             got = None
+        rec = agent.last_recovery
+        written = (
+            (rec.get("state_written") if isinstance(rec, dict) else rec.state_written)
+            if rec
+            else False
+        )
+        if got is None and written:
+            logger.warning("plans failed midway and wrote into the state: initialising it again")
+            model.load_state_dict(initial["model"])
+            opt.load_state_dict(initial["optim"])
+            progress.update(initial["progress"])
         if got is not None:
             opt.load_state_dict(live["optim"])
         start, t0 = got or 0, time.monotonic()
-        rec = agent.last_recovery
         reason = (rec.get("reason") if isinstance(rec, dict) else rec.reason) if rec else None
         logger.info(
             "%s: %s at step %d",
@@ -162,6 +179,8 @@ def run_example_trainer(config: ExampleTrainerConfig, stop: threading.Event) -> 
             "recovered" if got is not None else f"fresh ({reason or 'no answer'})",
             start,
         )
+        if training is not None:
+            training.set()
         step = start
         while not stop.is_set() and (config.steps == 0 or step < config.steps):
             step += 1
@@ -191,8 +210,20 @@ def run_example_trainer(config: ExampleTrainerConfig, stop: threading.Event) -> 
 
 
 def main() -> int:
-    """Entry point of ``recoveryd example-trainer``: SIGTERM/SIGINT stop it cleanly."""
+    """Entry point of ``recoveryd example-trainer``: SIGTERM/SIGINT stop it cleanly.
+
+    While the trainer trains, a signal ends it at the next step boundary;
+    before that (``recover()`` may wait minutes for a coordinator or a plan),
+    it ends the process at once, closing the agent on the way out.
+    """
     stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+        if not training.is_set():
+            raise SystemExit(128 + signum)
+
+    training = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    return run_example_trainer(ExampleTrainerConfig.from_env(), stop)
+        signal.signal(sig, on_signal)
+    return run_example_trainer(ExampleTrainerConfig.from_env(), stop, training)

@@ -24,7 +24,12 @@ from typing import Any
 
 from recoveryd.errors import RecoverydError
 
-GRAFANA_DEFAULTS = {"__rate_interval": "2m", "__interval": "15s", "__range": "10m"}
+GRAFANA_DEFAULTS = {
+    "__rate_interval": "2m",
+    "__interval": "15s",
+    "__range": "10m",
+    "namespace": ".*",  # the dashboard's job filter at "All" (matches no label too)
+}
 """What :func:`grafana_to_promql` puts for Grafana's built-in variables."""
 
 

@@ -153,7 +153,7 @@ class RecoverRequest(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., wait_s: _Optional[float] = ..., received_plan_id: _Optional[int] = ..., joined_plan_id: _Optional[int] = ...) -> None: ...
 
 class RecoverResponse(_message.Message):
-    __slots__ = ("state", "reason", "plan_id", "donor", "step", "rendezvous", "rendezvous_prefix", "timeout_s", "backend")
+    __slots__ = ("state", "reason", "plan_id", "donor", "step", "rendezvous", "rendezvous_prefix", "timeout_s", "backend", "fresh")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[RecoverResponse.State]
@@ -175,6 +175,7 @@ class RecoverResponse(_message.Message):
     RENDEZVOUS_PREFIX_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    FRESH_FIELD_NUMBER: _ClassVar[int]
     state: RecoverResponse.State
     reason: str
     plan_id: int
@@ -184,7 +185,8 @@ class RecoverResponse(_message.Message):
     rendezvous_prefix: str
     timeout_s: float
     backend: str
-    def __init__(self, state: _Optional[_Union[RecoverResponse.State, str]] = ..., reason: _Optional[str] = ..., plan_id: _Optional[int] = ..., donor: _Optional[str] = ..., step: _Optional[int] = ..., rendezvous: _Optional[str] = ..., rendezvous_prefix: _Optional[str] = ..., timeout_s: _Optional[float] = ..., backend: _Optional[str] = ...) -> None: ...
+    fresh: bool
+    def __init__(self, state: _Optional[_Union[RecoverResponse.State, str]] = ..., reason: _Optional[str] = ..., plan_id: _Optional[int] = ..., donor: _Optional[str] = ..., step: _Optional[int] = ..., rendezvous: _Optional[str] = ..., rendezvous_prefix: _Optional[str] = ..., timeout_s: _Optional[float] = ..., backend: _Optional[str] = ..., fresh: _Optional[bool] = ...) -> None: ...
 
 class TransferReport(_message.Message):
     __slots__ = ("plan_id", "replica_id", "group_rank", "role", "result", "message", "step", "bytes", "seconds", "phases", "address")

@@ -153,3 +153,21 @@ def test_the_environment_is_checked_with_clear_errors() -> None:
         {"RECOVERYD_COORDINATOR": "c:1", "HOSTNAME": "trainer-2", "RECOVERYD_LABELS": "node=a"}
     )
     assert (cfg.replica_id, cfg.labels, cfg.steps) == ("trainer-2", {"node": "a"}, 0)
+
+
+def test_sigterm_while_waiting_for_an_unreachable_coordinator_exits_at_once(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "pod.log"
+    pod = _pod("trainer-0", "127.0.0.1:1", log)  # nothing listens there
+    try:
+        _wait_for(log, r"(rank 0/1 of 'trainer-0')", pod, 60)  # in recover() now
+        time.sleep(0.5)
+        pod.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        code = pod.wait(timeout=20)
+        assert time.monotonic() - sent < 10, "recover() held the trainer past SIGTERM"
+        assert code == 128 + signal.SIGTERM
+    finally:
+        if pod.poll() is None:
+            pod.kill()

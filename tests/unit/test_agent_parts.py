@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections import OrderedDict
 
 import pytest
 import torch
 
 from recoveryd.agent.client import ClusterStatus, RankStatus, ReplicaStatus
-from recoveryd.agent.config import AgentConfig, route_to
+from recoveryd.agent.config import AgentConfig, _interface_addresses, interface_of, route_to
 from recoveryd.agent.joiner import merge_values
 from recoveryd.agent.layout import fingerprint
 from recoveryd.coordinator.messages import PlanSnapshot
@@ -289,3 +292,34 @@ def test_render_of_an_empty_cluster() -> None:
     assert "transfers in flight: 0" in text
     assert "recent transfers: 0" in text
     assert "PLAN" not in text  # no plan table without plans
+
+
+def test_interface_of_names_the_interface_of_every_local_address() -> None:
+    addresses = _interface_addresses()
+    assert addresses, "getifaddrs found no address"
+    for ip, name in addresses.items():
+        assert interface_of(ip) == ("lo" if ip.startswith("127.") or ip == "::1" else name)
+    assert interface_of("127.0.0.5") == "lo"
+    # Names are not looked up (DNS could hang the agent's start), nor is junk.
+    t0 = time.monotonic()
+    assert interface_of("trainer-0.trainer.recoveryd.svc") == ""
+    assert interface_of("a\x00b") == ""
+    assert interface_of("192.0.2.250") in ("", addresses.get("192.0.2.250"))
+    assert time.monotonic() - t0 < 0.5
+
+
+def test_interface_of_sees_secondary_and_ipv6_addresses_in_a_network_namespace() -> None:
+    script = (
+        "ip link add v0 type veth peer name v1 && ip addr add 10.1.1.1/24 dev v0 && "
+        "ip addr add 10.1.1.2/24 dev v0 && ip -6 addr add fd01::5/64 dev v0 nodad && "
+        f"ip link set v0 up && exec {sys.executable} -c "
+        "'from recoveryd.agent.config import interface_of; "
+        'print(",".join(interface_of(a) for a in ("10.1.1.1", "10.1.1.2", "fd01::5", "10.1.1.3")))\''
+    )
+    done = subprocess.run(
+        ["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0 and "Operation not permitted" in done.stderr + done.stdout:
+        pytest.skip(f"cannot make a network namespace here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "v0,v0,v0,"

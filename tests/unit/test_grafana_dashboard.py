@@ -35,7 +35,12 @@ DASHBOARDS_PATH = "/var/lib/grafana/dashboards/recoveryd"
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "6h"}
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "15s",
+    "$__range": "6h",
+    "$namespace": ".*",  # the dashboard's job filter, at "All"
+}
 """The only variables an expression may use, and what they become for promtool
 (and for an end-to-end run against a real Prometheus)."""
 
@@ -121,11 +126,16 @@ def structure_problems(dashboard: dict[str, Any]) -> list[str]:
     ds = [v for v in variables if v.get("name") == "datasource"]
     if len(ds) != 1 or ds[0].get("type") != "datasource" or ds[0].get("query") != "prometheus":
         problems.append("needs one variable 'datasource' of type datasource, query prometheus")
+    ns = [v for v in variables if v.get("name") == "namespace"]
+    if len(ns) != 1 or ns[0].get("type") != "query" or ns[0].get("allValue") != ".*":
+        problems.append("needs one variable 'namespace' of type query with allValue '.*'")
+    elif ns[0].get("datasource", {}).get("uid") != "${datasource}":
+        problems.append("variable 'namespace' must query the ${datasource} variable")
     for v in variables:
-        if v.get("name") != "datasource":
+        if v.get("name") not in ("datasource", "namespace"):
             problems.append(
-                f"variable {v.get('name')!r}: only 'datasource' is expected (the end-to-end "
-                "test substitutes Grafana's built-ins only; add it to GRAFANA_VARIABLES first)"
+                f"variable {v.get('name')!r}: only 'datasource' and 'namespace' are expected "
+                "(the end-to-end test substitutes those; add it to GRAFANA_VARIABLES first)"
             )
     ids: set[int] = set()
     for panel in iter_panels(dashboard.get("panels", [])):
@@ -244,6 +254,15 @@ def substitute(expr: str) -> str:
     return expr
 
 
+def namespace_problems(query: Query) -> list[str]:
+    """Every recoveryd selector filters by the dashboard's namespace (one job at a time)."""
+    out = []
+    for m in re.finditer(r"\b(recoveryd_[a-z0-9_]+)(\{[^}]*\})?", query.expr):
+        if 'namespace=~"$namespace"' not in (m.group(2) or ""):
+            out.append(f'{query.where}: {m.group(1)} without namespace=~"$namespace"')
+    return out
+
+
 def variable_problems(query: Query) -> list[str]:
     """Variables other than Grafana's built-ins that ``substitute`` knows.
 
@@ -346,7 +365,9 @@ def test_dashboard_layout(path: Path) -> None:
 def test_dashboard_windows_and_variables(path: Path) -> None:
     qs = queries(_load(path))
     assert qs
-    assert [p for q in qs for p in window_problems(q) + variable_problems(q)] == []
+    assert [
+        p for q in qs for p in window_problems(q) + variable_problems(q) + namespace_problems(q)
+    ] == []
 
 
 @pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.name)
@@ -466,7 +487,15 @@ def _good() -> dict[str, Any]:
         "id": None,
         "title": "test",
         "templating": {
-            "list": [{"name": "datasource", "type": "datasource", "query": "prometheus"}]
+            "list": [
+                {"name": "datasource", "type": "datasource", "query": "prometheus"},
+                {
+                    "name": "namespace",
+                    "type": "query",
+                    "allValue": ".*",
+                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                },
+            ]
         },
         "panels": [row, panel],
     }
@@ -515,12 +544,22 @@ def test_window_check_accepts(expr: str, instant: bool) -> None:
 
 
 def test_unknown_variable_is_reported() -> None:
-    expr = 'sum(rate(recoveryd_coordinator_heartbeats_total{ns=~"$namespace"}[${__rate_interval}]))'
-    assert variable_problems(_query(expr)) == ["test: unknown variable $namespace"]
-    assert variable_problems(_query(expr.replace("$namespace", ".*"))) == []
-    assert substitute(expr.replace("$namespace", ".*")) == (
+    expr = 'sum(rate(recoveryd_coordinator_heartbeats_total{ns=~"$cluster"}[${__rate_interval}]))'
+    assert variable_problems(_query(expr)) == ["test: unknown variable $cluster"]
+    assert variable_problems(_query(expr.replace("$cluster", ".*"))) == []
+    assert substitute(expr.replace("$cluster", "$namespace")) == (
         'sum(rate(recoveryd_coordinator_heartbeats_total{ns=~".*"}[1m]))'
     )
+
+
+def test_a_selector_without_the_namespace_filter_is_reported() -> None:
+    expr = (
+        'sum(rate(recoveryd_coordinator_heartbeats_total{namespace=~"$namespace"}[1m]))'
+        " / sum(recoveryd_coordinator_ranks)"
+    )
+    assert namespace_problems(_query(expr)) == [
+        'test: recoveryd_coordinator_ranks without namespace=~"$namespace"'
+    ]
 
 
 def test_missing_unit_is_reported() -> None:
@@ -548,7 +587,8 @@ def test_dashboard_basics_are_reported() -> None:
     bad["uid"], bad["id"] = "", 7
     bad["templating"]["list"] = [{"name": "ds", "type": "datasource", "query": "prometheus"}]
     problems = structure_problems(bad)
-    assert [p.split(" ")[0] for p in problems] == ["uid", "id", "needs", "variable"]
+    assert [p.split(" ")[0] for p in problems] == ["uid", "id", "needs", "needs", "variable"]
+    assert "'namespace'" in problems[3]
 
 
 def test_nested_row_panels_are_checked() -> None:

@@ -138,8 +138,9 @@ def test_replica_of_another_layout_is_no_donor(c: Coord) -> None:
     c.join("other", step=10, fp="X")
     a = c.planner.recover("j", 0)
     assert a.state == "no_donor"
-    assert "none of the 1 other replica(s) has this state layout" in a.reason
-    assert "different model, sharding or dtypes" in a.reason
+    assert "1 other replica(s) hold a step, none with this state layout" in a.reason
+    assert a.fresh is False
+    assert "different model, optimizer, sharding or dtypes" in a.reason
 
 
 def test_same_layout_without_a_step_is_no_donor(c: Coord) -> None:
@@ -780,14 +781,29 @@ def test_decisions_tell_a_fresh_start_from_a_missing_donor() -> None:
     c = _coord(CoordinatorConfig(max_attempts=1))
     c.planner._observer = Observer()
     c.join("first", step=None)
-    assert c.planner.recover("first", 0).state == "no_donor"
-    c.join("other-model", step=None, fp="f2")
-    c.planner.recover("other-model", 0)
+    a = c.planner.recover("first", 0)
+    assert (a.state, a.fresh) == ("no_donor", True)  # a job's start: nothing was lost
     c.beat("first", step=10)
+    c.join("other-model", step=None, fp="f2")
+    a = c.planner.recover("other-model", 0)  # state exists, not of this layout
+    assert (a.state, a.fresh) == ("no_donor", False)
     c.join("j", step=None)
     assert c.planner.recover("j", 0).state == "transfer"
     c.fail(1, "j", "peer_lost")
     assert c.planner.recover("j", 0).state == "no_donor"  # max_attempts spent
-    # Nothing of this layout anywhere (a job's start, another job's model) is
-    # "fresh"; a round that ran out of attempts is "no_donor".
-    assert seen == ["fresh", "fresh", "plan", "plan failed", "no_donor"]
+    assert seen == ["fresh", "no_donor", "plan", "plan failed", "no_donor"]
+
+
+def test_a_whole_job_restart_is_no_donor_whichever_registers_first() -> None:
+    for order in ("old registrations still there", "peers came back first"):
+        c = _coord()
+        c.join("a", step=10)
+        c.join("b", step=10)
+        c.planner.housekeep()  # the coordinator saw this layout hold a step
+        c.join("b", step=None, agent="b2")  # b restarted: its state is gone
+        if order == "peers came back first":
+            c.join("a", step=None, agent="a2")
+        else:
+            c.clock.now += 60  # a's old ranks went silent
+        a = c.planner.recover("b", 0)
+        assert (a.state, a.fresh) == ("no_donor", False), order
