@@ -173,5 +173,6 @@ def test_the_grafana_substitution_refuses_unknown_variables() -> None:
     from recoveryd.testing.prometheus import PrometheusError
 
     assert grafana_to_promql("rate(x[$__rate_interval])") == "rate(x[2m])"
-    with pytest.raises(PrometheusError, match="namespace"):
-        grafana_to_promql('x{ns="$namespace"}')
+    assert grafana_to_promql('x{namespace=~"$namespace"}') == 'x{namespace=~".*"}'
+    with pytest.raises(PrometheusError, match="cluster"):
+        grafana_to_promql('x{c="$cluster"}')
