@@ -241,6 +241,16 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Coordinator, Any, Events, list[Pod
     coord.stop()
 
 
+def _pods(
+    cluster: tuple[Coordinator, Any, Events, list[Pod]], tmp_path: Path, *names: str
+) -> list[Pod]:
+    """Sidecars for ``names`` (trainers not started yet), closed with the cluster."""
+    coord, ctx, ev, pods = cluster
+    new = [Pod(n, coord.address, tmp_path, ctx, ev.q) for n in names]
+    pods += new
+    return new
+
+
 def _rss_anon_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("RssAnon:"):
@@ -262,10 +272,8 @@ def _healthy(coord: Coordinator, name: str) -> bool | None:
 def test_attached_trainers_donate_and_receive_through_their_sidecars(
     cluster: tuple[Coordinator, Any, Events, list[Pod]], tmp_path: Path
 ) -> None:
-    coord, ctx, ev, pods = cluster
-    a = Pod("a", coord.address, tmp_path, ctx, ev.q)
-    b = Pod("b", coord.address, tmp_path, ctx, ev.q)
-    pods += [a, b]
+    _, _, ev, _ = cluster
+    a, b = _pods(cluster, tmp_path, "a", "b")
     a.start_trainer(lazy_adam=True)  # Adam's moments appear after attaching
     first = ev.wait("start", "a")
     assert first["step"] is None
@@ -293,10 +301,8 @@ def test_attached_trainers_donate_and_receive_through_their_sidecars(
 def test_a_killed_trainer_is_reported_at_once_and_its_restart_recovers(
     cluster: tuple[Coordinator, Any, Events, list[Pod]], tmp_path: Path
 ) -> None:
-    coord, ctx, ev, pods = cluster
-    a = Pod("a", coord.address, tmp_path, ctx, ev.q)
-    b = Pod("b", coord.address, tmp_path, ctx, ev.q)
-    pods += [a, b]
+    coord, _, ev, _ = cluster
+    a, b = _pods(cluster, tmp_path, "a", "b")
     a.start_trainer(lazy_adam=False)
     ev.wait("digest", "a", step=20)
     b.start_trainer(lazy_adam=False)
@@ -320,9 +326,8 @@ def test_a_killed_trainer_is_reported_at_once_and_its_restart_recovers(
 def test_a_killed_sidecar_is_one_clear_error_then_training_goes_on(
     cluster: tuple[Coordinator, Any, Events, list[Pod]], tmp_path: Path
 ) -> None:
-    coord, ctx, ev, pods = cluster
-    a = Pod("a", coord.address, tmp_path, ctx, ev.q)
-    pods.append(a)
+    _, _, ev, _ = cluster
+    (a,) = _pods(cluster, tmp_path, "a")
     a.start_trainer(lazy_adam=False)
     ev.wait("digest", "a", step=20)
     a.sidecar.kill()
@@ -337,10 +342,8 @@ def test_a_killed_sidecar_is_one_clear_error_then_training_goes_on(
 def test_a_donor_trainer_killed_mid_send_never_leaves_a_corrupt_state(
     cluster: tuple[Coordinator, Any, Events, list[Pod]], tmp_path: Path
 ) -> None:
-    coord, ctx, ev, pods = cluster
-    a = Pod("a", coord.address, tmp_path, ctx, ev.q)
-    b = Pod("b", coord.address, tmp_path, ctx, ev.q)
-    pods += [a, b]
+    _, _, ev, _ = cluster
+    a, b = _pods(cluster, tmp_path, "a", "b")
     a.start_trainer(lazy_adam=False, die_in_send=True)
     ev.wait("digest", "a", step=20)
     b.start_trainer(lazy_adam=False)
@@ -395,10 +398,8 @@ def test_a_dev_shm_too_small_for_the_state_is_a_clear_error(tmp_path: Path) -> N
 def test_cuda_tensors_are_shared_by_ipc_and_recovered_over_nccl(
     cluster: tuple[Coordinator, Any, Events, list[Pod]], tmp_path: Path
 ) -> None:
-    coord, ctx, ev, pods = cluster
-    a = Pod("a", coord.address, tmp_path, ctx, ev.q)
-    b = Pod("b", coord.address, tmp_path, ctx, ev.q)
-    pods += [a, b]
+    coord, _, ev, _ = cluster
+    a, b = _pods(cluster, tmp_path, "a", "b")
     a.start_trainer(lazy_adam=False, device="cuda")
     ev.wait("digest", "a", step=20)
     b.start_trainer(lazy_adam=False, device="cuda")
