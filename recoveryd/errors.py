@@ -125,6 +125,7 @@ class CoordinatorUnavailableError(RecoverydError, ConnectionError):
             "runs there and is reachable (agents keep retrying with backoff)"
         )
         self.address = address
+        self.detail = detail
 
 
 class UnknownMemberError(RecoverydError, KeyError):

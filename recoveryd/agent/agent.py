@@ -196,12 +196,20 @@ class Agent:
         self._step = step
         return step
 
-    def step(self, step: int) -> None:
+    def step(self, step: int, *, send: bool = True) -> bool:
         """Marks a step boundary: the state now reflects ``step`` completed.
 
         Nearly free unless a plan's fence is due, in which case this rank's
         live state is streamed to the joiner before returning (the trainer is
         held for the send only; the group was formed in the background).
+
+        Args:
+            step: the step just completed.
+            send: ``False`` only reports whether a send is due, without
+                sending (a sidecar first asks its trainer for fresh values).
+
+        Returns:
+            Whether a send was due at ``step``.
 
         Raises:
             RecoverydError: a background thread of the agent failed.
@@ -218,8 +226,10 @@ class Agent:
             self._stepped = True
             self._link.set_layout(fingerprint(self._state_fn()))
             self._link.nudge()  # tell the coordinator at once that this rank holds a step
-        if self._donor.due(step):
+        due = self._donor.due(step)
+        if due and send:
             self._donor.serve(step, self._state_fn)
+        return due
 
     def send_due(self, step: int) -> bool:
         """Whether :meth:`step` at ``step`` will send (a plan is fenced at or before it)."""

@@ -9,6 +9,7 @@ still running, so nothing is left behind.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing as mp
 import os
@@ -136,7 +137,11 @@ class LocalCluster:
                 cmd += ["--metrics-port", "0"]
             with open(f"{path}.log", "ab") as log:
                 self._sidecars[(replica_id, rank)] = subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                    cmd,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=_die_with_parent,  # no sidecar outlives a killed demo
                 )
         return path
 
@@ -271,3 +276,9 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _die_with_parent() -> None:
+    """In a child before exec: SIGTERM when the launcher dies (Linux ``PR_SET_PDEATHSIG``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

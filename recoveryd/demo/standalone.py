@@ -138,12 +138,15 @@ def run_example_trainer(
     def state() -> dict[str, Any]:
         return {"model": model.state_dict(), "optim": opt.state_dict(), "progress": progress}
 
-    agent: Agent | Attachment
+    agent: Agent | Attachment | None = None
     if config.sidecar_socket:
-        agent = attach(
-            config.sidecar_socket, state, replica_id=config.replica_id, labels=config.labels
-        )
-    else:
+        try:
+            agent = attach(
+                config.sidecar_socket, state, replica_id=config.replica_id, labels=config.labels
+            )
+        except SidecarLostError as err:
+            logger.error("%s: running the agent in this process instead", err)
+    if agent is None:
         agent = Agent(
             AgentConfig(
                 coordinator=config.coordinator, replica_id=config.replica_id, labels=config.labels

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import socket
 import time
 from collections import deque
@@ -25,8 +26,12 @@ from recoveryd.agent.joiner import merge_values
 from recoveryd.coordinator.messages import Report
 from recoveryd.errors import (
     CoordinatorUnavailableError,
+    IntegrityError,
+    ManifestError,
+    PeerLostError,
     RecoverydError,
     SidecarLostError,
+    TransferError,
     TransferTimeoutError,
 )
 from recoveryd.sidecar import wire
@@ -111,8 +116,10 @@ class Attachment:
         """How the last :meth:`recover` went (the sidecar's recovery record)."""
         self.sends: deque[Report] = deque(maxlen=32)
         """The last sends the sidecar made from this rank's state (newest last)."""
+        _raise_nofile_limit()
         state = state_dict()
         exp = self._exporter.export(state)  # fails fast (e.g. /dev/shm too small)
+        self._cuda = exp.cuda
         self._sig = signature(state)
         self._sock = self._connect()
         reply = self._call(
@@ -145,6 +152,7 @@ class Attachment:
         """
         self._check()
         self._refresh(state_dict)
+        self._sync()  # the sidecar writes into these tensors on its own streams
         reply, payload = self._call(
             {"op": "recover", "timeout_s": timeout.total_seconds()},
             deadline_s=timeout.total_seconds() + self._timeout,
@@ -175,6 +183,7 @@ class Attachment:
         reply = self._call({"op": "step", "step": step})[0]
         if reply["due"]:
             self._refresh(self._state_fn())  # the values (counters, ...) as of this step
+            self._sync()  # the step's kernels must have finished before the sidecar reads
             reply = self._call(
                 {"op": "step", "step": step, "fresh": True}, deadline_s=self._transfer_timeout
             )[0]
@@ -184,6 +193,7 @@ class Attachment:
         """Serves plans at the current step while the trainer does not step."""
         self._check()
         self._refresh(self._state_fn())
+        self._sync()
         reply = self._call(
             {"op": "park", "timeout_s": timeout.total_seconds()},
             deadline_s=timeout.total_seconds() + self._transfer_timeout,
@@ -232,10 +242,19 @@ class Attachment:
         if self._lost is not None:
             raise self._lost
 
+    def _sync(self) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+
     def _refresh(self, state: object) -> None:
         exp = self._exporter.export(state)
         self._sig = signature(state)
-        self._call({"op": "refresh", **_describe(exp)}, exp.manifest, exp.fds)
+        self._cuda = exp.cuda
+        try:
+            self._call({"op": "refresh", **_describe(exp)}, exp.manifest, exp.fds)
+        except RecoverydError:
+            self._exporter.reset()  # the sidecar may lack some storages: describe all next time
+            raise
 
     def _call(
         self,
@@ -251,17 +270,40 @@ class Attachment:
         except wire.WireError as err:
             self._lost = SidecarLostError(self.path, str(err))
             logger.error("%s", self._lost)
+            # Closing tells the sidecar at once: it reports the rank unhealthy
+            # and drops the state, instead of serving it on after a timeout.
+            with contextlib.suppress(OSError):
+                self._sock.close()
             raise self._lost from err
         reply = frame.header
         if reply.get("ok"):
             return reply, frame.payload
         name, message = reply.get("error", "RecoverydError"), reply.get("message", "")
         if name == "CoordinatorUnavailableError":
-            raise CoordinatorUnavailableError(str(reply.get("address", "?")), message)
-        if name == "TransferTimeoutError":
-            raise TransferTimeoutError(message)
-        raise RecoverydError(f"sidecar: {name}: {message}")
+            raise CoordinatorUnavailableError(
+                str(reply.get("address", "?")), str(reply.get("detail", message))
+            )
+        make = _ERRORS.get(name)
+        raise make(message) if make is not None else RecoverydError(f"sidecar: {name}: {message}")
 
 
 def _describe(exp: Exported) -> dict[str, Any]:
-    return {"handles": exp.handles, "spans": exp.spans}
+    return {"handles": exp.handles, "spans": exp.spans, "release": exp.release}
+
+
+def _raise_nofile_limit() -> None:
+    """Raises the soft open-files limit to the hard one: the trainer keeps one
+    descriptor per shared storage (torch's file_descriptor sharing)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+_ERRORS: dict[str, Callable[[str], RecoverydError]] = {
+    "TransferTimeoutError": TransferTimeoutError,
+    "PeerLostError": PeerLostError,
+    "StepMismatchError": lambda m: TransferError(m),
+    "ManifestError": ManifestError,
+    "IntegrityError": IntegrityError,
+}

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
-import select
 import socket
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -35,8 +36,7 @@ from recoveryd.agent.config import AgentConfig
 from recoveryd.errors import ConfigError, CoordinatorUnavailableError, RecoverydError
 from recoveryd.metrics import AgentMetrics, MetricsServer
 from recoveryd.sidecar import wire
-from recoveryd.sidecar.share import SharedState
-from recoveryd.transport._flatten import build_plan
+from recoveryd.sidecar.share import SharedState, describe
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ class Sidecar:
                     return
                 raise
             n += 1
+            self._threads = [t for t in self._threads if t.is_alive()]
             session = _Session(self, conn, n)
             with self._lock:
                 self._sessions[n] = session
@@ -156,6 +157,25 @@ class Sidecar:
         with self._lock:
             self._sessions.pop(n, None)
 
+    def _replace(self, new: _Session, replica_id: str, group_rank: int) -> None:
+        """Ends another session attached as the same rank: the newest attachment
+        wins (a restarted trainer whose old connection is not cleaned up yet)."""
+        with self._lock:
+            old = [
+                s
+                for s in self._sessions.values()
+                if s is not new and s.identity == (replica_id, group_rank)
+            ]
+        for s in old:
+            logger.warning("%s attached again: ending its older session", s.who)
+            s.shutdown()
+        end = time.monotonic() + 10
+        while old and time.monotonic() < end:
+            with self._lock:
+                old = [s for s in old if s.n in self._sessions]
+            time.sleep(0.05)
+        new.identity = (replica_id, group_rank)
+
 
 def _remove_stale_socket(path: str) -> None:
     """Removes a socket file left by a dead sidecar; refuses to replace a live one."""
@@ -168,9 +188,11 @@ def _remove_stale_socket(path: str) -> None:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
-    except OSError:
+    except ConnectionRefusedError:
         os.unlink(path)  # nobody listens: a leftover
         return
+    except OSError as err:  # e.g. another user's: leave it alone
+        raise ConfigError("socket_path", path, f"exists and cannot be probed ({err})") from err
     finally:
         probe.close()
     raise ConfigError("socket_path", path, "another sidecar is listening on it")
@@ -187,7 +209,7 @@ class _Session:
         self.shared = SharedState()
         self.state: object = None
         self.who = f"session {n}"
-        self._closing = False
+        self.identity: tuple[str, int] | None = None
 
     def shutdown(self) -> None:
         with contextlib.suppress(OSError):
@@ -197,7 +219,7 @@ class _Session:
         clean = False
         try:
             while not self.sidecar._stop.is_set():
-                if not _readable(self.conn, 0.5):
+                if not wire.readable(self.conn, 0.5):
                     continue
                 frame = wire.recv(
                     self.conn, deadline=time.monotonic() + REQUEST_TIMEOUT.total_seconds()
@@ -225,6 +247,33 @@ class _Session:
         with contextlib.suppress(OSError):
             self.conn.close()
         self.sidecar._done(self.n)
+        gc.collect()  # the agent's store, groups and threads sit in reference cycles
+
+    @contextlib.contextmanager
+    def _watching(self, agent: Agent) -> Iterator[None]:
+        """While a long request runs (recover, park), a trainer that dies ends it:
+        its agent is closed as unhealthy rather than serving or receiving on."""
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(0.2):
+                if wire.hung_up(self.conn):
+                    logger.warning("%s: trainer gone during a request: closing its agent", self.who)
+                    agent.close(unhealthy=True)
+                    return
+
+        t = threading.Thread(target=watch, name=f"recoveryd-watch-{self.n}", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            done.set()
+            t.join(1)
+
+    def _sync(self) -> None:
+        """Lets GPU copies into or out of the trainer's memory finish before it goes on."""
+        if self.shared.cuda:
+            torch.cuda.synchronize()
 
     def _handle(self, f: wire.Frame) -> tuple[dict[str, Any], bytes]:
         try:
@@ -235,6 +284,7 @@ class _Session:
             out: dict[str, Any] = {"ok": False, "error": type(err).__name__, "message": str(err)}
             if isinstance(err, CoordinatorUnavailableError):
                 out["address"] = err.address
+                out["detail"] = getattr(err, "detail", str(err))
             return out, b""
         finally:
             wire._close_all(f.fds)  # those not taken over by the shared state
@@ -245,6 +295,7 @@ class _Session:
         if f.op == "attach":
             if self.agent is not None:
                 raise ConfigError("attach", h.get("replica_id"), "this connection is attached")
+            self.sidecar._replace(self, str(h["replica_id"]), int(h.get("group_rank", 0)))
             self._share(f)
             cfg = self.sidecar.config
             self.agent = Agent(
@@ -279,31 +330,30 @@ class _Session:
             agent.refresh_layout()
             return {"ok": True}, b""
         if f.op == "recover":
-            step = agent.recover(self.state, timeout=timedelta(seconds=float(h["timeout_s"])))
+            with self._watching(agent):
+                step = agent.recover(self.state, timeout=timedelta(seconds=float(h["timeout_s"])))
+            self._sync()
             rec = agent.last_recovery
-            plan = build_plan(
-                self.state,
-                step=None,
-                chain=[],
-                bucket_bytes=1 << 40,
-                direct_bytes=0,
-                checksums=False,
-            )
+            plan = describe(self.state)
             record = dataclasses.asdict(rec) if rec is not None else None
             return {"ok": True, "step": step, "record": record}, plan.manifest.SerializeToString()
         if f.op == "step":
             step = int(h["step"])
-            if agent.send_due(step) and not h.get("fresh"):
-                return {"ok": True, "due": True}, b""  # the trainer refreshes its values first
             last = agent.sends[-1] if agent.sends else None
-            agent.step(step)
+            # Never send on the first ask: the trainer refreshes (values, new
+            # tensors) and asks again with `fresh`, held until the send is done.
+            if agent.step(step, send=bool(h.get("fresh"))) and not h.get("fresh"):
+                return {"ok": True, "due": True}, b""
+            self._sync()
             return {"ok": True, "due": False, "sends": _since(agent, last)}, b""
         if f.op == "park":
             last = agent.sends[-1] if agent.sends else None
-            agent.park(timedelta(seconds=float(h["timeout_s"])))
+            with self._watching(agent):
+                agent.park(timedelta(seconds=float(h["timeout_s"])))
+            self._sync()
             return {"ok": True, "sends": _since(agent, last)}, b""
         if f.op == "close":
-            agent.close()
+            agent.close(unhealthy=True)  # nobody serves this rank's state any more
             self.agent = None
             return {"ok": True}, b""
         raise ConfigError("op", f.op, "unknown request")
@@ -311,6 +361,7 @@ class _Session:
     def _share(self, f: wire.Frame) -> None:
         fds, f.fds = f.fds, []
         self.shared.add(list(f.header.get("handles") or []), fds)
+        self.shared.release(list(f.header.get("release") or []))
         self.state = self.shared.state(f.payload, list(f.header["spans"]))
 
 
@@ -323,8 +374,3 @@ def _since(agent: Agent, last: object) -> list[dict[str, Any]]:
             start = i + 1
             break
     return [dataclasses.asdict(r) for r in sends[start:]]
-
-
-def _readable(conn: socket.socket, wait_s: float) -> bool:
-    ready, _, _ = select.select([conn], [], [], wait_s)
-    return bool(ready)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import os
+import resource
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
 from recoveryd.errors import ConfigError, ManifestError, UnsupportedValueError
-from recoveryd.transport._flatten import build_plan, path_str
+from recoveryd.transport._flatten import SendPlan, build_plan, path_str
 from recoveryd.transport._rebuild import (
     TensorSpec,
     TreeBuilder,
@@ -48,9 +49,13 @@ class Exported:
     spans: list[dict[str, int]]
     """Per span of the manifest: handle index ``h`` (-1: empty), byte ``lo`` and ``n``."""
     handles: list[dict[str, Any]] = field(default_factory=list)
-    """Handles of storages not exported before, numbered on from the last export."""
+    """Handles of storages not exported before, each with its ``id``."""
     fds: list[int] = field(default_factory=list)
     """One descriptor per new CPU handle, in handle order (owned by the storages: do not close)."""
+    release: list[int] = field(default_factory=list)
+    """Ids of storages the state no longer uses: the sidecar unmaps them."""
+    cuda: bool = False
+    """Whether any tensor is on a GPU (the two processes then synchronise)."""
 
 
 def _plain_tensors(state: object) -> list[torch.Tensor]:
@@ -72,10 +77,21 @@ def signature(state: object) -> tuple[tuple[int, tuple[int, ...]], ...]:
 
 
 class Exporter:
-    """The trainer's side: shares a state's storages and describes them."""
+    """The trainer's side: shares a state's storages and describes them.
+
+    It holds every exported storage until an export no longer finds it in the
+    state: a storage the trainer dropped cannot be freed and its address
+    reused by a new one while the sidecar still maps the old memory under
+    that address (the new one would look already shared).
+    """
 
     def __init__(self) -> None:
-        self._known: dict[tuple[str, int], int] = {}
+        self._known: dict[tuple[str, int], tuple[int, torch.UntypedStorage]] = {}
+        self._next_id = 0
+
+    def reset(self) -> None:
+        """Forgets what was exported (the next export describes every storage anew)."""
+        self._known.clear()
 
     def export(self, state: object) -> Exported:
         """Moves ``state``'s CPU tensors to shared memory (in place) and describes it.
@@ -93,10 +109,12 @@ class Exporter:
             elif t.device.type != "cuda":
                 raise UnsupportedValueError(f"a tensor on {t.device}", t)
         live = {(str(t.device), t.untyped_storage().data_ptr()) for t in tensors}
-        plan = build_plan(
-            state, step=None, chain=[], bucket_bytes=1 << 40, direct_bytes=0, checksums=False
+        plan = describe(state)
+        out = Exported(
+            manifest=plan.manifest.SerializeToString(),
+            spans=[],
+            cuda=any(t.is_cuda for t in tensors),
         )
-        out = Exported(manifest=plan.manifest.SerializeToString(), spans=[])
         for sp in plan.spans:
             if sp.nbytes == 0:
                 out.spans.append({"h": -1, "lo": 0, "n": 0})
@@ -109,18 +127,43 @@ class Exporter:
                     "tensor (the sidecar can only share tensors as they are stored)",
                     sp.owner,
                 )
-            h = self._known.get(key)
-            if h is None:
-                h = self._known[key] = len(self._known)
-                out.handles.append(_handle(storage, out.fds))
+            known = self._known.get(key)
+            if known is None:
+                h = self._next_id
+                self._next_id += 1
+                self._known[key] = (h, storage)
+                out.handles.append({"id": h, **_handle(storage, out.fds)})
+            else:
+                h = known[0]
             out.spans.append({"h": h, "lo": sp.lo, "n": sp.nbytes})
+        used = {s["h"] for s in out.spans}
+        for key, (h, _) in list(self._known.items()):
+            if h not in used:
+                del self._known[key]
+                out.release.append(h)
         return out
+
+
+def describe(state: object) -> SendPlan:
+    """The transport's manifest of ``state`` (its spans are what gets shared)."""
+    return build_plan(
+        state, step=None, chain=[], bucket_bytes=1 << 40, direct_bytes=1, checksums=False
+    )
 
 
 def _to_shared_memory(t: torch.Tensor, tensors: list[torch.Tensor]) -> None:
     try:
         t.share_memory_()  # type: ignore[no-untyped-call]
     except RuntimeError as err:
+        if "Too many open files" in str(err):
+            raise ConfigError(
+                "ulimit -n",
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                f"the trainer keeps one descriptor per shared storage and ran out ({err}); "
+                f"this state has {len({x.untyped_storage().data_ptr() for x in tensors})} "
+                "storages: raise the open-files limit (recoveryd.attach raises the soft limit "
+                "to the hard one; raise the hard one, e.g. the container runtime's nofile)",
+            ) from err
         total = sum(x.untyped_storage().nbytes() for x in tensors if x.device.type == "cpu")
         raise ConfigError(
             "/dev/shm",
@@ -154,7 +197,13 @@ class SharedState:
     """The sidecar's side: the trainer's storages, mapped, and its state over them."""
 
     def __init__(self) -> None:
-        self._storages: list[torch.UntypedStorage] = []
+        self._storages: dict[int, torch.UntypedStorage] = {}
+        self.cuda = False
+
+    def release(self, ids: list[int]) -> None:
+        """Unmaps storages the trainer's state no longer uses."""
+        for h in ids:
+            self._storages.pop(int(h), None)
 
     def add(self, handles: list[dict[str, Any]], fds: list[int]) -> None:
         """Maps new handles (closes the descriptors: the mappings keep the memory).
@@ -168,11 +217,12 @@ class SharedState:
             for h in handles:
                 if h.get("kind") == "cpu":
                     fd = next(fd_iter)
-                    self._storages.append(
-                        torch.UntypedStorage._new_shared_fd_cpu(fd, int(h["size"]))  # type: ignore[attr-defined]
+                    self._storages[int(h["id"])] = torch.UntypedStorage._new_shared_fd_cpu(  # type: ignore[attr-defined]
+                        fd, int(h["size"])
                     )
                 elif h.get("kind") == "cuda":
-                    self._storages.append(_map_cuda(h))
+                    self._storages[int(h["id"])] = _map_cuda(h)
+                    self.cuda = True
                 else:
                     raise ManifestError(f"unknown storage handle {h.get('kind')!r}")
         except StopIteration:
@@ -216,9 +266,9 @@ class SharedState:
             raise ManifestError(f"span {i}: {n} bytes described, {nbytes} in the manifest")
         if h < 0:
             return torch.empty(0, dtype=torch.uint8)
-        if h >= len(self._storages):
-            raise ManifestError(f"span {i}: storage {h} was never shared")
-        storage = self._storages[h]
+        storage = self._storages.get(h)
+        if storage is None:
+            raise ManifestError(f"span {i}: storage {h} was never shared (or was released)")
         if lo < 0 or lo + n > storage.nbytes():
             raise ManifestError(
                 f"span {i}: bytes [{lo}, {lo + n}) of a {storage.nbytes()}-byte storage"

@@ -62,12 +62,12 @@ def send(
             sock.sendall(data[sent:])
         while rest:
             chunk, rest = rest[:MAX_FDS_PER_FRAME], rest[MAX_FDS_PER_FRAME:]
-            extra = json.dumps({"op": "fds"}).encode()
+            extra = json.dumps({"op": "fds", "nfds": len(chunk)}).encode()
             more = _PREFIX.pack(len(extra), 0) + extra
             n = socket.send_fds(sock, [more], chunk)
             if n < len(more):
                 sock.sendall(more[n:])
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise WireError(f"send failed: {err}") from err
 
 
@@ -79,12 +79,11 @@ def recv(sock: socket.socket, *, deadline: float) -> Frame:
             ``closed``), the deadline passed, or the frame is malformed.
     """
     fds: list[int] = []
-    prefix = _read(sock, _PREFIX.size, deadline, fds)
-    hlen, plen = _PREFIX.unpack(prefix)
-    if hlen > MAX_HEADER_BYTES or plen > MAX_PAYLOAD_BYTES:
-        _close_all(fds)
-        raise WireError(f"frame too large ({hlen} + {plen} bytes)")
     try:
+        prefix = _read(sock, _PREFIX.size, deadline, fds)
+        hlen, plen = _PREFIX.unpack(prefix)
+        if hlen > MAX_HEADER_BYTES or plen > MAX_PAYLOAD_BYTES:
+            raise WireError(f"frame too large ({hlen} + {plen} bytes)")
         header = json.loads(_read(sock, hlen, deadline, fds))
         payload = _read(sock, plen, deadline, fds) if plen else b""
         if not isinstance(header, dict):
@@ -96,9 +95,12 @@ def recv(sock: socket.socket, *, deadline: float) -> Frame:
                 _close_all(more.fds)
                 raise WireError(f"expected descriptors, got {more.op!r}")
             fds += more.fds
-    except (ValueError, WireError):
+    except WireError:
         _close_all(fds)
         raise
+    except ValueError as err:  # bad JSON, a bad count
+        _close_all(fds)
+        raise WireError(f"malformed frame: {err}") from err
     if len(fds) != want:
         _close_all(fds)
         raise WireError(f"expected {want} descriptors, got {len(fds)}")
@@ -112,12 +114,11 @@ def _read(sock: socket.socket, n: int, deadline: float, fds: list[int]) -> bytes
         wait = deadline - time.monotonic()
         if wait <= 0:
             raise WireError(f"no answer within the deadline ({n - left} of {n} bytes)")
-        ready, _, _ = select.select([sock], [], [], min(wait, 1.0))
-        if not ready:
+        if not readable(sock, min(wait, 1.0)):
             continue
         try:
             data, got, _flags, _addr = socket.recv_fds(sock, left, MAX_FDS_PER_FRAME)
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise WireError(f"closed: {err}") from err
         fds += got
         if not data:
@@ -125,6 +126,26 @@ def _read(sock: socket.socket, n: int, deadline: float, fds: list[int]) -> bytes
         chunks.append(data)
         left -= len(data)
     return b"".join(chunks)
+
+
+def readable(sock: socket.socket, wait_s: float) -> bool:
+    """Whether ``sock`` has data or a hang-up within ``wait_s`` (``poll``: any descriptor number)."""
+    p = select.poll()
+    p.register(sock, select.POLLIN | select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    try:
+        return bool(p.poll(max(0, int(wait_s * 1000))))
+    except (OSError, ValueError) as err:
+        raise WireError(f"closed: {err}") from err
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """Whether the peer closed its end (checked without waiting or consuming data)."""
+    p = select.poll()
+    p.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    try:
+        return bool(p.poll(0))
+    except (OSError, ValueError):
+        return True
 
 
 def _close_all(fds: list[int]) -> None:

@@ -413,3 +413,37 @@ def test_cuda_tensors_are_shared_by_ipc_and_recovered_over_nccl(
         assert {k.device_kind for r in client.status().replicas for k in r.ranks} == {"cuda"}
     finally:
         client.close()
+
+
+def test_a_trainer_killed_while_recovering_ends_its_request_at_once(tmp_path: Path) -> None:
+    # A long warm-up holds the joiner in recover(): no donor, and the
+    # coordinator waits for agents to register again before saying so.
+    coord = Coordinator(
+        "127.0.0.1:0",
+        CoordinatorConfig(
+            heartbeat_interval=timedelta(seconds=0.2),
+            heartbeat_timeout=timedelta(seconds=10),
+            warmup=timedelta(seconds=120),
+        ),
+    ).start()
+    ctx = mp.get_context("spawn")
+    pod = Pod("a", coord.address, tmp_path, ctx, ctx.Queue())
+    try:
+        pod.start_trainer(lazy_adam=False)
+        end = time.monotonic() + 90
+        while "a/0 attached" not in pod.log.read_text():
+            assert time.monotonic() < end, pod.log.read_text()
+            time.sleep(0.1)
+        time.sleep(1)  # in recover() now
+        os.kill(pod.trainer.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while "trainer gone during a request" not in pod.log.read_text():
+            assert time.monotonic() - killed < 5, pod.log.read_text()
+            time.sleep(0.1)
+        while _healthy(coord, "a") is not False:
+            assert time.monotonic() - killed < 5, "the coordinator still thinks a is healthy"
+            time.sleep(0.1)
+        assert pod.sidecar.poll() is None
+    finally:
+        pod.close()
+        coord.stop()
