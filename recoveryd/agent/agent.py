@@ -264,16 +264,17 @@ class Agent:
         self._link.set_layout(fingerprint(self._state_fn()))
 
     def close(self, timeout: timedelta = timedelta(seconds=5), *, unhealthy: bool = False) -> None:
-        """Stops the background threads, the metrics endpoint and the coordinator channel.
+        """Leaves the coordinator, stops the background threads, the metrics
+        endpoint and the coordinator channel.
 
         Args:
             timeout: how long the background threads get to stop.
-            unhealthy: first tell the coordinator this rank's state is gone
-                (its trainer died), so it is never chosen as a donor again.
+            unhealthy: the trainer died rather than finished: the rank stays
+                registered as unhealthy (never a donor; it shows, and alerts,
+                until it comes back or is forgotten) instead of leaving.
         """
-        if unhealthy:
-            self._link.say_unhealthy()
-        self._link.close(timeout.total_seconds())
+        # A finished or scaled-away rank leaves: nothing to alert on.
+        self._link.close(timeout.total_seconds(), farewell="unhealthy" if unhealthy else "leave")
         if self._metrics_server is not None:
             self._metrics_server.close()
             self._metrics_server = None

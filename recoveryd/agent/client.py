@@ -156,6 +156,14 @@ class CoordinatorClient:
             heartbeat_timeout=timedelta(seconds=r.heartbeat_timeout_s),
         )
 
+    def leave(self, replica_id: str, group_rank: int, agent_id: str) -> bool:
+        """Tells the coordinator a rank goes away on purpose; returns whether it was known."""
+        r = self._call(
+            self._stub.Leave,
+            pb.LeaveRequest(replica_id=replica_id, group_rank=group_rank, agent_id=agent_id),
+        )
+        return bool(r.left)
+
     def heartbeat(self, beats: Sequence[Beat]) -> tuple[str, list[int]]:
         """Sends beats in one call; returns the coordinator id and the indices it does not know."""
         req = pb.HeartbeatRequest()

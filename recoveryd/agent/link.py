@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from recoveryd.agent.client import Beat, CoordinatorClient
 from recoveryd.agent.config import AgentConfig, interface_of
@@ -134,6 +135,13 @@ class CoordinatorLink:
             self._layout = layout
             self.registered.clear()
 
+    def leave(self) -> None:
+        """Tells the coordinator this rank goes away on purpose (best effort)."""
+        try:
+            self.client.leave(self.config.replica_id, self.config.group_rank, self.agent_id)
+        except RecoverydError as err:
+            logger.warning("%s: could not tell the coordinator it leaves: %s", self.who, err)
+
     def say_unhealthy(self) -> None:
         """Heartbeats as unhealthy from now on, the first time at once (best effort)."""
         self._healthy = False
@@ -210,8 +218,14 @@ class CoordinatorLink:
                 time.sleep(nap)
                 attempt += 1
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stops the threads and closes the channel."""
+    def close(
+        self, timeout: float = 5.0, *, farewell: Literal["leave", "unhealthy"] | None = None
+    ) -> None:
+        """Stops the threads, says ``farewell`` to the coordinator, closes the channel.
+
+        The farewell comes after the threads stopped, so no heartbeat registers
+        the rank again behind it.
+        """
         if self._closed.is_set():
             return
         self._closed.set()
@@ -223,6 +237,10 @@ class CoordinatorLink:
         for t in self._threads:
             if t.is_alive():
                 t.join(max(0.0, end - time.monotonic()))
+        if farewell == "leave":
+            self.leave()
+        elif farewell == "unhealthy":
+            self.say_unhealthy()
         self.client.close()
 
     # ---- threads --------------------------------------------------------------

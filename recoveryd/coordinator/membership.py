@@ -178,6 +178,19 @@ class Membership:
                 del self._replicas[rid]
         return gone
 
+    def leave(self, replica_id: str, group_rank: int, agent_id: str) -> bool:
+        """Forgets a rank registered by ``agent_id``; returns whether it was."""
+        ranks = self._replicas.get(replica_id)
+        if ranks is None:
+            return False
+        r = ranks.get(group_rank)
+        if r is None or r.info.agent_id != agent_id:
+            return False
+        del ranks[group_rank]
+        if not ranks:
+            del self._replicas[replica_id]
+        return True
+
     def silent_ranks(self) -> set[tuple[str, int]]:
         """Registered ranks not heard from for ``heartbeat_timeout``."""
         limit = self._clock() - self._timeout

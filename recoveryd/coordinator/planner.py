@@ -180,6 +180,18 @@ class Planner:
         if rnd is not None and rnd.final is not None:
             self._rounds.pop(info.replica_id, None)  # a finished round: the next ask starts anew
 
+    def on_leave(self, replica_id: str, group_rank: int) -> None:
+        """A rank left on purpose: the plans it took part in are void."""
+        self.version += 1
+        who = f"rank {group_rank} of {replica_id!r} left"
+        for plan in list(self._active.values()):
+            if replica_id == plan.plan.donor:
+                self._fail(plan, who, exclude=True)
+            elif replica_id == plan.plan.joiner:
+                self._fail(plan, who, exclude=False)
+        if self._members.replica(replica_id) is None:
+            self._rounds.pop(replica_id, None)
+
     # ---- joiner side --------------------------------------------------------
 
     def recover(self, replica_id: str, group_rank: int, *, received_plan_id: int = 0) -> Answer:

@@ -161,6 +161,21 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
             heartbeat_timeout_s=self.config.heartbeat_timeout.total_seconds(),
         )
 
+    async def Leave(
+        self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.LeaveResponse:
+        try:
+            left = self.members.leave(request.replica_id, request.group_rank, request.agent_id)
+            if left:
+                self.planner.on_leave(request.replica_id, request.group_rank)
+        except Exception as err:
+            await self._abort(context, err)
+            raise  # unreachable: abort raises
+        if left:
+            logger.info("rank %d of %r left", request.group_rank, request.replica_id)
+            self._changed()
+        return pb.LeaveResponse(left=left)
+
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.HeartbeatResponse:

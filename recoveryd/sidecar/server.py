@@ -353,7 +353,7 @@ class _Session:
             self._sync()
             return {"ok": True, "sends": _since(agent, last)}, b""
         if f.op == "close":
-            agent.close(unhealthy=True)  # nobody serves this rank's state any more
+            agent.close()  # the trainer detached on purpose: the rank leaves
             self.agent = None
             return {"ok": True}, b""
         raise ConfigError("op", f.op, "unknown request")

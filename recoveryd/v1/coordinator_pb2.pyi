@@ -7,6 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class LeaveRequest(_message.Message):
+    __slots__ = ("replica_id", "group_rank", "agent_id")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_RANK_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    group_rank: int
+    agent_id: str
+    def __init__(self, replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., agent_id: _Optional[str] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ("left",)
+    LEFT_FIELD_NUMBER: _ClassVar[int]
+    left: bool
+    def __init__(self, left: _Optional[bool] = ...) -> None: ...
+
 class Member(_message.Message):
     __slots__ = ("replica_id", "group_rank", "group_world_size", "layout_fingerprint", "device_kind", "rendezvous", "labels", "step", "agent_id", "interface")
     class LabelsEntry(_message.Message):

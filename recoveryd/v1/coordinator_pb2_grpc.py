@@ -69,6 +69,11 @@ class CoordinatorStub:
                 request_serializer=recoveryd_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
                 response_deserializer=recoveryd_dot_v1_dot_coordinator__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/recoveryd.v1.Coordinator/Leave',
+                request_serializer=recoveryd_dot_v1_dot_coordinator__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=recoveryd_dot_v1_dot_coordinator__pb2.LeaveResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -124,6 +129,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leave(self, request, context):
+        """A rank goes away on purpose (its trainer finished or was scaled away):
+        forget it now rather than count it unhealthy until `forget_after`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +174,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=recoveryd_dot_v1_dot_coordinator__pb2.StatusRequest.FromString,
                     response_serializer=recoveryd_dot_v1_dot_coordinator__pb2.StatusResponse.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=recoveryd_dot_v1_dot_coordinator__pb2.LeaveRequest.FromString,
+                    response_serializer=recoveryd_dot_v1_dot_coordinator__pb2.LeaveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +370,33 @@ class Coordinator:
             '/recoveryd.v1.Coordinator/GetStatus',
             recoveryd_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
             recoveryd_dot_v1_dot_coordinator__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recoveryd.v1.Coordinator/Leave',
+            recoveryd_dot_v1_dot_coordinator__pb2.LeaveRequest.SerializeToString,
+            recoveryd_dot_v1_dot_coordinator__pb2.LeaveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -242,6 +242,17 @@ def test_register_then_batched_heartbeat(client: CoordinatorClient) -> None:
     assert [k.step for k in rep.ranks] == [8]
 
 
+def test_a_rank_leaves_only_by_the_agent_that_registered_it(client: CoordinatorClient) -> None:
+    client.register(_info("a", 0, world=1), step=3)
+    client.register(_info("b", 0, world=1), step=3)
+    assert client.leave("a", 0, "someone-else") is False  # a stale agent cannot take it away
+    assert client.leave("ghost", 0, "x") is False
+    assert {r.replica_id for r in client.status().replicas} == {"a", "b"}
+    assert client.leave("a", 0, "a-0") is True
+    assert [r.replica_id for r in client.status().replicas] == ["b"]
+    assert client.leave("a", 0, "a-0") is False  # already gone
+
+
 def test_recover_unregistered_is_not_found(
     stub: pb_grpc.CoordinatorStub, client: CoordinatorClient
 ) -> None:

@@ -138,6 +138,12 @@ def test_a_second_pod_recovers_from_the_first_and_both_stop_on_sigterm(
         sidecar_codes = [s.wait(timeout=30) for s in sidecars]
     assert codes == [0, 0], a_log.read_text() + b_log.read_text()
     assert sidecar_codes == [0] * len(sidecars)
+    # Stopped on purpose, both ranks left: nothing stays behind as unhealthy.
+    client = CoordinatorClient(coordinator.address)
+    try:
+        assert client.status().replicas == []
+    finally:
+        client.close()
 
 
 def test_the_environment_is_checked_with_clear_errors() -> None:

@@ -807,3 +807,20 @@ def test_a_whole_job_restart_is_no_donor_whichever_registers_first() -> None:
             c.clock.now += 60  # a's old ranks went silent
         a = c.planner.recover("b", 0)
         assert (a.state, a.fresh) == ("no_donor", False), order
+
+
+def test_a_donor_that_leaves_fails_its_plan_and_is_not_tried_again() -> None:
+    c = _coord()
+    c.join("d1", step=10, agent="d1")
+    c.join("d2", step=10, agent="d2")
+    c.join("j", step=None)
+    first = c.planner.recover("j", 0)
+    assert first.state == "transfer"
+    for r in range(2):
+        assert c.members.leave(first.donor, r, first.donor) is True
+    c.planner.on_leave(first.donor, 1)
+    assert c.members.replica(first.donor) is None
+    again = c.planner.recover("j", 0)
+    assert again.state == "transfer"
+    assert again.donor != first.donor
+    assert again.plan_id != first.plan_id
