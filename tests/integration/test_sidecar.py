@@ -447,3 +447,27 @@ def test_a_trainer_killed_while_recovering_ends_its_request_at_once(tmp_path: Pa
     finally:
         pod.close()
         coord.stop()
+
+
+def test_the_newest_attachment_of_a_rank_wins(
+    cluster: tuple[Coordinator, Any, Events, list[Pod]], tmp_path: Path
+) -> None:
+    import recoveryd
+
+    coord = cluster[0]
+    (a,) = _pods(cluster, tmp_path, "a")
+    state = {"w": torch.arange(8, dtype=torch.float32)}
+    old = recoveryd.attach(a.socket, lambda: state, replica_id="a", timeout=timedelta(seconds=60))
+    new = recoveryd.attach(a.socket, lambda: state, replica_id="a", timeout=timedelta(seconds=60))
+    try:
+        with pytest.raises(recoveryd.SidecarLostError):
+            old.step(1)  # its session was ended for the newer one
+        new.step(1)
+        assert "attached again: ending its older session" in a.log.read_text()
+        end = time.monotonic() + 10
+        while _healthy(coord, "a") is not True:
+            assert time.monotonic() < end, "the newer attachment never showed healthy"
+            time.sleep(0.1)
+    finally:
+        new.close()
+        old.close()
