@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -86,6 +87,20 @@ def _agent(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
+    if args.parent_pid is not None:
+        parent = args.parent_pid
+
+        def orphaned() -> None:
+            while True:
+                time.sleep(0.5)
+                try:
+                    os.kill(parent, 0)
+                except ProcessLookupError:
+                    logging.getLogger(__name__).info("parent %d gone: detaching trainers", parent)
+                    sidecar.close()
+                    return
+
+        threading.Thread(target=orphaned, daemon=True).start()
     try:
         sidecar.serve_forever()
     finally:
@@ -195,6 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="address peers reach transfers at (default: RECOVERYD_HOST, else the "
         "interface that routes to the coordinator)",
+    )
+    p.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="exit when this process is gone (for launchers such as the demo)",
     )
     p.set_defaults(fn=_agent)
 

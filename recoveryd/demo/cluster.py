@@ -9,7 +9,6 @@ still running, so nothing is left behind.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import multiprocessing as mp
 import os
@@ -105,10 +104,16 @@ class LocalCluster:
         """Starts every rank of a replica; returns its incarnation (0 the first time)."""
         inc = self._incarnations.get(replica_id, -1) + 1
         self._incarnations[replica_id] = inc
+        sockets = {}
+        if self._sidecar_dir is not None:
+            # Sidecars first, and up, so that no rank of the replica trains (and
+            # waits in a collective) while a sibling still waits for its sidecar.
+            sockets = {rank: self._sidecar(replica_id, rank) for rank in range(world_size)}
+            self._await_sidecars(replica_id, sockets, timedelta(seconds=120))
         for rank in range(world_size):
             fields = {**self._defaults, **overrides}
-            if self._sidecar_dir is not None:
-                fields["sidecar_socket"] = self._sidecar(replica_id, rank)
+            if rank in sockets:
+                fields["sidecar_socket"] = sockets[rank]
             spec = TrainerSpec(
                 coordinator=self.address,
                 replica_id=replica_id,
@@ -132,7 +137,10 @@ class LocalCluster:
         proc = self._sidecars.get((replica_id, rank))
         if proc is None or proc.poll() is not None:
             cmd = [sys.executable, "-m", "recoveryd", "agent", "--coordinator", self.address]
-            cmd += ["--socket", path, "--host", "127.0.0.1"]
+            # --parent-pid: no sidecar outlives a killed demo. (Not preexec_fn:
+            # forking a process with gRPC threads and running Python in the
+            # child before exec can abort it.)
+            cmd += ["--socket", path, "--host", "127.0.0.1", "--parent-pid", str(os.getpid())]
             if self._sd_path is not None:
                 cmd += ["--metrics-port", "0"]
             with open(f"{path}.log", "ab") as log:
@@ -141,9 +149,36 @@ class LocalCluster:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
-                    preexec_fn=_die_with_parent,  # no sidecar outlives a killed demo
                 )
         return path
+
+    def start_sidecars(self, replicas: dict[str, int]) -> None:
+        """Starts the sidecars of several replicas at once (``{replica: ranks}``) and
+        waits for them, so that the replicas' trainers then start together."""
+        sockets = {
+            (rid, rank): self._sidecar(rid, rank)
+            for rid, n in replicas.items()
+            for rank in range(n)
+        }
+        for rid in replicas:
+            self._await_sidecars(
+                rid,
+                {rank: path for (r, rank), path in sockets.items() if r == rid},
+                timedelta(seconds=120),
+            )
+
+    def _await_sidecars(self, replica_id: str, sockets: dict[int, str], timeout: timedelta) -> None:
+        end = time.monotonic() + timeout.total_seconds()
+        for rank, path in sockets.items():
+            proc = self._sidecars[(replica_id, rank)]
+            while not os.path.exists(path):
+                if proc.poll() is not None:
+                    raise ClusterError(
+                        f"the sidecar of {replica_id}/{rank} exited ({proc.returncode})"
+                    )
+                if time.monotonic() > end:
+                    raise ClusterError(f"the sidecar of {replica_id}/{rank} not up in {timeout}")
+                time.sleep(0.05)
 
     def kill_replica(self, replica_id: str) -> None:
         """SIGKILLs every rank of a replica and waits for them to die."""
@@ -276,9 +311,3 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _die_with_parent() -> None:
-    """In a child before exec: SIGTERM when the launcher dies (Linux ``PR_SET_PDEATHSIG``)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -132,6 +132,8 @@ def run_demo(config: DemoConfig, *, out: TextIO = sys.stdout, as_json: bool = Fa
                 f"metrics: coordinator http://{cluster.coordinator.metrics_address}/metrics; "
                 f"every rank's in {config.prometheus_sd} (Prometheus file_sd targets)\n"
             )
+        if config.sidecars:
+            cluster.start_sidecars(dict.fromkeys(names, config.ranks))
         for name in names:
             cluster.start_replica(name, config.ranks)
         cluster.wait_for(

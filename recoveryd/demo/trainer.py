@@ -234,7 +234,8 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
         loss.backward()  # type: ignore[no-untyped-call]
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        pg.allreduce([flat]).wait(timedelta(seconds=60))
+        # As long as recover() may take: a sibling rank may still be recovering.
+        pg.allreduce([flat]).wait(timedelta(seconds=spec.recover_timeout_s))
         flat /= spec.group_world_size
         offset = 0
         for g in grads:
