@@ -158,3 +158,61 @@ def fence(acked_steps: Collection[int], fence_steps: int) -> int:
             every donor rank is parked and serves at its current step).
     """
     return max(acked_steps) + fence_steps
+
+
+def why_no_donor(
+    joiner: ReplicaView,
+    replicas: Mapping[str, ReplicaView],
+    *,
+    excluded: Collection[str],
+    last_failure: str,
+    stepped: Collection[str],
+) -> tuple[bool, str]:
+    """Whether a joiner without a donor simply starts fresh, and why, in words.
+
+    Fresh means nothing was lost: no other replica holds a step, and none of
+    the joiner's layout held one (``stepped``: the layout fingerprints seen
+    holding a step since the coordinator started). Anything else (a layout or
+    world size that matches no replica holding state, donors unhealthy or
+    failing, a whole job restarted) is a replica that could not get state
+    that existed: ``no_donor``.
+
+    Args:
+        joiner: the replica asking.
+        replicas: every registered replica, the joiner included.
+        excluded: donors that failed this round.
+        last_failure: why the last plan of the round failed.
+        stepped: layout fingerprints that held a step.
+    """
+    others = [v for v in replicas.values() if v.replica_id != joiner.replica_id]
+    holding = [v for v in others if v.step is not None]
+    if excluded:
+        return False, (
+            f"every donor failed this recovery ({', '.join(sorted(excluded))}); "
+            f"the last failure: {last_failure}"
+        )
+    same = [v for v in others if layouts_match(joiner, v)]
+    with_state = [v for v in same if v.step is not None]
+    if not with_state:
+        if holding:
+            return False, (
+                f"{len(holding)} other replica(s) hold a step, none with this state layout "
+                "(a different model, optimizer, sharding or dtypes)"
+            )
+        if joiner.fingerprint in stepped:
+            return False, (
+                "no replica holds a step of this layout any more, though some did: "
+                "the live state is gone (the whole job restarted?)"
+            )
+        if not others:
+            return True, "no other replica is registered: this is the first replica"
+        return True, f"{len(others)} other replica(s), none holding a step yet"
+    why = []
+    for v in sorted(with_state, key=lambda v: v.replica_id):
+        if v.world_size != joiner.world_size:
+            why.append(f"{v.replica_id} has {v.world_size} ranks, this replica {joiner.world_size}")
+        elif not v.healthy:
+            why.append(f"{v.replica_id} is unhealthy")
+        elif not eligible(joiner, v):
+            why.append(f"{v.replica_id} cannot donate")
+    return False, f"no replica can donate: {'; '.join(why)}"

@@ -31,10 +31,9 @@ from recoveryd.coordinator.config import CoordinatorConfig
 from recoveryd.coordinator.donor import (
     RecoveryPlan,
     choose_donor,
-    eligible,
     fence,
-    layouts_match,
     make_plan,
+    why_no_donor,
 )
 from recoveryd.coordinator.membership import (
     MemberInfo,
@@ -294,7 +293,14 @@ class Planner:
                 )
                 return
             self.version += 1
-            fresh, reason = self._why_no_donor(rnd, replicas)
+            self._remember_steps(replicas)
+            fresh, reason = why_no_donor(
+                joiner,
+                replicas,
+                excluded=rnd.excluded,
+                last_failure=rnd.last_failure,
+                stepped=self._stepped,
+            )
             rnd.final = Answer(state="no_donor", reason=reason, fresh=fresh)
             if self._observer is not None:
                 self._observer.decision(
@@ -328,55 +334,11 @@ class Planner:
                 plan.order("prepare"),
             )
 
-    def _why_no_donor(self, rnd: _Round, replicas: Mapping[str, ReplicaView]) -> tuple[bool, str]:
-        """Whether the replica simply starts fresh, and why there is no donor, in words.
-
-        Fresh means nothing was lost: no other replica holds a step, and none of
-        this layout held one since the coordinator started (a job's start).
-        Anything else (a layout or world size that matches no replica holding
-        state, donors unhealthy or failing, a whole job restarted) is a replica
-        that could not get state that existed: ``no_donor``.
-        """
-        joiner = self._members.replica(rnd.joiner)
-        assert joiner is not None
+    def _remember_steps(self, replicas: Mapping[str, ReplicaView]) -> None:
+        """Notes the layouts some replica holds a step with (see ``_stepped``)."""
         for v in replicas.values():
             if v.step is not None and v.fingerprint is not None:
                 self._stepped.add(v.fingerprint)
-        others = [v for v in replicas.values() if v.replica_id != rnd.joiner]
-        holding = [v for v in others if v.step is not None]
-        seen_before = joiner.fingerprint in self._stepped
-        if rnd.excluded:
-            return False, (
-                f"every donor failed this recovery ({', '.join(sorted(rnd.excluded))}); "
-                f"the last failure: {rnd.last_failure}"
-            )
-        same = [v for v in others if layouts_match(joiner, v)]
-        with_state = [v for v in same if v.step is not None]
-        if not with_state:
-            if holding:
-                return False, (
-                    f"{len(holding)} other replica(s) hold a step, none with this state layout "
-                    "(a different model, optimizer, sharding or dtypes)"
-                )
-            if seen_before:
-                return False, (
-                    "no replica holds a step of this layout any more, though some did: "
-                    "the live state is gone (the whole job restarted?)"
-                )
-            if not others:
-                return True, "no other replica is registered: this is the first replica"
-            return True, f"{len(others)} other replica(s), none holding a step yet"
-        why = []
-        for v in sorted(with_state, key=lambda v: v.replica_id):
-            if v.world_size != joiner.world_size:
-                why.append(
-                    f"{v.replica_id} has {v.world_size} ranks, this replica {joiner.world_size}"
-                )
-            elif not v.healthy:
-                why.append(f"{v.replica_id} is unhealthy")
-            elif not eligible(joiner, v):
-                why.append(f"{v.replica_id} cannot donate")
-        return False, f"no replica can donate: {'; '.join(why)}"
 
     # ---- donor side -------------------------------------------------------------
 
@@ -520,9 +482,7 @@ class Planner:
     def housekeep(self) -> None:
         """Forgets ranks silent for ``forget_after`` (a walk over every rank: call it
         from a timer, not on a request's path)."""
-        for v in self._members.replicas().values():
-            if v.step is not None and v.fingerprint is not None:
-                self._stepped.add(v.fingerprint)
+        self._remember_steps(self._members.replicas())
         gone = self._members.expire(self._config.forget_after)
         if gone:
             self.version += 1
