@@ -9,7 +9,6 @@ tensor that makes a copy show in the sidecar's memory.
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing as mp
 import os
 import queue
@@ -29,30 +28,11 @@ import torch
 from recoveryd.agent.client import CoordinatorClient
 from recoveryd.coordinator.config import CoordinatorConfig
 from recoveryd.coordinator.server import Coordinator
+from recoveryd.demo.trainer import state_digest
 
 pytestmark = pytest.mark.integration
 
 BIG = 64 << 20  # bytes of the extra tensor: a copy of it would show in the sidecar's RSS
-
-
-def _digest(state: dict[str, Any]) -> str:
-    h = hashlib.blake2b(digest_size=12)
-
-    def walk(o: object) -> None:
-        if isinstance(o, torch.Tensor):
-            h.update(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(o, dict):
-            for k, v in o.items():
-                h.update(repr(k).encode())
-                walk(v)
-        elif isinstance(o, list | tuple):
-            for v in o:
-                walk(v)
-        else:
-            h.update(repr(o).encode())
-
-    walk(state)
-    return h.hexdigest()
 
 
 class Job:
@@ -133,7 +113,7 @@ def trainer(
                     "shared": big.is_shared() or big.is_cuda,
                     "in_place": big.data_ptr() == ptr,
                     "progress": progress["step"],
-                    "digest": _digest(state()) if got is not None else "",
+                    "digest": state_digest(state()) if got is not None else "",
                 },
             )
         )
@@ -146,7 +126,7 @@ def trainer(
             except recoveryd.SidecarLostError as err:
                 events.put(("lost", name, {"step": step, "error": str(err)}))
             if step % 20 == 0:
-                events.put(("digest", name, {"step": step, "digest": _digest(state())}))
+                events.put(("digest", name, {"step": step, "digest": state_digest(state())}))
             if att.lost and step % 20 == 0:
                 events.put(("training_on", name, {"step": step}))
             time.sleep(0.01)
@@ -358,7 +338,7 @@ def test_a_donor_trainer_killed_mid_send_never_leaves_a_corrupt_state(
     job = Job(lazy_adam=False)
     for step in range(1, at + 1):
         job.train(step)
-    assert seen == _digest(job.state())
+    assert seen == state_digest(job.state())
     assert "trainer gone" in a.log.read_text()
 
 
