@@ -168,7 +168,7 @@ def _replica_id(j: int) -> str:
 
 
 def _member(replica_id: str, group_rank: int, ranks_per_replica: int) -> Any:
-    from recoveryd.coordinator.membership import MemberInfo
+    from recoveryd.protocol import MemberInfo
 
     return MemberInfo(
         replica_id=replica_id,
@@ -538,7 +538,7 @@ def _cpu_usage(a: dict[str, float], b: dict[str, float], groups: Sequence[str]) 
 
 def _idle_anchor(client: Any) -> dict[str, Any]:
     """Heartbeat RPCs one at a time through CoordinatorClient, before the load starts."""
-    from recoveryd.agent.client import Beat
+    from recoveryd.protocol import Beat
 
     beat = [Beat(replica_id=_replica_id(0), group_rank=0, step=_STEP)]
     lat = []

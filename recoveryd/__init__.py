@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from recoveryd._version import __version__
 from recoveryd.errors import (
     CoordinatorUnavailableError,
     RecoverydError,
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
         send_state_dict,
     )
 
-__version__ = "0.1.0"
 
 _LAZY = {
     "Agent": "recoveryd.agent",

@@ -65,13 +65,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
+    from recoveryd._time import env_int
     from recoveryd.sidecar.server import Sidecar, SidecarConfig
 
-    env_port = os.environ.get("RECOVERYD_METRICS_PORT")
     port = (
         args.metrics_port
         if args.metrics_port is not None
-        else (int(env_port) if env_port else None)
+        else env_int("RECOVERYD_METRICS_PORT", None, what="an integer (a port number)")
     )
     config = SidecarConfig(
         coordinator=args.coordinator,

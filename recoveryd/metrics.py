@@ -13,10 +13,9 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
-import recoveryd
-from recoveryd.coordinator.membership import Membership
-from recoveryd.coordinator.planner import Planner
+from recoveryd._version import __version__
 from recoveryd.errors import ConfigError
+from recoveryd.protocol import REPLICA_STATES, RESULTS, ReplicaState
 
 BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 """Histogram buckets for every duration, in seconds."""
@@ -25,7 +24,6 @@ BUCKETS_BPS = (1e6, 1e7, 5e7, 1e8, 2.5e8, 5e8, 1e9, 2.5e9, 5e9, 1e10, 2.5e10, 5e
 """Histogram buckets for throughput, in bytes per second: 1 MB/s (a broken
 link) to 100 GB/s (NVLink); a transfer on the wrong interface stands out."""
 
-REPLICA_STATES = ("healthy", "unhealthy", "recovering")
 PLAN_RESULTS = ("done", "failed", "no_donor")
 """How recovery rounds end: ``no_donor`` when state exists but cannot be had."""
 DECISION_RESULTS = ("plan", "fresh", "no_donor")
@@ -48,7 +46,6 @@ buggy or hostile agent cannot grow the label set. Their series exist from the st
 histogram or counter child born with its first observation is invisible to
 ``rate()``/``increase()``, so the first recovery would not show."""
 RECOVERY_RESULTS = ("recovered", "fresh", "no_donor", "timeout", "coordinator_unavailable")
-TRANSFER_RESULTS = ("ok", "timeout", "peer_lost", "rejected", "step_mismatch", "error")
 TRANSFER_PHASES = {
     "donor": ("plan", "handshake", "data", "confirm", "total"),
     "joiner": ("manifest", "prepare", "handshake", "data", "verify", "total"),
@@ -149,8 +146,7 @@ class CoordinatorMetrics:
             registry=registry,
         )
         self.build = Info("recoveryd_build", "recoveryd version.", registry=registry)
-        self.build.info({"version": recoveryd.__version__})
-        self._silent: set[tuple[str, int]] = set()
+        self.build.info({"version": __version__})
         for state in REPLICA_STATES:
             self.replicas.labels(state=state)
         for result in PLAN_RESULTS:
@@ -167,37 +163,38 @@ class CoordinatorMetrics:
         if result == "no_donor":
             self.plans.labels(result="no_donor").inc()
 
-    def observe_cluster(self, membership: Membership, planner: Planner) -> None:
-        """Sets the gauges from the coordinator's state (call from its own thread)."""
-        silent = membership.silent_ranks()
-        self.heartbeat_misses.inc(len(silent - self._silent))
-        self._silent = silent
-        views = membership.replicas()
-        recovering = planner.recovering()
-        counts = dict.fromkeys(REPLICA_STATES, 0)
-        healthy_ranks = unhealthy_ranks = 0
-        steps = []
-        for rid, v in views.items():
-            # A joiner that died during its recovery is unhealthy, not recovering:
-            # its round stays open until it is forgotten.
-            state = (
-                "unhealthy" if not v.healthy else "recovering" if rid in recovering else "healthy"
-            )
-            counts[state] += 1
-            if v.healthy:
-                healthy_ranks += len(v.ranks)
-                if v.step is not None:
-                    steps.append(v.step)
-            else:
-                unhealthy_ranks += len(v.ranks)
-        for state, n in counts.items():
-            self.replicas.labels(state=state).set(n)
+    def observe_cluster(
+        self,
+        *,
+        replicas: Mapping[ReplicaState, int],
+        healthy_ranks: int,
+        unhealthy_ranks: int,
+        in_flight: int,
+        slowest_step: int | None,
+        fastest_step: int | None,
+        new_misses: int,
+    ) -> None:
+        """Sets the cluster's gauges from the coordinator's counts.
+
+        Args:
+            replicas: how many replicas are in each of :data:`REPLICA_STATES`.
+            healthy_ranks: ranks of healthy replicas.
+            unhealthy_ranks: ranks of unhealthy replicas.
+            in_flight: plans not finished yet.
+            slowest_step: the lowest step of a healthy replica (``None``: none holds one).
+            fastest_step: the highest.
+            new_misses: ranks that went silent since the last call.
+        """
+        self.heartbeat_misses.inc(new_misses)
+        for state in REPLICA_STATES:
+            self.replicas.labels(state=state).set(replicas.get(state, 0))
         self.ranks.labels(state="healthy").set(healthy_ranks)
         self.ranks.labels(state="unhealthy").set(unhealthy_ranks)
-        self.transfers_in_flight.set(sum(planner.inflight().values()))
+        self.transfers_in_flight.set(in_flight)
         # No healthy replica holding a step: NaN (a gap), not the last value.
-        self.step.labels(which="slowest").set(min(steps) if steps else float("nan"))
-        self.step.labels(which="fastest").set(max(steps) if steps else float("nan"))
+        nan = float("nan")
+        self.step.labels(which="slowest").set(nan if slowest_step is None else slowest_step)
+        self.step.labels(which="fastest").set(nan if fastest_step is None else fastest_step)
 
     def plan_finished(
         self,
@@ -276,7 +273,7 @@ class AgentMetrics:
                 self.transfer_throughput.labels(role=role, backend=backend)
                 for phase in phases:
                     self.transfer_seconds.labels(role=role, backend=backend, phase=phase)
-                for result in TRANSFER_RESULTS:
+                for result in RESULTS:
                     self.transfers.labels(role=role, backend=backend, result=result)
         self.recovery_seconds = Histogram(
             "recoveryd_agent_recovery_seconds",
@@ -285,7 +282,7 @@ class AgentMetrics:
             registry=registry,
         )
         self.build = Info("recoveryd_build", "recoveryd version.", registry=registry)
-        self.build.info({"version": recoveryd.__version__})
+        self.build.info({"version": __version__})
 
     def transfer(
         self,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from recoveryd.agent.client import ClusterStatus
-from recoveryd.coordinator.messages import PlanSnapshot
+from recoveryd._format import human_bytes
+from recoveryd.protocol import ClusterStatus, PlanSnapshot
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -20,22 +20,6 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def _step(step: int | None) -> str:
     return "-" if step is None else str(step)
-
-
-def human_bytes(n: float) -> str:
-    """``1.5 GiB``-style sizes."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def phases_line(phases: dict[str, float] | None) -> str:
-    """``rendezvous 4 ms, data 120 ms`` for the phases that took at least a millisecond."""
-    if not phases:
-        return ""
-    return ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phases.items() if v >= 0.0005)
 
 
 def _plan_rows(plans: Sequence[PlanSnapshot]) -> list[list[str]]:

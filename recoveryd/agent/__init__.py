@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from recoveryd.agent.agent import Agent
     from recoveryd.agent.config import AgentConfig
-    from recoveryd.agent.joiner import RecoveryRecord
+    from recoveryd.agent.interface import RankAgent, RecoveryRecord
 
 _LAZY = {
     "Agent": "recoveryd.agent.agent",
     "AgentConfig": "recoveryd.agent.config",
-    "RecoveryRecord": "recoveryd.agent.joiner",
+    "RankAgent": "recoveryd.agent.interface",
+    "RecoveryRecord": "recoveryd.agent.interface",
 }
 
 
@@ -31,4 +32,4 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = ["Agent", "AgentConfig", "RecoveryRecord"]
+__all__ = ["Agent", "AgentConfig", "RankAgent", "RecoveryRecord"]

@@ -28,13 +28,14 @@ from prometheus_client import CollectorRegistry
 
 from recoveryd.agent.config import AgentConfig
 from recoveryd.agent.donor import Donor
-from recoveryd.agent.joiner import RecoveryRecord, recover_into
+from recoveryd.agent.interface import RecoveryRecord
+from recoveryd.agent.joiner import JoinerRound
 from recoveryd.agent.layout import fingerprint
 from recoveryd.agent.link import CoordinatorLink, Position
 from recoveryd.agent.rendezvous import host_store
-from recoveryd.coordinator.messages import Report
 from recoveryd.errors import CoordinatorUnavailableError, RecoverydError, TransferTimeoutError
 from recoveryd.metrics import AgentMetrics, MetricsServer
+from recoveryd.protocol import Report
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ class Agent:
         record = RecoveryRecord(outcome="recovering")
         self.last_recovery = record
         try:
-            step = recover_into(
+            step = JoinerRound(
                 self._link,
                 state_dict,
                 host=self.host,
@@ -181,7 +182,7 @@ class Agent:
                 timeout=timeout,
                 record=record,
                 metrics=self.metrics,
-            )
+            ).run()
         except CoordinatorUnavailableError:
             self.metrics.recoveries.labels(result="coordinator_unavailable").inc()
             raise
@@ -274,7 +275,7 @@ class Agent:
                 until it comes back or is forgotten) instead of leaving.
         """
         # A finished or scaled-away rank leaves: nothing to alert on.
-        self._link.close(timeout.total_seconds(), farewell="unhealthy" if unhealthy else "leave")
+        self._link.close(timeout, farewell="unhealthy" if unhealthy else "leave")
         if self._metrics_server is not None:
             self._metrics_server.close()
             self._metrics_server = None

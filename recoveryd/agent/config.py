@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from recoveryd._time import env_int, env_str
 from recoveryd.errors import ConfigError
 from recoveryd.transport.config import TransferConfig
 
@@ -116,14 +116,8 @@ def _interface_addresses() -> dict[str, str]:
     return out
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(name, value, "must be an integer (a port number)") from None
+def _port(name: str) -> int | None:
+    return env_int(name, None, what="an integer (a port number)")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -143,10 +137,10 @@ class AgentConfig:
     """This rank's rank within its replica."""
     group_world_size: int = 1
     """How many ranks the replica has."""
-    host: str = field(default_factory=lambda: os.environ.get("RECOVERYD_HOST", ""))
+    host: str = field(default_factory=lambda: env_str("RECOVERYD_HOST"))
     """Address peers reach this rank's transfers at; empty: the interface that
     routes to the coordinator. Logged, and shown by ``recoveryd status``."""
-    rendezvous_port: int = field(default_factory=lambda: _env_int("RECOVERYD_RENDEZVOUS_PORT") or 0)
+    rendezvous_port: int = field(default_factory=lambda: _port("RECOVERYD_RENDEZVOUS_PORT") or 0)
     """Port of the rendezvous store this agent hosts (0, the default: any free
     port; ``RECOVERYD_RENDEZVOUS_PORT``, e.g. a named container port)."""
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -157,7 +151,7 @@ class AgentConfig:
     """Deadline of each coordinator call."""
     rendezvous_timeout: timedelta = timedelta(seconds=60)
     """How long a transfer group may take to form (both sides)."""
-    metrics_port: int | None = field(default_factory=lambda: _env_int("RECOVERYD_METRICS_PORT"))
+    metrics_port: int | None = field(default_factory=lambda: _port("RECOVERYD_METRICS_PORT"))
     """Serve this agent's Prometheus ``/metrics`` on this port (0: any free
     port; ``None``, the default: not served, e.g. with several ranks per
     host; ``RECOVERYD_METRICS_PORT``). ``Agent.registry`` holds them either way."""

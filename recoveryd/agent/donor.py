@@ -20,13 +20,13 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from recoveryd._format import rate
 from recoveryd.agent.config import AgentConfig
-from recoveryd.agent.link import CoordinatorLink, Position, result_of
+from recoveryd.agent.link import CoordinatorLink, Position
 from recoveryd.agent.rendezvous import DONOR_RANK, JOINER_RANK, device_for, go_key, open_group
-from recoveryd.coordinator.messages import Order, Report
 from recoveryd.errors import RecoverydError, TransferError
 from recoveryd.metrics import AgentMetrics
-from recoveryd.status import human_bytes
+from recoveryd.protocol import Order, Report, result_of
 from recoveryd.transport import send_state_dict
 
 logger = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class Donor:
                 phases=stats.phases,
             )
         logger.info(
-            "%s: sent step %d to %r (plan %d) over %s (%s): %d bytes in %.3f s, %s/s",
+            "%s: sent step %d to %r (plan %d) over %s (%s): %d bytes in %.3f s, %s",
             self.link.who,
             step,
             o.joiner,
@@ -205,7 +205,7 @@ class Donor:
             self._host,
             stats.payload_bytes,
             stats.seconds,
-            human_bytes(stats.payload_bytes / stats.seconds if stats.seconds > 0 else 0),
+            rate(stats.payload_bytes, stats.seconds),
         )
         self.sends.append(
             self.link.report(

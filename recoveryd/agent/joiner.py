@@ -1,25 +1,31 @@
 """The joiner side of an agent: ask for a plan, join the donor's group, receive in place.
 
-:func:`recover_into` loops on the coordinator's long poll until the replica's
-round ends: ``no_donor`` (returns ``None``), ``done`` (returns the step every
-rank of the replica now holds), or the deadline. In between it joins each
-plan it is handed and receives, demanding the plan's fenced step; a failed
-plan is reported and the next one is tried.
+One call of :meth:`Agent.recover` is one :class:`JoinerRound`: it asks the
+coordinator (a long poll) until the replica's round ends with ``no_donor``
+(returns ``None``) or ``done`` (returns the step every rank of the replica
+now holds), or the deadline passes. In between, each plan it is handed moves
+it through three named phases: it *joins* the plan's transfer group, waits
+for the plan to be armed and the donor to reach the fence, *receives* in
+place (demanding the fenced step) and reports; then it waits for every rank
+of the replica to have received. A failed plan is reported and the round
+asks for the next one.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 
-from recoveryd.agent.link import MAX_BACKOFF_S, CoordinatorLink, result_of
+from recoveryd._format import rate
+from recoveryd._time import Backoff, Deadline
+from recoveryd.agent.interface import RecoveryRecord
+from recoveryd.agent.link import CoordinatorLink
 from recoveryd.agent.rendezvous import (
     DONOR_RANK,
     JOINER_RANK,
@@ -35,288 +41,277 @@ from recoveryd.errors import (
     UnknownMemberError,
 )
 from recoveryd.metrics import AgentMetrics
-from recoveryd.status import human_bytes
+from recoveryd.protocol import Answer, result_of
 from recoveryd.transport import recv_state_dict
+from recoveryd.transport.tree import merge_values
 
 logger = logging.getLogger(__name__)
 
 _LONG_POLL = timedelta(seconds=2)
+"""How long the coordinator may hold one ask for news."""
+_ASK_EVERY = timedelta(seconds=1)
+"""While waiting for the donor's go, how often the coordinator is asked whether the plan lives."""
+_GO_POLL_MAX = timedelta(milliseconds=20)
+"""The longest pause between two looks at the donor's go key (they start at 1 ms)."""
+
+
+class Phase(enum.Enum):
+    """Where this rank is in its round."""
+
+    ASKING = "asking"
+    """In no plan: asking the coordinator for one."""
+    JOINED = "joined"
+    """In a plan's transfer group, waiting for it to be armed."""
+    RECEIVED = "received"
+    """Holds a plan's state and reported it: waiting for every rank of the replica."""
+
+
+class FenceWait(enum.Enum):
+    """How the wait for the donor to reach the fence ended."""
+
+    REACHED = "reached"
+    """The donor set its go key: it sends now."""
+    DONOR_UNREACHABLE = "donor_unreachable"
+    """The donor's store stopped answering (the donor died)."""
+    PLAN_ENDED = "plan_ended"
+    """The coordinator ended or replaced the plan."""
+    OUT_OF_TIME = "out_of_time"
+    """The round's deadline passed first."""
 
 
 @dataclass(slots=True)
-class RecoveryRecord:
-    """How one :meth:`Agent.recover` went, for logs and timelines.
+class _Joined:
+    """The plan this rank joined: its id, transfer group and the donor's store."""
 
-    Attributes:
-        outcome: ``recovered``, ``fresh`` (nothing of this layout ever held a
-            step: a job's start) or ``no_donor`` (state existed but could not be had).
-        step: the recovered step.
-        donor: the donor replica.
-        plan_id: the plan that succeeded.
-        attempts: plans this rank took part in (failed ones included).
-        bytes: payload bytes received.
-        seconds: from the call to the state being ready on every rank.
-        phases: seconds per phase: ``plan`` (until a plan named a donor),
-            ``rendezvous`` (forming the transfer group), ``arm`` (until every
-            rank of both replicas was in its group and the fence was set),
-            ``fence`` (until the donor reached the fenced step), the transfer's phases
-            (``manifest``, ``prepare``, ``handshake``, ``data``, ``verify``),
-            and ``confirm`` (until every rank of the replica had its state).
-        reason: why there was no donor.
-        state_written: whether any transfer wrote into the state. After a
-            ``no_donor`` with this set (plans failed midway), the state is
-            partly overwritten: initialise it again or load a checkpoint.
+    plan_id: int
+    prefix: str
+    """The plan's key prefix on the donor's store."""
+    group: dist.ProcessGroup | None
+    store: dist.Store | None
+    at: float
+    """When the group formed (monotonic)."""
+
+
+class JoinerRound:
+    """One rank's part of its replica's recovery round (see :meth:`Agent.recover`).
+
+    Args:
+        link: the rank's link to the coordinator.
+        state_dict: the state to receive into, in place.
+        host: the local address transfers listen on.
+        graveyard: where groups of failed transfers are kept (a late peer may
+            still write into their buffers).
+        timeout: deadline for the whole round.
+        record: filled in as the round goes.
+        metrics: the agent's metrics, if any.
     """
 
-    outcome: str
-    step: int | None = None
-    donor: str = ""
-    plan_id: int = 0
-    attempts: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    phases: dict[str, float] = field(default_factory=dict)
-    reason: str = ""
-    state_written: bool = False
+    def __init__(
+        self,
+        link: CoordinatorLink,
+        state_dict: object,
+        *,
+        host: str,
+        graveyard: deque[dist.ProcessGroup],
+        timeout: timedelta,
+        record: RecoveryRecord,
+        metrics: AgentMetrics | None = None,
+    ) -> None:
+        self._link = link
+        self._state = state_dict
+        self._host = host
+        self._graveyard = graveyard
+        self._timeout = timeout
+        self._record = record
+        self._metrics = metrics
+        self._start = time.monotonic()
+        self._deadline = Deadline(timeout)
+        self.phase = Phase.ASKING
+        self._joined: _Joined | None = None
+        self._received = 0
+        """The plan whose state this rank holds (0: none)."""
+        self._received_at = 0.0
+        self._backoff = Backoff()
+        self._last_answer: str | None = None
 
+    @property
+    def _joined_id(self) -> int:
+        return self._joined.plan_id if self._joined is not None else 0
 
-def merge_values(dst: object, src: object) -> object:
-    """Writes ``src``'s non-tensor values into ``dst``'s containers; returns the merged node.
+    def run(self) -> int | None:
+        """Runs the round to its end.
 
-    In place, tensors already hold the received bytes (``src`` has ``dst``'s
-    tensor objects); plain values (ints, floats, strings, ...) are replaced in
-    mutable containers, and tuples holding any are rebuilt in their parent.
-    """
-    if isinstance(src, torch.Tensor):
-        return dst
-    if isinstance(src, Mapping) and isinstance(dst, MutableMapping):
-        for k, v in src.items():
-            merged = merge_values(dst.get(k), v)
-            if merged is not dst.get(k):
-                dst[k] = merged
-        return dst
-    if isinstance(src, list) and isinstance(dst, list) and len(src) == len(dst):
-        for i, v in enumerate(src):
-            merged = merge_values(dst[i], v)
-            if merged is not dst[i]:
-                dst[i] = merged
-        return dst
-    if isinstance(src, tuple) and isinstance(dst, tuple) and len(src) == len(dst):
-        items = [merge_values(d, v) for d, v in zip(dst, src, strict=True)]
-        return dst if all(a is b for a, b in zip(items, dst, strict=True)) else type(dst)(items)
-    return src
+        Returns:
+            The step every rank of the replica holds, or ``None`` when there
+            is no donor (``record.outcome`` says whether that is a fresh start).
 
-
-def _await_go(
-    link: CoordinatorLink,
-    store: dist.Store,
-    prefix: str,
-    plan_id: int,
-    received: int,
-    deadline: float,
-) -> str | None:
-    """Waits for the donor rank to reach the fence; returns why not, or ``None`` when it did.
-
-    Polls the donor's store (a dead donor fails the poll at once) and, every
-    second, the coordinator (a plan that failed or was replaced is dropped).
-    """
-    config = link.config
-    key = go_key(prefix)
-    asked = time.monotonic()
-    nap = 0.001
-    while time.monotonic() < deadline:
-        try:
-            if store.check([key]):
+        Raises:
+            CoordinatorUnavailableError: the coordinator never answered in time.
+            TransferTimeoutError: it answered, but no plan finished in time.
+        """
+        while True:
+            ans = self._ask()
+            if ans is None:
+                continue
+            if ans.state == "no_donor":
+                self._no_donor(ans)
                 return None
-        except RuntimeError as err:
-            return f"donor rank unreachable before the fence: {err}"
-        if time.monotonic() - asked >= 1.0:
-            asked = time.monotonic()
-            try:
-                now = link.client.recover(
-                    config.replica_id,
-                    config.group_rank,
-                    wait=timedelta(0),
-                    received_plan_id=received,
-                    joined_plan_id=plan_id,
-                )
-            except (CoordinatorUnavailableError, UnknownMemberError):
-                continue  # keep waiting on the donor; the coordinator is not needed for this
-            if now.state != "transfer" or now.plan_id != plan_id:
-                return f"the coordinator ended the plan ({now.state} {now.reason})".strip()
-        time.sleep(nap)
-        nap = min(2 * nap, 0.02)
-    return "the recovery's deadline passed before the donor reached the fence"
+            if ans.state == "done":
+                return self._done(ans)
+            if ans.state != "transfer":
+                continue
+            if ans.plan_id != self._joined_id:
+                self._join(ans)
+            if self.phase is Phase.JOINED and ans.step is not None:
+                self._receive(ans)
 
+    # ---- asking -----------------------------------------------------------------
 
-def recover_into(
-    link: CoordinatorLink,
-    state_dict: object,
-    *,
-    host: str,
-    graveyard: deque[dist.ProcessGroup],
-    timeout: timedelta,
-    record: RecoveryRecord,
-    metrics: AgentMetrics | None = None,
-) -> int | None:
-    """Runs this rank's part of its replica's recovery round (see :meth:`Agent.recover`).
-
-    ``record`` is filled in as the round goes.
-    """
-    config = link.config
-    start = time.monotonic()
-    deadline = start + timeout.total_seconds()
-    received = joined = 0
-    group: dist.ProcessGroup | None = None
-    store: dist.Store | None = None
-    received_at: float | None = None
-    joined_at = start
-    backoff = 0.05
-    last_answer = "none yet"
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            if last_answer == "none yet":
+    def _ask(self) -> Answer | None:
+        """The coordinator's next answer, or ``None`` to ask again."""
+        link, config = self._link, self._link.config
+        if self._deadline.expired:
+            if self._last_answer is None:
                 raise CoordinatorUnavailableError(
-                    config.coordinator, f"{link.who} got no answer within {timeout}"
+                    config.coordinator, f"{link.who} got no answer within {self._timeout}"
                 )
             raise TransferTimeoutError(
-                f"{link.who}: no recovery within {timeout} (last answer: {last_answer})"
+                f"{link.who}: no recovery within {self._timeout} (last answer: {self._last_answer})"
             )
-        if not link.registered.wait(min(left, 0.5)):
-            continue
+        if not self._deadline.wait(link.registered, timedelta(seconds=0.5)):
+            return None
         try:
             ans = link.client.recover(
                 config.replica_id,
                 config.group_rank,
-                wait=min(_LONG_POLL, timedelta(seconds=left)),
-                received_plan_id=received,
-                joined_plan_id=joined,
+                wait=self._deadline.cap(_LONG_POLL),
+                received_plan_id=self._received,
+                joined_plan_id=self._joined_id,
             )
         except UnknownMemberError:
             link.reregister()
-            continue
-        except CoordinatorUnavailableError:
-            if time.monotonic() + backoff >= deadline:
-                raise
-            time.sleep(backoff)
-            backoff = min(2 * backoff, MAX_BACKOFF_S)
-            continue
-        backoff = 0.05
-        last_answer = f"{ans.state} {ans.reason}".strip()
-        if ans.state == "no_donor":
-            record.outcome, record.reason = "fresh" if ans.fresh else "no_donor", ans.reason
-            record.seconds = time.monotonic() - start
-            logger.info("%s: nothing to recover from: %s", link.who, ans.reason)
             return None
-        if ans.state == "done":
-            assert ans.step is not None
-            now = time.monotonic()
-            record.phases["confirm"] = now - (received_at or now)
-            record.outcome, record.step, record.seconds = "recovered", ans.step, now - start
-            logger.info(
-                "%s: recovered step %d from %r in %.3f s (%d bytes, %d plan(s))",
-                link.who,
-                ans.step,
-                record.donor,
-                record.seconds,
-                record.bytes,
-                record.attempts,
+        except CoordinatorUnavailableError:
+            nap = self._backoff.next()
+            if self._deadline.remaining() <= nap:
+                raise
+            time.sleep(nap.total_seconds())
+            return None
+        self._backoff.reset()
+        self._last_answer = f"{ans.state} {ans.reason}".strip()
+        return ans
+
+    def _no_donor(self, ans: Answer) -> None:
+        record = self._record
+        record.outcome = "fresh" if ans.fresh else "no_donor"
+        record.reason = ans.reason
+        record.seconds = time.monotonic() - self._start
+        logger.info("%s: nothing to recover from: %s", self._link.who, ans.reason)
+
+    def _done(self, ans: Answer) -> int:
+        assert ans.step is not None
+        record = self._record
+        now = time.monotonic()
+        record.phases["confirm"] = now - (self._received_at or now)
+        record.outcome, record.step, record.seconds = "recovered", ans.step, now - self._start
+        logger.info(
+            "%s: recovered step %d from %r in %.3f s (%d bytes, %d plan(s))",
+            self._link.who,
+            ans.step,
+            record.donor,
+            record.seconds,
+            record.bytes,
+            record.attempts,
+        )
+        return ans.step
+
+    # ---- joining ----------------------------------------------------------------
+
+    def _join(self, ans: Answer) -> None:
+        """Forms a new plan's transfer group with the donor rank (leaving the old plan)."""
+        self._leave()
+        record = self._record
+        record.attempts += 1
+        record.phases.setdefault("plan", time.monotonic() - self._start)
+        t0 = time.monotonic()
+        try:
+            store = connect_store(
+                ans.rendezvous,
+                timeout=self._deadline.cap(self._link.config.rendezvous_timeout),
             )
-            return ans.step
-        if ans.state != "transfer":
-            continue
-        if ans.plan_id != joined:
-            if group is not None:
-                graveyard.append(group)
-            group, store, joined = None, None, 0
-            record.attempts += 1
-            record.phases.setdefault("plan", time.monotonic() - start)
-            t0 = time.monotonic()
-            try:
-                store = connect_store(
-                    ans.rendezvous, timeout=min(config.rendezvous_timeout, timedelta(seconds=left))
-                )
-                group = open_group(
-                    store,
-                    ans.rendezvous_prefix,
-                    JOINER_RANK,
-                    backend=ans.backend,
-                    host=host,
-                    timeout=timedelta(seconds=min(ans.timeout_s or left, left)),
-                )
-            except Exception as err:  # the donor went away before the group formed
-                link.report(
-                    ans.plan_id,
-                    "joiner",
-                    result_of(err),
-                    started=t0,
-                    message=f"rendezvous: {err}",
-                    wait=True,
-                    deadline=deadline,
-                )
-                store = None
-                continue
-            joined = ans.plan_id
-            joined_at = time.monotonic()
-            record.phases["rendezvous"] = joined_at - t0
-        if ans.step is None or group is None or store is None:
-            continue  # the long poll holds us until the plan is armed
+            group = open_group(
+                store,
+                ans.rendezvous_prefix,
+                JOINER_RANK,
+                backend=ans.backend,
+                host=self._host,
+                timeout=self._transfer_timeout(ans),
+            )
+        except Exception as err:  # the donor went away before the group formed
+            self._report(ans.plan_id, result_of(err), started=t0, message=f"rendezvous: {err}")
+            return
+        self._joined = _Joined(ans.plan_id, ans.rendezvous_prefix, group, store, time.monotonic())
+        self.phase = Phase.JOINED
+        record.phases["rendezvous"] = self._joined.at - t0
+
+    def _leave(self) -> None:
+        """Drops the plan this rank is in; its group is kept for late writes."""
+        if self._joined is not None and self._joined.group is not None:
+            self._graveyard.append(self._joined.group)
+        self._joined = None
+        self.phase = Phase.ASKING
+
+    def _transfer_timeout(self, ans: Answer) -> timedelta:
+        """The plan's own timeout, within what is left of the round."""
+        left = self._deadline.remaining()
+        return min(timedelta(seconds=ans.timeout_s), left) if ans.timeout_s else left
+
+    # ---- receiving --------------------------------------------------------------
+
+    def _receive(self, ans: Answer) -> None:
+        """Waits for the donor to reach the armed plan's fence, then receives in place."""
+        joined, record, link = self._joined, self._record, self._link
+        assert joined is not None
+        assert joined.group is not None
+        assert joined.store is not None
+        assert ans.step is not None
         t_fence = time.monotonic()
-        record.phases["arm"] = t_fence - joined_at
-        gone = _await_go(link, store, ans.rendezvous_prefix, joined, received, deadline)
-        if gone is not None:
-            if gone.startswith("donor"):
-                link.report(
-                    joined,
-                    "joiner",
-                    "peer_lost",
-                    started=t_fence,
-                    message=gone,
-                    step=ans.step,
-                    wait=True,
-                    deadline=deadline,
+        record.phases["arm"] = t_fence - joined.at
+        outcome, why = self._await_go(joined)
+        if outcome is not FenceWait.REACHED:
+            if outcome is FenceWait.DONOR_UNREACHABLE:
+                self._report(
+                    joined.plan_id, "peer_lost", started=t_fence, message=why, step=ans.step
                 )
-            logger.info("%s: plan %d from %r dropped: %s", link.who, joined, ans.donor, gone)
-            graveyard.append(group)
-            group, store, joined = None, None, 0
-            continue
+            logger.info("%s: plan %d from %r dropped: %s", link.who, joined.plan_id, ans.donor, why)
+            self._leave()
+            return
         record.phases["fence"] = time.monotonic() - t_fence
         t0 = time.monotonic()
         record.state_written = True  # from here on, a failure may leave it half written
         try:
             got = recv_state_dict(
-                group,
+                joined.group,
                 DONOR_RANK,
-                timeout=timedelta(seconds=max(0.001, min(ans.timeout_s or left, deadline - t0))),
-                into=state_dict,
+                timeout=max(timedelta(milliseconds=1), self._transfer_timeout(ans)),
+                into=self._state,
                 step=ans.step,
-                config=config.transfer,
+                config=link.config.transfer,
                 device=device_for(ans.backend),
             )
         except TransferError as err:
-            if metrics is not None:
-                metrics.transfer(
+            if self._metrics is not None:
+                self._metrics.transfer(
                     "joiner", ans.backend, result_of(err), seconds=time.monotonic() - t0
                 )
             logger.warning("%s: plan %d from %r failed: %s", link.who, ans.plan_id, ans.donor, err)
-            link.report(
-                ans.plan_id,
-                "joiner",
-                result_of(err),
-                started=t0,
-                message=str(err),
-                step=ans.step,
-                wait=True,
-                deadline=deadline,
-            )
-            graveyard.append(group)
-            group, joined = None, 0
-            continue
-        merge_values(state_dict, got.state_dict)
+            self._report(ans.plan_id, result_of(err), started=t0, message=str(err), step=ans.step)
+            self._leave()
+            return
+        merge_values(self._state, got.state_dict)
         st = got.stats
-        if metrics is not None:
-            metrics.transfer(
+        if self._metrics is not None:
+            self._metrics.transfer(
                 "joiner",
                 ans.backend,
                 "ok",
@@ -327,30 +322,97 @@ def recover_into(
         record.phases.update(st.phases)
         record.donor, record.plan_id, record.bytes = ans.donor, ans.plan_id, st.payload_bytes
         logger.info(
-            "%s: received step %d from %r (plan %d) over %s (%s) <- %s: %d bytes in %.3f s, %s/s",
+            "%s: received step %d from %r (plan %d) over %s (%s) <- %s: %d bytes in %.3f s, %s",
             link.who,
             ans.step,
             ans.donor,
             ans.plan_id,
             link.interface or "?",
-            host,
+            self._host,
             ans.rendezvous,
             st.payload_bytes,
             st.seconds,
-            human_bytes(st.payload_bytes / st.seconds if st.seconds > 0 else 0),
+            rate(st.payload_bytes, st.seconds),
         )
         reported = time.monotonic()
-        link.report(
+        self._report(
             ans.plan_id,
-            "joiner",
             "ok",
             started=t0,
             step=ans.step,
             nbytes=st.payload_bytes,
             phases=dict(record.phases),  # plan, rendezvous, arm, fence, then the transport's
-            wait=True,
-            deadline=deadline,
         )
-        received, received_at = ans.plan_id, time.monotonic()
-        record.phases["report"] = received_at - reported
-        group = None  # done with it; Gloo tears it down
+        self._received, self._received_at = ans.plan_id, time.monotonic()
+        record.phases["report"] = self._received_at - reported
+        joined.group = None  # done with it; Gloo tears it down
+        self.phase = Phase.RECEIVED
+
+    def _await_go(self, joined: _Joined) -> tuple[FenceWait, str]:
+        """Waits for the donor rank to reach the fence; returns how that ended, and why.
+
+        Polls the donor's store (a dead donor fails the poll at once) and,
+        every :data:`_ASK_EVERY`, the coordinator (a plan that failed or was
+        replaced is dropped).
+        """
+        link, config = self._link, self._link.config
+        assert joined.store is not None
+        key = go_key(joined.prefix)
+        asked = time.monotonic()
+        nap = timedelta(milliseconds=1)
+        while not self._deadline.expired:
+            try:
+                if joined.store.check([key]):
+                    return FenceWait.REACHED, ""
+            except RuntimeError as err:
+                return (
+                    FenceWait.DONOR_UNREACHABLE,
+                    f"donor rank unreachable before the fence: {err}",
+                )
+            if time.monotonic() - asked >= _ASK_EVERY.total_seconds():
+                asked = time.monotonic()
+                try:
+                    now = link.client.recover(
+                        config.replica_id,
+                        config.group_rank,
+                        wait=timedelta(0),
+                        received_plan_id=self._received,
+                        joined_plan_id=joined.plan_id,
+                    )
+                except (CoordinatorUnavailableError, UnknownMemberError):
+                    continue  # keep waiting on the donor; the coordinator is not needed for this
+                if now.state != "transfer" or now.plan_id != joined.plan_id:
+                    return (
+                        FenceWait.PLAN_ENDED,
+                        f"the coordinator ended the plan ({now.state} {now.reason})".strip(),
+                    )
+            time.sleep(nap.total_seconds())
+            nap = min(2 * nap, _GO_POLL_MAX)
+        return (
+            FenceWait.OUT_OF_TIME,
+            "the recovery's deadline passed before the donor reached the fence",
+        )
+
+    def _report(
+        self,
+        plan_id: int,
+        result: str,
+        *,
+        started: float,
+        message: str = "",
+        step: int | None = None,
+        nbytes: int = 0,
+        phases: dict[str, float] | None = None,
+    ) -> None:
+        """Reports this rank's side of a plan now (retried until the round's deadline)."""
+        self._link.report(
+            plan_id,
+            "joiner",
+            result,
+            started=started,
+            message=message,
+            step=step,
+            nbytes=nbytes,
+            phases=phases,
+            until=self._deadline,
+        )

@@ -4,7 +4,7 @@ Registration, heartbeats, the order stream and transfer reports live here,
 apart from the trainer-facing calls, so that an agent in the trainer process
 and a sidecar process share them. Nothing here ever blocks the trainer: the
 threads retry with backoff while the coordinator is away (at least every
-:data:`MAX_BACKOFF_S`, which the coordinator's warm-up counts on) and
+:data:`recoveryd._time.BACKOFF_MAX`, which the coordinator's warm-up counts on) and
 register again when it comes back. An unexpected error in a thread is kept
 in :attr:`CoordinatorLink.failure` for the trainer's next call to raise.
 """
@@ -17,38 +17,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Literal
 
-from recoveryd.agent.client import Beat, CoordinatorClient
+from recoveryd._time import Backoff, Deadline
+from recoveryd.agent.client import CoordinatorClient
 from recoveryd.agent.config import AgentConfig, interface_of
-from recoveryd.coordinator.membership import MemberInfo
-from recoveryd.coordinator.messages import Order, Report, Role
-from recoveryd.errors import (
-    CoordinatorUnavailableError,
-    ManifestError,
-    PeerLostError,
-    RecoverydError,
-    StateMismatchError,
-    StepMismatchError,
-    TransferTimeoutError,
-)
+from recoveryd.errors import CoordinatorUnavailableError, RecoverydError
+from recoveryd.protocol import Beat, MemberInfo, Order, Report, Role
 
 logger = logging.getLogger(__name__)
-
-MAX_BACKOFF_S = 2.0
-
-
-def result_of(err: BaseException) -> str:
-    """The report result for a transfer failure (a small fixed set)."""
-    if isinstance(err, StepMismatchError):
-        return "step_mismatch"
-    if isinstance(err, StateMismatchError | ManifestError):
-        return "rejected"
-    if isinstance(err, TransferTimeoutError | TimeoutError):
-        return "timeout"
-    if isinstance(err, PeerLostError | ConnectionError):
-        return "peer_lost"
-    return "error"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -178,15 +156,14 @@ class CoordinatorLink:
         step: int | None = None,
         nbytes: int = 0,
         phases: dict[str, float] | None = None,
-        wait: bool = False,
-        deadline: float | None = None,
+        until: Deadline | None = None,
     ) -> Report:
         """Reports one side of one transfer that started at ``started`` (monotonic).
 
-        With ``wait`` the call is made now and retried while the coordinator
-        is away, until ``deadline`` (monotonic; a joiner waits on the
-        coordinator anyway); otherwise it is queued for the report thread (a
-        donor's trainer is not held).
+        With ``until``, the call is made now and retried while the coordinator
+        is away, until that deadline (a joiner waits on the coordinator
+        anyway); without, it is queued for the report thread (a donor's
+        trainer is not held).
         """
         report = Report(
             plan_id=plan_id,
@@ -201,25 +178,26 @@ class CoordinatorLink:
             phases=phases or {},
             address=self.rendezvous.rpartition(":")[0],
         )
-        if not wait:
+        if until is None:
             self._reports.put(report)
             return report
-        end = deadline if deadline is not None else time.monotonic() + 30.0
-        attempt = 0
+        backoff = Backoff()
         while True:
             try:
                 self.client.report(report)
                 return report
             except CoordinatorUnavailableError:
-                nap = min(0.05 * 2**attempt, MAX_BACKOFF_S)
-                if time.monotonic() + nap >= end:
+                nap = backoff.next()
+                if until.remaining() <= nap:
                     logger.warning("%s: gave up reporting plan %d", self.who, plan_id)
                     return report
-                time.sleep(nap)
-                attempt += 1
+                until.sleep(nap)
 
     def close(
-        self, timeout: float = 5.0, *, farewell: Literal["leave", "unhealthy"] | None = None
+        self,
+        timeout: timedelta = timedelta(seconds=5),
+        *,
+        farewell: Literal["leave", "unhealthy"] | None = None,
     ) -> None:
         """Stops the threads, says ``farewell`` to the coordinator, closes the channel.
 
@@ -233,10 +211,10 @@ class CoordinatorLink:
         self._reports.put(None)
         if self._cancel_watch is not None:
             self._cancel_watch()
-        end = time.monotonic() + timeout
+        deadline = Deadline(timeout)
         for t in self._threads:
             if t.is_alive():
-                t.join(max(0.0, end - time.monotonic()))
+                t.join(deadline.remaining_s())
         if farewell == "leave":
             self.leave()
         elif farewell == "unhealthy":
@@ -284,7 +262,7 @@ class CoordinatorLink:
         self.registered.set()
 
     def _heartbeat_loop(self) -> None:
-        backoff = 0.05
+        backoff = Backoff()
         warned = False
         while not self._closed.is_set():
             try:
@@ -304,18 +282,18 @@ class CoordinatorLink:
                     logger.info(
                         "%s: coordinator %s reachable again", self.who, self.config.coordinator
                     )
-                backoff, warned = 0.05, False
+                backoff.reset()
+                warned = False
                 self._nudged.wait(self._interval)
                 self._nudged.clear()
             except RecoverydError as err:  # unreachable, or registration refused: retry
                 if not warned:
                     logger.warning("%s: %s", self.who, err)
                     warned = True
-                self._closed.wait(backoff)
-                backoff = min(2 * backoff, MAX_BACKOFF_S)
+                self._closed.wait(backoff.next().total_seconds())
 
     def _watch_loop(self) -> None:
-        backoff = 0.05
+        backoff = Backoff()
         while not self._closed.is_set():
             if not self.registered.wait(0.2):
                 continue
@@ -326,12 +304,11 @@ class CoordinatorLink:
                 return
             try:
                 for order in orders:
-                    backoff = 0.05
+                    backoff.reset()
                     self._on_order(order)
             except CoordinatorUnavailableError:
                 # The coordinator went away: the heartbeats notice and register again.
-                self._closed.wait(backoff)
-                backoff = min(2 * backoff, MAX_BACKOFF_S)
+                self._closed.wait(backoff.next().total_seconds())
 
     def _report_loop(self) -> None:
         while True:

@@ -10,48 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 from recoveryd.errors import ConfigError, UnknownMemberError
+from recoveryd.protocol import MemberInfo
 
-__all__ = ["MemberInfo", "Membership", "ReplicaView", "UnknownMemberError"]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class MemberInfo:
-    """What a rank's agent says about itself when it registers."""
-
-    replica_id: str
-    """The replica (a whole copy of the model, all its ranks) this rank belongs to."""
-    group_rank: int
-    """This rank's rank within its replica."""
-    group_world_size: int
-    """How many ranks the replica has."""
-    layout_fingerprint: str
-    """A digest of the state's layout: only equal fingerprints can donate to each other."""
-    device_kind: str = "cpu"
-    """``cpu`` (Gloo transfers) or ``cuda`` (NCCL)."""
-    rendezvous: str = ""
-    """``host:port`` where this rank's transfers rendezvous."""
-    labels: Mapping[str, str] = field(default_factory=dict)
-    """Locality labels, e.g. ``{"node": ..., "zone": ...}``."""
-    agent_id: str = ""
-    """Unique per agent process: a new one for a registered rank means the rank restarted."""
-    interface: str = ""
-    """The network interface the rendezvous address is on (``eth0``), as the agent saw it."""
-
-    def __post_init__(self) -> None:
-        if not self.replica_id:
-            raise ConfigError("replica_id", self.replica_id, "must not be empty")
-        if self.group_world_size < 1:
-            raise ConfigError("group_world_size", self.group_world_size, "must be >= 1")
-        if not 0 <= self.group_rank < self.group_world_size:
-            raise ConfigError(
-                "group_rank", self.group_rank, f"must be in [0, {self.group_world_size})"
-            )
-        if not self.layout_fingerprint:
-            raise ConfigError("layout_fingerprint", self.layout_fingerprint, "must not be empty")
+__all__ = ["Membership", "ReplicaView"]
 
 
 @dataclass(slots=True)
@@ -105,11 +70,6 @@ class Membership:
         self._clock = clock
         # replica id -> group rank -> rank; grouped so one replica's view costs its own ranks only.
         self._replicas: dict[str, dict[int, _Rank]] = {}
-
-    @property
-    def heartbeat_timeout_s(self) -> float:
-        """Seconds without a heartbeat after which a rank is unhealthy."""
-        return self._timeout
 
     def register(self, info: MemberInfo, *, step: int | None = None) -> bool:
         """Adds or replaces a rank (a restarted rank registers again).

@@ -20,99 +20,22 @@ through the ``send`` callback, and the clock is injectable.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
 
 from recoveryd.coordinator.config import CoordinatorConfig
-from recoveryd.coordinator.donor import (
-    RecoveryPlan,
+from recoveryd.coordinator.membership import Membership, ReplicaView
+from recoveryd.coordinator.plans import LivePlan, PlanObserver, Round
+from recoveryd.coordinator.policy import (
     choose_donor,
     fence,
+    fence_ahead,
     make_plan,
     why_no_donor,
 )
-from recoveryd.coordinator.membership import (
-    MemberInfo,
-    Membership,
-    ReplicaView,
-    UnknownMemberError,
-)
-from recoveryd.coordinator.messages import Answer, Order, PlanSnapshot, PlanState, Report
-
-
-@dataclass(slots=True)
-class _Plan:
-    plan: RecoveryPlan
-    attempt: int
-    created: float
-    round_started: float
-    timeout_s: float
-    backend: str
-    world_size: int
-    state: PlanState = "preparing"
-    step: int | None = None
-    acks: dict[int, int] = field(default_factory=dict)
-    idle: set[int] = field(default_factory=set)
-    step_time_s: float = 0.0
-    handed: set[int] = field(default_factory=set)
-    joiner_reports: dict[int, Report] = field(default_factory=dict)
-    donor_reports: dict[int, Report] = field(default_factory=dict)
-    reason: str = ""
-    ended: float | None = None
-
-    prefix: str = ""
-
-    def order(self, kind: Literal["prepare", "arm"]) -> Order:
-        """This plan's PREPARE or ARM order for its donor ranks."""
-        return Order(
-            kind=kind,
-            plan_id=self.plan.plan_id,
-            joiner=self.plan.joiner,
-            step=self.step if kind == "arm" else None,
-            timeout_s=self.timeout_s,
-            rendezvous_prefix=self.prefix,
-            backend=self.backend,
-        )
-
-
-@dataclass(slots=True)
-class _Round:
-    joiner: str
-    started: float
-    world_size: int
-    fence_steps: int
-    excluded: set[str] = field(default_factory=set)
-    attempts: int = 0
-    plan: _Plan | None = None
-    final: Answer | None = None
-    told: set[int] = field(default_factory=set)
-    last_failure: str = ""
-    waiting: str = ""
-
-
-class PlanObserver(Protocol):
-    """What a planner reports as it goes (metrics)."""
-
-    def decision(self, result: str, seconds: float) -> None:
-        """A donor decision: ``plan`` (a plan made), ``fresh`` (nothing to recover
-        from: no replica holds this state yet) or ``no_donor`` (state exists, but
-        no replica can donate it, or every attempt failed)."""
-
-    def plan_finished(
-        self,
-        result: str,
-        *,
-        phases: Mapping[str, float],
-        end_to_end_s: float,
-        nbytes: int,
-        rank_bytes_per_s: float = 0.0,
-    ) -> None:
-        """A plan ended: ``done`` or ``failed`` (``rank_bytes_per_s``: the slowest
-        joiner rank's rate)."""
+from recoveryd.errors import UnknownMemberError
+from recoveryd.protocol import Answer, MemberInfo, Order, PlanSnapshot, Report
 
 
 class Planner:
@@ -145,9 +68,9 @@ class Planner:
         self._send = send
         self._clock = clock
         self._ids = itertools.count(first_plan_id)
-        self._rounds: dict[str, _Round] = {}
-        self._active: dict[int, _Plan] = {}
-        self._recent: OrderedDict[int, _Plan] = OrderedDict()
+        self._rounds: dict[str, Round] = {}
+        self._active: dict[int, LivePlan] = {}
+        self._recent: OrderedDict[int, LivePlan] = OrderedDict()
         self._bandwidth_bps: dict[str, float] = {}
         self._stepped: set[str] = set()
         """Layout fingerprints some replica held a step with, since this coordinator
@@ -212,14 +135,11 @@ class Planner:
             and done.plan.joiner == replica_id
             and (rnd is None or (rnd.final is not None and group_rank in rnd.told))
         ):
-            # The rank received this plan and asks again: its DONE was lost on the way.
-            return Answer(
-                state="done", plan_id=done.plan.plan_id, donor=done.plan.donor, step=done.step
-            )
+            return done.done_answer()  # the rank received it and asks again: its DONE was lost
         if rnd is not None and rnd.final is not None and group_rank in rnd.told:
             rnd = None  # this rank already has its final answer: it is recovering anew
         if rnd is None:
-            rnd = _Round(
+            rnd = Round(
                 joiner=replica_id,
                 started=now,
                 world_size=member.group_world_size,
@@ -240,28 +160,16 @@ class Planner:
         if received_plan_id == plan.plan.plan_id or group_rank >= len(plan.plan.pairs):
             return Answer(state="wait", plan_id=plan.plan.plan_id, donor=plan.plan.donor)
         plan.handed.add(group_rank)
-        return Answer(
-            state="transfer",
-            plan_id=plan.plan.plan_id,
-            donor=plan.plan.donor,
-            step=plan.step,
-            rendezvous=plan.plan.pairs[group_rank].donor_rendezvous,
-            rendezvous_prefix=plan.prefix,
-            timeout_s=plan.timeout_s,
-            backend=plan.backend,
-        )
+        return plan.transfer_answer(group_rank)
 
-    def _advance(self, rnd: _Round) -> None:
+    def _advance(self, rnd: Round) -> None:
         """Gives a round a live plan, or its final answer."""
         plan = rnd.plan
         if plan is not None and plan.state in ("preparing", "armed"):
             return
         if plan is not None and plan.state == "done":
             self.version += 1
-            assert plan.step is not None
-            rnd.final = Answer(
-                state="done", plan_id=plan.plan.plan_id, donor=plan.plan.donor, step=plan.step
-            )
+            rnd.final = plan.done_answer()
             return
         decided = time.perf_counter()
         if rnd.attempts >= self._config.max_attempts:
@@ -311,7 +219,7 @@ class Planner:
         rnd.waiting = ""
         rnd.attempts += 1
         kinds = {m.device_kind for m in (*joiner.ranks.values(), *donor.ranks.values())}
-        plan = _Plan(
+        plan = LivePlan(
             plan=make_plan(next(self._ids), joiner, donor),
             attempt=rnd.attempts,
             created=self._clock(),
@@ -328,11 +236,7 @@ class Planner:
         if self._observer is not None:
             self._observer.decision("plan", time.perf_counter() - decided)
         for pair in plan.plan.pairs:
-            self._send(
-                donor.replica_id,
-                pair.group_rank,
-                plan.order("prepare"),
-            )
+            self._send(donor.replica_id, pair.group_rank, plan.order("prepare"))
 
     def _remember_steps(self, replicas: Mapping[str, ReplicaView]) -> None:
         """Notes the layouts some replica holds a step with (see ``_stepped``)."""
@@ -371,20 +275,18 @@ class Planner:
                 plan.idle.discard(group_rank)
             if len(plan.acks) == plan.world_size:
                 rnd = self._rounds.get(plan.plan.joiner)
-                ahead = rnd.fence_steps if rnd else self._config.fence_steps
-                if plan.step_time_s > 0:
-                    by_time = math.ceil(self._config.fence_time.total_seconds() / plan.step_time_s)
-                    ahead = max(ahead, min(by_time, self._config.max_fence_steps))
+                ahead = fence_ahead(
+                    rnd.fence_steps if rnd else self._config.fence_steps,
+                    step_time_s=plan.step_time_s,
+                    fence_time=self._config.fence_time,
+                    max_fence_steps=self._config.max_fence_steps,
+                )
                 plan.step = fence(
                     plan.acks.values(), 0 if len(plan.idle) == plan.world_size else ahead
                 )
                 plan.state = "armed"
                 for r in range(plan.world_size):
-                    self._send(
-                        plan.plan.donor,
-                        r,
-                        plan.order("arm"),
-                    )
+                    self._send(plan.plan.donor, r, plan.order("arm"))
         return True
 
     # ---- both sides -------------------------------------------------------------
@@ -424,31 +326,28 @@ class Planner:
             if len(ok) == plan.world_size:
                 self._finish(plan)
 
-    def _finish(self, plan: _Plan) -> None:
+    def _finish(self, plan: LivePlan) -> None:
         plan.state = "done"
         plan.ended = self._clock()
         self._retire(plan)
         if self._observer is not None:
-            snap = self._snapshot(plan)
-            rates = [r.bytes / r.seconds for r in plan.joiner_reports.values() if r.seconds > 0]
+            snap = plan.snapshot(self._clock())
             self._observer.plan_finished(
                 "done",
                 phases=snap.phases,
                 end_to_end_s=snap.recovery_s,
                 nbytes=snap.bytes,
-                rank_bytes_per_s=min(rates, default=0.0),
+                rank_bytes_per_s=plan.slowest_rank_bps(),
             )
-        secs = max((r.seconds for r in plan.joiner_reports.values()), default=0.0)
-        nbytes = sum(r.bytes for r in plan.joiner_reports.values())
-        if secs > 0 and nbytes > 0:
-            seen = nbytes / secs
+        seen = plan.bandwidth_bps()
+        if seen > 0:
             old = self._bandwidth_bps.get(plan.plan.donor)
             self._bandwidth_bps[plan.plan.donor] = seen if old is None else 0.5 * (old + seen)
         rnd = self._rounds.get(plan.plan.joiner)
         if rnd is not None and rnd.plan is plan:
             self._advance(rnd)
 
-    def _fail(self, plan: _Plan, reason: str, *, exclude: bool, widen: bool = False) -> None:
+    def _fail(self, plan: LivePlan, reason: str, *, exclude: bool, widen: bool = False) -> None:
         self.version += 1
         plan.state = "failed"
         plan.reason = reason
@@ -471,7 +370,7 @@ class Planner:
         if widen:
             rnd.fence_steps = min(2 * rnd.fence_steps, self._config.max_fence_steps)
 
-    def _retire(self, plan: _Plan) -> None:
+    def _retire(self, plan: LivePlan) -> None:
         self._active.pop(plan.plan.plan_id, None)
         self._recent[plan.plan.plan_id] = plan
         while len(self._recent) > self._config.recent_plans:
@@ -535,37 +434,14 @@ class Planner:
 
     def active(self) -> list[PlanSnapshot]:
         """Plans not finished yet, oldest first."""
-        return [self._snapshot(p) for p in self._active.values()]
+        return [p.snapshot(self._clock()) for p in self._active.values()]
 
     def recent(self, n: int) -> list[PlanSnapshot]:
         """Up to ``n`` finished plans, newest first."""
         plans = list(self._recent.values())[::-1][:n]
-        return [self._snapshot(p) for p in plans]
+        return [p.snapshot(self._clock()) for p in plans]
 
     def plan(self, plan_id: int) -> PlanSnapshot | None:
         """One plan, active or recent."""
         p = self._active.get(plan_id) or self._recent.get(plan_id)
-        return self._snapshot(p) if p is not None else None
-
-    def _snapshot(self, p: _Plan) -> PlanSnapshot:
-        now = self._clock()
-        phases: dict[str, float] = {}
-        for rep in p.joiner_reports.values():
-            for k, v in rep.phases.items():
-                phases[k] = max(phases.get(k, 0.0), v)
-        return PlanSnapshot(
-            plan_id=p.plan.plan_id,
-            joiner=p.plan.joiner,
-            donor=p.plan.donor,
-            step=p.step,
-            state=p.state,
-            attempt=p.attempt,
-            age_s=now - p.created,
-            ranks_done=sum(1 for r in p.joiner_reports.values() if r.result == "ok"),
-            reason=p.reason,
-            bytes=sum(r.bytes for r in p.joiner_reports.values()),
-            transfer_s=max((r.seconds for r in p.joiner_reports.values()), default=0.0),
-            recovery_s=(p.ended - p.round_started) if p.ended is not None else 0.0,
-            phases=phases,
-            addresses=tuple(sorted({r.address for r in p.donor_reports.values() if r.address})),
-        )
+        return p.snapshot(self._clock()) if p is not None else None

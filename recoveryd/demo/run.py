@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TextIO
 
+from recoveryd._format import human_bytes, phases_line
 from recoveryd.agent.client import CoordinatorClient
 from recoveryd.demo.cluster import LocalCluster
 from recoveryd.demo.trainer import Event
 from recoveryd.errors import ConfigError
-from recoveryd.status import human_bytes, phases_line, render
+from recoveryd.status import render
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -22,8 +22,6 @@ from typing import Any
 
 import torch
 
-from recoveryd.agent.joiner import merge_values
-from recoveryd.coordinator.messages import Report
 from recoveryd.errors import (
     CoordinatorUnavailableError,
     IntegrityError,
@@ -34,9 +32,10 @@ from recoveryd.errors import (
     TransferError,
     TransferTimeoutError,
 )
+from recoveryd.protocol import Report
 from recoveryd.sidecar import wire
 from recoveryd.sidecar.share import Exported, Exporter, signature
-from recoveryd.transport._rebuild import TreeBuilder
+from recoveryd.transport.tree import TreeBuilder, merge_values
 from recoveryd.v1 import manifest_pb2 as pb
 
 logger = logging.getLogger(__name__)

@@ -31,12 +31,14 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry
 
+from recoveryd._time import env_str
 from recoveryd.agent.agent import Agent
 from recoveryd.agent.config import AgentConfig
 from recoveryd.errors import ConfigError, CoordinatorUnavailableError, RecoverydError
 from recoveryd.metrics import AgentMetrics, MetricsServer
 from recoveryd.sidecar import wire
-from recoveryd.sidecar.share import SharedState, describe
+from recoveryd.sidecar.share import SharedState
+from recoveryd.transport.tree import describe
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ class SidecarConfig:
     """The Unix socket trainers attach to (its directory must exist)."""
     metrics_port: int | None = None
     """Serve ``/metrics`` (every attached rank's transfers) on this port; ``None``: off."""
-    host: str = field(default_factory=lambda: os.environ.get("RECOVERYD_HOST", ""))
+    host: str = field(default_factory=lambda: env_str("RECOVERYD_HOST"))
     """Address peers reach transfers at (empty: the interface that routes to the coordinator)."""
     heartbeat_interval: timedelta = timedelta(seconds=2)
     rendezvous_timeout: timedelta = timedelta(seconds=60)

@@ -27,18 +27,18 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
 from recoveryd.errors import ConfigError, ManifestError, UnsupportedValueError
-from recoveryd.transport._flatten import SendPlan, build_plan, path_str
-from recoveryd.transport._rebuild import (
+from recoveryd.transport.format import NODE_TENSOR
+from recoveryd.transport.tree import (
     TensorSpec,
     TreeBuilder,
     decode_tensors,
+    describe,
     flatten_leaves,
-    local_of,
+    local_tensors,
+    path_str,
     typed_view,
 )
 from recoveryd.v1 import manifest_pb2 as pb
-
-_TENSOR = pb.NODE_KIND_TENSOR
 
 
 @dataclass(slots=True)
@@ -67,7 +67,7 @@ def _plain_tensors(state: object) -> list[torch.Tensor]:
                 "use the in-process agent for sharded state)",
                 leaf,
             )
-        out += local_of(leaf)
+        out += local_tensors(leaf)
     return out
 
 
@@ -142,13 +142,6 @@ class Exporter:
                 del self._known[key]
                 out.release.append(h)
         return out
-
-
-def describe(state: object) -> SendPlan:
-    """The transport's manifest of ``state`` (its spans are what gets shared)."""
-    return build_plan(
-        state, step=None, chain=[], bucket_bytes=1 << 40, direct_bytes=1, checksums=False
-    )
 
 
 def _to_shared_memory(t: torch.Tensor, tensors: list[torch.Tensor]) -> None:
@@ -252,7 +245,7 @@ class SharedState:
         params = list(m.tensor_is_parameter)
 
         def leaf(kind: int, arg: int, path: tuple[object, ...]) -> object:
-            if kind != _TENSOR:
+            if kind != NODE_TENSOR:
                 raise ManifestError(f"{path_str(path)}: only plain tensors are shared")
             spec: TensorSpec = tensors[arg]
             t = typed_view(bufs[spec.storage], spec)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from recoveryd.transport import _wire
+from recoveryd.transport import format
 
 
 class _Done:
@@ -49,7 +49,7 @@ class FaultyGroup:
         return self._pg.name()
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int) -> Any:
-        if tag == _wire.TAG_DATA and self._mode == "kill_on_recv":
+        if tag == format.TAG_DATA and self._mode == "kill_on_recv":
             self._data += 1
             if self._data > self._after:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -58,7 +58,7 @@ class FaultyGroup:
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int) -> Any:
         if self._silent:
             return _Done()
-        if tag == _wire.TAG_DATA:
+        if tag == format.TAG_DATA:
             self._data += 1
             if self._data > self._after:
                 if self._mode == "kill":

@@ -10,7 +10,6 @@ come back as views of one buffer. A strided view whose extent is mostly gaps
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -21,18 +20,26 @@ from torch.distributed.tensor import DTensor
 from recoveryd.errors import UnsupportedValueError
 from recoveryd.transport import _dtypes
 from recoveryd.transport._pieces import byte_view
+from recoveryd.transport._placements import encode_placement
+from recoveryd.transport.format import (
+    FORMAT_VERSION,
+    KEY_INT,
+    KEY_STR,
+    NODE_DICT,
+    NODE_DTENSOR,
+    NODE_LIST,
+    NODE_ORDERED_DICT,
+    NODE_SHARDED_TENSOR,
+    NODE_TENSOR,
+    NODE_TUPLE,
+    NODE_VALUE,
+    SPAN_ALIGN,
+    path_str,
+)
 from recoveryd.v1 import manifest_pb2 as pb
 
-FORMAT_VERSION = 1
-# Spans start on a 16-byte boundary (the largest itemsize, complex128), so every
-# tensor's byte offset inside its span is a whole number of elements.
-_SPAN_ALIGN = 16
 # A strided tensor whose extent is this many times its own bytes is sent dense.
 _GAPPY_RATIO = 2
-# Enum values as plain ints: looked up once per node, not once per module access.
-_TENSOR = pb.NODE_KIND_TENSOR
-_KEY_STR = pb.KEY_KIND_STR
-_KEY_INT = pb.KEY_KIND_INT
 
 
 @dataclass(slots=True)
@@ -80,11 +87,6 @@ def _extent(t: torch.Tensor) -> tuple[int, int]:
     return start * size, (start + last + 1) * size
 
 
-def path_str(parts: Iterable[object]) -> str:
-    """A key path as errors show it, e.g. ``optim.state.0.exp_avg``."""
-    return ".".join(str(p) for p in parts) or "<root>"
-
-
 class _Walker:
     def __init__(self, m: pb.Manifest) -> None:
         self.m = m
@@ -106,19 +108,19 @@ class _Walker:
     def walk(self, obj: object, path: list[object]) -> None:
         kind = type(obj)
         if kind is torch.Tensor or kind is torch.nn.Parameter:  # most leaves: test first
-            self.kinds.append(_TENSOR)
+            self.kinds.append(NODE_TENSOR)
             self.args.append(self._tensor(obj, path))  # type: ignore[arg-type]
         elif kind is dict or kind is OrderedDict:
             d: dict[object, object] = obj  # type: ignore[assignment]
-            self.kinds.append(pb.NODE_KIND_DICT if kind is dict else pb.NODE_KIND_ORDERED_DICT)
+            self.kinds.append(NODE_DICT if kind is dict else NODE_ORDERED_DICT)
             self.args.append(len(d))
             for k, v in d.items():
                 tk = type(k)
                 if tk is str:
-                    self.key_kind.append(_KEY_STR)
+                    self.key_kind.append(KEY_STR)
                     self.key_str.append(k)  # type: ignore[arg-type]
                 elif tk is int and -(1 << 63) <= k < (1 << 63):  # type: ignore[operator]
-                    self.key_kind.append(_KEY_INT)
+                    self.key_kind.append(KEY_INT)
                     self.key_int.append(k)  # type: ignore[arg-type]
                 else:
                     raise UnsupportedValueError(path_str([*path, f"<key {k!r}>"]), k)
@@ -127,25 +129,25 @@ class _Walker:
                 path.pop()
         elif kind is list or kind is tuple:
             seq: list[object] = obj  # type: ignore[assignment]
-            self.kinds.append(pb.NODE_KIND_LIST if kind is list else pb.NODE_KIND_TUPLE)
+            self.kinds.append(NODE_LIST if kind is list else NODE_TUPLE)
             self.args.append(len(seq))
             for i, v in enumerate(seq):
                 path.append(i)
                 self.walk(v, path)
                 path.pop()
         elif isinstance(obj, DTensor):
-            self.kinds.append(pb.NODE_KIND_DTENSOR)
+            self.kinds.append(NODE_DTENSOR)
             self.args.append(len(self.m.dtensors))
             self._dtensor(obj, path)
         elif isinstance(obj, ShardedTensor):
-            self.kinds.append(pb.NODE_KIND_SHARDED_TENSOR)
+            self.kinds.append(NODE_SHARDED_TENSOR)
             self.args.append(len(self.m.sharded_tensors))
             self._sharded(obj, path)
         elif isinstance(obj, torch.Tensor):
-            self.kinds.append(_TENSOR)
+            self.kinds.append(NODE_TENSOR)
             self.args.append(self._tensor(obj, path))
         else:
-            self.kinds.append(pb.NODE_KIND_VALUE)
+            self.kinds.append(NODE_VALUE)
             self.args.append(len(self.m.values))
             _value(self.m.values.add(), obj, path)
 
@@ -203,7 +205,7 @@ class _Walker:
         if mesh.mesh_dim_names:
             meta.mesh_dim_names.extend(mesh.mesh_dim_names)
         for p in t.placements:
-            encode_placement(p, meta.placements.add(), path)
+            encode_placement(p, meta.placements.add(), tuple(path))
 
     def _sharded(self, t: ShardedTensor, path: list[object]) -> None:
         meta = self.m.sharded_tensors.add()
@@ -230,25 +232,6 @@ class _Walker:
         for j, shard in enumerate(t.local_shards()):
             meta.local_shard.append(where[tuple(shard.metadata.shard_offsets)])
             meta.local_tensor.append(self._tensor(shard.tensor, [*path, f"<shard {j}>"]))
-
-
-def encode_placement(p: object, out: pb.Placement, path: list[object]) -> None:
-    """Writes a DTensor placement into ``out``; unknown placements name their path."""
-    name = type(p).__name__
-    if name == "Replicate":
-        out.kind = pb.Placement.KIND_REPLICATE
-    elif name == "Shard":
-        out.kind = pb.Placement.KIND_SHARD
-        out.dim = p.dim  # type: ignore[attr-defined]
-    elif name == "_StridedShard":
-        out.kind = pb.Placement.KIND_STRIDED_SHARD
-        out.dim = p.dim  # type: ignore[attr-defined]
-        out.split_factor = p.split_factor  # type: ignore[attr-defined]
-    elif name in ("Partial", "_Partial"):
-        out.kind = pb.Placement.KIND_PARTIAL
-        out.reduce_op = str(p.reduce_op)  # type: ignore[attr-defined]
-    else:
-        raise UnsupportedValueError(path_str([*path, f"<placement {name}>"]), p)
 
 
 def _value(out: pb.Value, v: object, path: list[object]) -> None:
@@ -289,7 +272,7 @@ def _merge(leaves: list[_Leaf]) -> list[list[_Leaf]]:
     groups: list[list[_Leaf]] = []
     hi = -1
     for leaf in leaves:
-        lo = leaf.lo - leaf.lo % _SPAN_ALIGN
+        lo = leaf.lo - leaf.lo % SPAN_ALIGN
         if groups and lo <= hi:
             groups[-1].append(leaf)
             hi = max(hi, leaf.hi)
@@ -327,11 +310,11 @@ def build_plan(
     for group in groups:
         if len(group) == 1:
             first = group[0]
-            lo, hi = first.lo - first.lo % _SPAN_ALIGN, first.hi
+            lo, hi = first.lo - first.lo % SPAN_ALIGN, first.hi
         else:
             first = group[0]
             lo = min(leaf.lo for leaf in group)
-            lo -= lo % _SPAN_ALIGN
+            lo -= lo % SPAN_ALIGN
             hi = max(leaf.hi for leaf in group)
         for leaf in group:
             # A leaf's extent starts at its storage offset (strides are never negative).

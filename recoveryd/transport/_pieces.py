@@ -84,6 +84,14 @@ class Staging:
         self._free.append(buf)
 
 
+def landing_in_place(messages: list[Message], targets: Buffers) -> list[torch.Tensor | None]:
+    """Per message, the target bytes it can be received into directly, if any."""
+    return [
+        targets[m.span_ids[0]].narrow(0, m.offsets[0], m.sizes[0]) if m.direct else None
+        for m in messages
+    ]
+
+
 def byte_view(t: torch.Tensor, start: int, nbytes: int) -> torch.Tensor:
     """A 1-D uint8 view of ``nbytes`` of ``t``'s storage from byte ``start``."""
     view = torch.empty(0, dtype=torch.uint8, device=t.device)

@@ -7,45 +7,13 @@ set, and every backend failure becomes a :class:`TransferTimeoutError` or a
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 from typing import Any, Protocol
 
 import torch
 
+from recoveryd._time import Deadline
 from recoveryd.errors import PeerLostError, TransferTimeoutError
-
-# Tags live far from 0 so the transport can share a group with a caller's own
-# point-to-point traffic.
-_TAG_BASE = 0x52440
-TAG_HEADER = _TAG_BASE + 1
-TAG_MANIFEST = _TAG_BASE + 2
-TAG_ACK = _TAG_BASE + 3
-TAG_GO = _TAG_BASE + 4
-TAG_DATA = _TAG_BASE + 5
-TAG_TRAILER = _TAG_BASE + 6
-TAG_DONE = _TAG_BASE + 7
-
-MAGIC = 0x5245434F56455259  # "RECOVERY"
-TRAILER_MAGIC = 0x454E444F46535452  # "ENDOFSTR"
-
-# Answers a receiver gives after reading the manifest, and the sender's go/abort.
-ACK_OK = 0
-ACK_STEP_MISMATCH = 1
-ACK_STATE_MISMATCH = 2
-ACK_BAD_MANIFEST = 3
-ACK_OTHER = 4
-GO = 0
-ABORT = 1
-# Header flag: the sender failed before it could describe its state.
-HEADER_SENDER_FAILED = 1
-
-ACK_REASONS = {
-    ACK_STEP_MISMATCH: "its demanded step differs from the sent step",
-    ACK_STATE_MISMATCH: "its in-place state_dict does not match the manifest",
-    ACK_BAD_MANIFEST: "it rejected the manifest",
-    ACK_OTHER: "it failed before receiving data",
-}
 
 # Gloo raises RuntimeError subclasses whose text is all we get to tell a
 # deadline from a dead peer.
@@ -75,21 +43,6 @@ def group_rank(pg: Group) -> int:
     if parent is not None and callable(getattr(parent, "rank", None)):
         return int(parent.rank())
     return int(pg.rank())
-
-
-class Deadline:
-    """One deadline for a whole transfer; every wait takes what is left of it."""
-
-    def __init__(self, timeout: timedelta) -> None:
-        self.timeout = timeout
-        self._end = time.monotonic() + timeout.total_seconds()
-
-    def remaining(self) -> timedelta:
-        """Time left; raises :class:`TransferTimeoutError` once it is spent."""
-        left = self._end - time.monotonic()
-        if left <= 0:
-            raise TransferTimeoutError(f"transfer did not finish within {self.timeout}")
-        return timedelta(seconds=left)
 
 
 class Wire:
@@ -140,16 +93,16 @@ class Wire:
     def wait(self, work: Any, peer: int, cap: timedelta | None = None) -> None:
         """Waits for ``work`` within the deadline (and within ``cap``, if given)."""
         stalled = False
-        try:
-            left = self.deadline.remaining()
-            if cap is not None:
-                left = min(left, cap)
-            if self.stall is not None and self.stall < left:
-                left, stalled = self.stall, True
-        except TransferTimeoutError as e:
+        if self.deadline.expired:
             self.abandon()
-            e.peer_rank = peer
-            raise
+            raise TransferTimeoutError(
+                f"transfer did not finish within {self.deadline.timeout}", peer_rank=peer
+            )
+        left = self.deadline.remaining()
+        if cap is not None:
+            left = min(left, cap)
+        if self.stall is not None and self.stall < left:
+            left, stalled = self.stall, True
         try:
             ok = work.wait(left)
         except RuntimeError as e:

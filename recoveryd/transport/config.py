@@ -7,30 +7,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
 
+from recoveryd._time import env_bool, env_choice, env_int, env_seconds
 from recoveryd.errors import ConfigError
 
 _MiB = 1 << 20
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(name, raw, "must be an integer number of bytes") from None
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    if raw.lower() in ("1", "true", "yes", "on"):
-        return True
-    if raw.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(name, raw, "must be one of 1/0, true/false, yes/no, on/off")
 
 
 def _physical_memory() -> int:
@@ -40,13 +20,11 @@ def _physical_memory() -> int:
         return 1 << 50  # unknown: no practical limit
 
 
-def _env_fanout() -> Literal["chain", "star"]:
-    raw = os.environ.get("RECOVERYD_FANOUT", "chain")
-    if raw == "chain":
-        return "chain"
-    if raw == "star":
-        return "star"
-    raise ConfigError("RECOVERYD_FANOUT", raw, "must be 'chain' or 'star'")
+_FANOUTS: tuple[Literal["chain", "star"], ...] = ("chain", "star")
+
+
+def _bytes(name: str, default: int) -> int:
+    return env_int(name, default, what="an integer number of bytes")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -57,7 +35,7 @@ class TransferConfig:
     description; an explicit argument wins over the environment.
     """
 
-    bucket_bytes: int = field(default_factory=lambda: _env_int("RECOVERYD_BUCKET_BYTES", 16 * _MiB))
+    bucket_bytes: int = field(default_factory=lambda: _bytes("RECOVERYD_BUCKET_BYTES", 16 * _MiB))
     """Size of one staging bucket (``RECOVERYD_BUCKET_BYTES``, default 16 MiB).
 
     Small tensors are packed into buckets, so the number of messages grows with
@@ -65,7 +43,7 @@ class TransferConfig:
     Large spans travel in messages of at most this size.
     """
 
-    direct_bytes: int = field(default_factory=lambda: _env_int("RECOVERYD_DIRECT_BYTES", 1 * _MiB))
+    direct_bytes: int = field(default_factory=lambda: _bytes("RECOVERYD_DIRECT_BYTES", 1 * _MiB))
     """Spans of at least this many bytes skip the buckets (``RECOVERYD_DIRECT_BYTES``, default 1 MiB).
 
     They travel straight from the sender's tensor memory into the receiver's, in
@@ -74,7 +52,7 @@ class TransferConfig:
     ``bucket_bytes`` act as ``bucket_bytes``.
     """
 
-    checksums: bool = field(default_factory=lambda: _env_bool("RECOVERYD_CHECKSUMS", False))
+    checksums: bool = field(default_factory=lambda: env_bool("RECOVERYD_CHECKSUMS", False))
     """Verify an xxh3-64 checksum of every message (``RECOVERYD_CHECKSUMS``, default off).
 
     Off by default because it cost more than 5 % on the 1 GiB benchmark here
@@ -83,7 +61,9 @@ class TransferConfig:
     transfers are not checksummed.
     """
 
-    fanout: Literal["chain", "star"] = field(default_factory=lambda: _env_fanout())
+    fanout: Literal["chain", "star"] = field(
+        default_factory=lambda: env_choice("RECOVERYD_FANOUT", "chain", _FANOUTS)
+    )
     """How one sender reaches several receivers (``RECOVERYD_FANOUT``).
 
     ``"chain"`` (default): the sender sends each message once; every receiver
@@ -93,12 +73,12 @@ class TransferConfig:
     """
 
     max_manifest_bytes: int = field(
-        default_factory=lambda: _env_int("RECOVERYD_MAX_MANIFEST_BYTES", 256 * _MiB)
+        default_factory=lambda: _bytes("RECOVERYD_MAX_MANIFEST_BYTES", 256 * _MiB)
     )
     """Largest manifest a receiver accepts (``RECOVERYD_MAX_MANIFEST_BYTES``)."""
 
     max_state_bytes: int = field(
-        default_factory=lambda: _env_int("RECOVERYD_MAX_STATE_BYTES", _physical_memory())
+        default_factory=lambda: _bytes("RECOVERYD_MAX_STATE_BYTES", _physical_memory())
     )
     """Largest state a receiver accepts (``RECOVERYD_MAX_STATE_BYTES``, default: physical memory).
 
@@ -106,7 +86,7 @@ class TransferConfig:
     """
 
     stall_timeout: timedelta = field(
-        default_factory=lambda: timedelta(seconds=_env_int("RECOVERYD_STALL_TIMEOUT", 10))
+        default_factory=lambda: env_seconds("RECOVERYD_STALL_TIMEOUT", timedelta(seconds=10))
     )
     """Longest wait for one message once the bytes flow (``RECOVERYD_STALL_TIMEOUT``, seconds, default 10).
 
@@ -116,7 +96,7 @@ class TransferConfig:
     step) is bounded by the call's timeout only.
     """
 
-    hugepages: bool = field(default_factory=lambda: _env_bool("RECOVERYD_HUGEPAGES", False))
+    hugepages: bool = field(default_factory=lambda: env_bool("RECOVERYD_HUGEPAGES", False))
     """Advise allocating receives' buffers with ``MADV_HUGEPAGE`` (``RECOVERYD_HUGEPAGES``).
 
     Off by default: on the VMs measured here the first touch of huge pages in

@@ -1,10 +1,17 @@
-"""Receiving a state_dict from a rank of a ProcessGroup, allocating or in place."""
+"""Receiving a state_dict from a rank of a ProcessGroup, allocating or in place.
+
+The receive runs in the sender's phases, mirrored: read the offer (header
+and manifest) and prepare for it (validate; match the in-place state or
+allocate), answer, receive and relay the data, verify, confirm. Until the
+answer nothing is written, and a refusal is told to the sender.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import logging
 from collections import deque
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -12,6 +19,7 @@ import torch
 import torch.distributed as dist
 from google.protobuf.message import DecodeError
 
+from recoveryd._time import Deadline
 from recoveryd.errors import (
     ConfigError,
     IntegrityError,
@@ -23,16 +31,32 @@ from recoveryd.errors import (
     TransferError,
     TransferTimeoutError,
 )
-from recoveryd.transport import _rebuild as rb
 from recoveryd.transport import _wire as w
-from recoveryd.transport._alloc import Arena, Prefaulter
-from recoveryd.transport._flatten import FORMAT_VERSION
+from recoveryd.transport import format as f
+from recoveryd.transport._allocating import allocate_targets, rebuild_allocated
 from recoveryd.transport._gc import gc_paused
-from recoveryd.transport._pieces import WINDOW, Buffers, Message, Staging, cut, scatter
-from recoveryd.transport._tree import rebuild_allocated
+from recoveryd.transport._inplace import match_in_place, place_in_place
+from recoveryd.transport._memory import Arena, Prefaulter
+from recoveryd.transport._pieces import (
+    WINDOW,
+    Buffers,
+    Message,
+    Staging,
+    cut,
+    landing_in_place,
+    scatter,
+)
+from recoveryd.transport._validate import (
+    TensorSpec,
+    check_chain,
+    check_manifest,
+    check_packing,
+    decode_tensors,
+)
 from recoveryd.transport._wire import Group
 from recoveryd.transport.config import TransferConfig
 from recoveryd.transport.stats import PhaseClock, ReceivedState, TransferStats, checksum
+from recoveryd.transport.tree import typed_view
 from recoveryd.v1 import manifest_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -94,110 +118,33 @@ def recv_state_dict(
     me = w.group_rank(pg)
     if src_rank == me or not 0 <= src_rank < pg.size():
         raise ConfigError("src_rank", src_rank, f"must be another rank of the group (this is {me})")
-    dev = w.wire_device(pg, device)
-    wire = w.Wire(pg, dev, w.Deadline(timeout))
-    arena = Arena(hugepages=config.hugepages)
-    prefaulter: Prefaulter | None = None
-    try:
-        m, manifest_bytes = _recv_manifest(wire, src_rank, config)
-        clock.mark("manifest")
-        tensors = rb.decode_tensors(m)
-        rb.check_manifest(m, tensors)
-        chain = list(m.chain)
-        if not chain or chain[0] != src_rank or chain.count(me) != 1:
-            raise ManifestError(f"relay chain {chain} does not lead from rank {src_rank} to {me}")
-        if any(not 0 <= r < pg.size() for r in chain) or len(set(chain)) != len(chain):
-            raise ManifestError(f"relay chain {chain} names ranks outside the group or twice")
-        sent_step = m.step if m.HasField("step") else None
-        if step is not None and sent_step != step:
-            raise StepMismatchError(step, sent_step, peer_rank=src_rank)
-        sizes = list(m.storage_nbytes)
-        total = sum(sizes)
-        if total > config.max_state_bytes:
-            raise ManifestError(
-                f"rank {src_rank} announces {total} bytes of state, over this receiver's limit "
-                f"of {config.max_state_bytes} (RECOVERYD_MAX_STATE_BYTES)"
-            )
-        messages = cut(sizes, list(m.message_nbytes))
-        for msg in messages:
-            if not msg.direct and any(
-                o or n != sizes[sp]
-                for sp, o, n in zip(msg.span_ids, msg.offsets, msg.sizes, strict=True)
-            ):
-                raise ManifestError("a packed message carries part of a span")
-        targets: Buffers
-        if into is None:
-            spans, landing = rb.allocate_targets(
-                sizes, messages, alloc_device or torch.device("cpu"), arena
-            )
-            targets = spans
-            # Fresh memory: populate it ahead of the wire, in stream order.
-            prefaulter = Prefaulter([b for b in landing if b is not None])
-            copies: list[tuple[torch.Tensor, int]] = []
-            # Built before any data arrives (views over the empty targets), so a
-            # malformed tree is refused before the sender streams anything.
-            state = rebuild_allocated(m, tensors, spans, device_mesh, shard_group)
-        else:
-            dst, state = rb.match_in_place(m, tensors, into)
-            mine, copies = rb.place_in_place(tensors, sizes, dst, arena)
-            landing = rb.landing_in_place(messages, mine)
-            targets = mine
-    except (TransferTimeoutError, PeerLostError, _SenderFailedError):
-        if prefaulter is not None:
-            prefaulter.stop()
-        raise  # the sender is gone, silent or failed: nobody would read a refusal
-    except BaseException as e:
-        if prefaulter is not None:
-            prefaulter.stop()
-        code = {
-            StepMismatchError: w.ACK_STEP_MISMATCH,
-            StateMismatchError: w.ACK_STATE_MISMATCH,
-            ManifestError: w.ACK_BAD_MANIFEST,
-        }.get(type(e), w.ACK_OTHER)
-        _best_effort(wire, [code, 0], src_rank, w.TAG_ACK)
-        raise
-    clock.mark("prepare")
-    try:
-        wire.send_ints([w.ACK_OK, 0], src_rank, w.TAG_ACK)
-        if wire.recv_ints(2, src_rank, w.TAG_GO)[0] != w.GO:
-            raise TransferError(
-                f"rank {src_rank} aborted the transfer because another receiver refused it",
-                peer_rank=src_rank,
-            )
-    except BaseException:
-        if prefaulter is not None:
-            prefaulter.stop()
-        raise
-    pos = chain.index(me)
-    pred = src_rank if m.star else chain[pos - 1]
-    succ = None if m.star or pos + 1 == len(chain) else chain[pos + 1]
-    try:
+    wire = w.Wire(pg, w.wire_device(pg, device), Deadline(timeout))
+    into_ = _Into(into, alloc_device or torch.device("cpu"), device_mesh, shard_group)
+    with Prefaulter() as prefaulter:
+        plan, manifest_bytes = _offered(wire, src_rank, me, step, config, into_, prefaulter, clock)
+        _accept(wire, src_rank)
         clock.mark("handshake")
-        wire.stall = config.stall_timeout
-        hashes = _stream(wire, messages, targets, landing, pred, succ, m.checksums)
-        clock.mark("data")
-        _verify(wire, src_rank, hashes, m.checksums)
-        with torch.no_grad():  # the receiver's tensors may be leaves that require grad
-            for t, i in copies:
-                t.copy_(rb.typed_view(targets[tensors[i].storage], tensors[i]))
-    except BaseException as e:
-        _best_effort(wire, [w.ACK_OTHER, 0], src_rank, w.TAG_DONE)
-        logger.warning("receive from rank %d failed: %s", src_rank, e)
-        if isinstance(e, Exception) and not isinstance(e, RecoverydError):
-            raise TransferError(
-                f"receiving from rank {src_rank} failed: {e!r}; the in-place state may be "
-                "partly overwritten and must not be used",
-                peer_rank=src_rank,
-            ) from e
-        raise
-    finally:
-        if prefaulter is not None:
-            prefaulter.stop()
-    wire.send_ints([w.ACK_OK, 0], src_rank, w.TAG_DONE)
+        try:
+            wire.stall = config.stall_timeout
+            hashes = _stream(wire, plan)
+            clock.mark("data")
+            _verify(wire, src_rank, hashes, plan.manifest.checksums)
+            plan.copy_out()
+        except BaseException as e:
+            _best_effort(wire, [f.ACK_OTHER, 0], src_rank, f.TAG_DONE)
+            logger.warning("receive from rank %d failed: %s", src_rank, e)
+            if isinstance(e, Exception) and not isinstance(e, RecoverydError):
+                raise TransferError(
+                    f"receiving from rank {src_rank} failed: {e!r}; the in-place state may be "
+                    "partly overwritten and must not be used",
+                    peer_rank=src_rank,
+                ) from e
+            raise
+    wire.send_ints([f.ACK_OK, 0], src_rank, f.TAG_DONE)
     clock.mark("verify")
     stats = TransferStats(
-        role="receiver",
-        payload_bytes=sum(sizes),
+        role="joiner",
+        payload_bytes=sum(plan.sizes),
         bytes_sent=wire.bytes_sent,
         bytes_received=wire.bytes_received,
         messages=wire.messages,
@@ -209,14 +156,147 @@ def recv_state_dict(
         "received %d bytes (%d tensors, %d through scratch) from rank %d via %s in %.3fs "
         "(%.2f GB/s)",
         stats.payload_bytes,
-        len(tensors),
-        len(copies),
-        pred,
-        "relay" if pred != src_rank else "direct",
+        len(plan.tensors),
+        len(plan.copies),
+        plan.pred,
+        "relay" if plan.pred != src_rank else "direct",
         stats.seconds,
         stats.gbps,
     )
-    return ReceivedState(state_dict=state, step=sent_step, stats=stats)
+    return ReceivedState(state_dict=plan.state, step=plan.sent_step, stats=stats)
+
+
+@dataclass(frozen=True, slots=True)
+class _Into:
+    """Where the received state goes: ``state`` in place, or fresh tensors on ``device``."""
+
+    state: object | None
+    device: torch.device
+    mesh: Any | None
+    shard_group: Any | None
+
+
+@dataclass(slots=True)
+class _RecvPlan:
+    """What this receive does (the receiving side's twin of the sender's ``SendPlan``)."""
+
+    manifest: pb.Manifest
+    tensors: list[TensorSpec]
+    sizes: list[int]
+    messages: list[Message]
+    targets: Buffers
+    """Per span, where its bytes go."""
+    landing: list[torch.Tensor | None]
+    """Per message, the bytes it is received straight into (``None``: staged, then scattered)."""
+    copies: list[tuple[torch.Tensor, int]]
+    """(receiver tensor, manifest tensor) pairs copied out of scratch after the data."""
+    state: object
+    sent_step: int | None
+    pred: int
+    """The rank the data comes from (the sender, or the receiver before this one in the chain)."""
+    succ: int | None
+    """The rank this one relays to, if any."""
+
+    def copy_out(self) -> None:
+        """Copies tensors laid out unlike the sender's out of scratch into the receiver's."""
+        with torch.no_grad():  # the receiver's tensors may be leaves that require grad
+            for t, i in self.copies:
+                spec = self.tensors[i]
+                t.copy_(typed_view(self.targets[spec.storage], spec))
+
+
+def _offered(
+    wire: w.Wire,
+    src: int,
+    me: int,
+    step: int | None,
+    config: TransferConfig,
+    into: _Into,
+    prefaulter: Prefaulter,
+    clock: PhaseClock,
+) -> tuple[_RecvPlan, int]:
+    """Reads the sender's offer and prepares for it; a refusal is told to the sender.
+
+    Returns:
+        The receive's plan, and the manifest's size.
+    """
+    try:
+        m, manifest_bytes = _recv_manifest(wire, src, config)
+        clock.mark("manifest")
+        plan = _prepare(m, src, me, wire.pg.size(), step, config, into, prefaulter)
+    except (TransferTimeoutError, PeerLostError, _SenderFailedError):
+        raise  # the sender is gone, silent or failed: nobody would read a refusal
+    except BaseException as e:
+        code = {
+            StepMismatchError: f.ACK_STEP_MISMATCH,
+            StateMismatchError: f.ACK_STATE_MISMATCH,
+            ManifestError: f.ACK_BAD_MANIFEST,
+        }.get(type(e), f.ACK_OTHER)
+        _best_effort(wire, [code, 0], src, f.TAG_ACK)
+        raise
+    clock.mark("prepare")
+    return plan, manifest_bytes
+
+
+def _prepare(
+    m: pb.Manifest,
+    src: int,
+    me: int,
+    world: int,
+    step: int | None,
+    config: TransferConfig,
+    into: _Into,
+    prefaulter: Prefaulter,
+) -> _RecvPlan:
+    """Validates the manifest, then matches ``into.state`` or allocates; nothing written yet."""
+    tensors = decode_tensors(m)
+    check_manifest(m, tensors)
+    chain = list(m.chain)
+    check_chain(chain, src, me, world)
+    sent_step = m.step if m.HasField("step") else None
+    if step is not None and sent_step != step:
+        raise StepMismatchError(step, sent_step, peer_rank=src)
+    sizes = list(m.storage_nbytes)
+    total = sum(sizes)
+    if total > config.max_state_bytes:
+        raise ManifestError(
+            f"rank {src} announces {total} bytes of state, over this receiver's limit "
+            f"of {config.max_state_bytes} (RECOVERYD_MAX_STATE_BYTES)"
+        )
+    messages = cut(sizes, list(m.message_nbytes))
+    check_packing(messages, sizes)
+    arena = Arena(hugepages=config.hugepages)
+    copies: list[tuple[torch.Tensor, int]] = []
+    targets: Buffers
+    if into.state is None:
+        spans, landing = allocate_targets(sizes, messages, into.device, arena)
+        targets = spans
+        # Fresh memory: populate it ahead of the wire, in stream order.
+        prefaulter.start([b for b in landing if b is not None])
+        # Built before any data arrives (views over the empty targets), so a
+        # malformed tree is refused before the sender streams anything.
+        state = rebuild_allocated(m, tensors, spans, into.mesh, into.shard_group)
+    else:
+        dst, state = match_in_place(m, tensors, into.state)
+        mine, copies = place_in_place(tensors, sizes, dst, arena)
+        landing = landing_in_place(messages, mine)
+        targets = mine
+    pos = chain.index(me)
+    pred = src if m.star else chain[pos - 1]
+    succ = None if m.star or pos + 1 == len(chain) else chain[pos + 1]
+    return _RecvPlan(
+        m, tensors, sizes, messages, targets, landing, copies, state, sent_step, pred, succ
+    )
+
+
+def _accept(wire: w.Wire, src: int) -> None:
+    """Tells the sender this receiver is ready; waits for its go (an abort: another refused)."""
+    wire.send_ints([f.ACK_OK, 0], src, f.TAG_ACK)
+    if wire.recv_ints(2, src, f.TAG_GO)[0] != f.GO:
+        raise TransferError(
+            f"rank {src} aborted the transfer because another receiver refused it",
+            peer_rank=src,
+        )
 
 
 class _SenderFailedError(TransferError):
@@ -224,19 +304,19 @@ class _SenderFailedError(TransferError):
 
 
 def _recv_manifest(wire: w.Wire, src: int, config: TransferConfig) -> tuple[pb.Manifest, int]:
-    magic, version, nbytes, flags = wire.recv_ints(4, src, w.TAG_HEADER)
-    if magic != w.MAGIC:
+    magic, version, nbytes, flags = wire.recv_ints(4, src, f.TAG_HEADER)
+    if magic != f.MAGIC:
         raise ManifestError(f"rank {src} did not send a recoveryd header (magic {magic:#x})")
-    if flags == w.HEADER_SENDER_FAILED:
+    if flags == f.HEADER_SENDER_FAILED:
         raise _SenderFailedError(
             f"rank {src} could not send its state (it failed while describing it; see its "
             "logs); nothing was received",
             peer_rank=src,
         )
-    if version != FORMAT_VERSION:
+    if version != f.FORMAT_VERSION:
         raise ManifestError(
             f"rank {src} speaks manifest format {version}, this recoveryd reads "
-            f"{FORMAT_VERSION}: run the same recoveryd version on both sides"
+            f"{f.FORMAT_VERSION}: run the same recoveryd version on both sides"
         )
     if not 0 < nbytes <= config.max_manifest_bytes:
         raise ManifestError(
@@ -244,7 +324,7 @@ def _recv_manifest(wire: w.Wire, src: int, config: TransferConfig) -> tuple[pb.M
             "RECOVERYD_MAX_MANIFEST_BYTES if the state really is that large"
         )
     body = torch.empty(nbytes, dtype=torch.uint8, device=wire.device)
-    wire.recv(body, src, w.TAG_MANIFEST)
+    wire.recv(body, src, f.TAG_MANIFEST)
     m = pb.Manifest()
     try:
         host = body.cpu()
@@ -254,17 +334,11 @@ def _recv_manifest(wire: w.Wire, src: int, config: TransferConfig) -> tuple[pb.M
     return m, nbytes
 
 
-def _stream(
-    wire: w.Wire,
-    messages: list[Message],
-    targets: Buffers,
-    landing: list[torch.Tensor | None],
-    pred: int,
-    succ: int | None,
-    checksums: bool,
-) -> list[int]:
+def _stream(wire: w.Wire, plan: _RecvPlan) -> list[int]:
     """Receives (and relays) the data messages; returns their checksums."""
     dev = wire.device
+    messages, targets, landing = plan.messages, plan.targets, plan.landing
+    pred, succ, checksums = plan.pred, plan.succ, plan.manifest.checksums
 
     def zero_copy(i: int) -> bool:
         buf = landing[i]
@@ -288,7 +362,7 @@ def _stream(
         if checksums:
             hashes.append(checksum(buf))
         if succ is not None:
-            relays.append((wire.isend(buf, succ, w.TAG_DATA), buf, pooled))
+            relays.append((wire.isend(buf, succ, f.TAG_DATA), buf, pooled))
         if pooled is not None:
             scatter(m, buf, targets)
             if succ is None:
@@ -308,7 +382,7 @@ def _stream(
                     retire_relay()
             pooled = staging.take()
             buf = pooled[: m.nbytes]
-        pending.append((m, wire.irecv(buf, pred, w.TAG_DATA), buf, pooled))
+        pending.append((m, wire.irecv(buf, pred, f.TAG_DATA), buf, pooled))
         while len(pending) > WINDOW:
             land()
     while pending:
@@ -320,8 +394,8 @@ def _stream(
 
 def _verify(wire: w.Wire, src: int, hashes: list[int], checksums: bool) -> None:
     n = len(hashes) if checksums else 0
-    trailer = wire.recv_ints(2 + n, src, w.TAG_TRAILER)
-    if trailer[0] != w.TRAILER_MAGIC or trailer[1] != n:
+    trailer = wire.recv_ints(2 + n, src, f.TAG_TRAILER)
+    if trailer[0] != f.TRAILER_MAGIC or trailer[1] != n:
         raise IntegrityError(f"rank {src} sent a bad trailer; the stream is not complete")
     bad = [i for i, (a, b) in enumerate(zip(hashes, trailer[2:], strict=True)) if a != b]
     if bad:

@@ -1,4 +1,10 @@
-"""Sending a state_dict to one or more ranks of a ProcessGroup."""
+"""Sending a state_dict to one or more ranks of a ProcessGroup.
+
+The send runs in phases: plan (walk the state into a manifest and spans),
+offer (header and manifest to every receiver) and settle (their answers,
+then go or abort), stream the data, confirm (trailer out, every receiver's
+done in). :mod:`recoveryd.transport.receiver` mirrors them.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,11 @@ from typing import Any
 
 import torch
 
+from recoveryd._time import Deadline
 from recoveryd.errors import ConfigError, RecoverydError, TransferError
 from recoveryd.transport import _wire as w
-from recoveryd.transport._flatten import FORMAT_VERSION, SendPlan, Span, build_plan
+from recoveryd.transport import format as f
+from recoveryd.transport._flatten import SendPlan, Span, build_plan
 from recoveryd.transport._gc import gc_paused
 from recoveryd.transport._pieces import WINDOW, Message, Staging, copy_bytes, cut
 from recoveryd.transport._wire import Group
@@ -71,7 +79,7 @@ def send_state_dict(
     if any(not 0 <= d < pg.size() for d in dst):
         raise ConfigError("dst_ranks", dst, f"must be ranks of the group (size {pg.size()})")
     dev = w.wire_device(pg, device)
-    wire = w.Wire(pg, dev, w.Deadline(timeout))
+    wire = w.Wire(pg, dev, Deadline(timeout))
     checksums = config.checksums and dev.type == "cpu"
     try:
         plan = build_plan(
@@ -97,26 +105,10 @@ def send_state_dict(
     wire.stall = config.stall_timeout
     hashes = streamer.run(dst if plan.manifest.star else dst[:1])
     clock.mark("data")
-    trailer = torch.tensor([w.TRAILER_MAGIC, len(hashes), *hashes], dtype=torch.int64, device=dev)
-    works = [(wire.isend(trailer, d, w.TAG_TRAILER), d) for d in dst]
-    done = [(torch.zeros(2, dtype=torch.int64, device=dev), d) for d in dst]
-    recvs = [(wire.irecv(t, d, w.TAG_DONE), d, t) for t, d in done]
-    for work, d in works:
-        wire.wait(work, d)
-    failed = []
-    for work, d, t in recvs:
-        wire.wait(work, d)
-        if int(t[0]) != w.ACK_OK:
-            failed.append(d)
-    if failed:
-        raise TransferError(
-            f"receiver rank(s) {failed} reported the state broken (checksum mismatch or a "
-            "local failure; see their logs)",
-            peer_rank=failed[0],
-        )
+    _confirm(wire, dst, hashes)
     clock.mark("confirm")
     stats = TransferStats(
-        role="sender",
+        role="donor",
         payload_bytes=plan.payload_bytes,
         bytes_sent=wire.bytes_sent,
         bytes_received=wire.bytes_received,
@@ -140,12 +132,36 @@ def send_state_dict(
 _Pending = list[tuple[Any, int, torch.Tensor]]
 
 
+def _confirm(wire: w.Wire, dst: list[int], hashes: list[int]) -> None:
+    """Sends the trailer (the checksums) and waits for every receiver to confirm."""
+    dev = wire.device
+    trailer = torch.tensor([f.TRAILER_MAGIC, len(hashes), *hashes], dtype=torch.int64, device=dev)
+    works = [(wire.isend(trailer, d, f.TAG_TRAILER), d) for d in dst]
+    done = [(torch.zeros(2, dtype=torch.int64, device=dev), d) for d in dst]
+    recvs = [(wire.irecv(t, d, f.TAG_DONE), d, t) for t, d in done]
+    for work, d in works:
+        wire.wait(work, d)
+    failed = []
+    for work, d, t in recvs:
+        wire.wait(work, d)
+        if int(t[0]) != f.ACK_OK:
+            failed.append(d)
+    if failed:
+        raise TransferError(
+            f"receiver rank(s) {failed} reported the state broken (checksum mismatch or a "
+            "local failure; see their logs)",
+            peer_rank=failed[0],
+        )
+
+
 def _abort(wire: w.Wire, dst: list[int]) -> None:
     """Sends receivers a header that says the state cannot be sent; gives up after a second."""
     header = torch.tensor(
-        [w.MAGIC, FORMAT_VERSION, 0, w.HEADER_SENDER_FAILED], dtype=torch.int64, device=wire.device
+        [f.MAGIC, f.FORMAT_VERSION, 0, f.HEADER_SENDER_FAILED],
+        dtype=torch.int64,
+        device=wire.device,
     )
-    works = [(wire.isend(header, d, w.TAG_HEADER), d) for d in dst]
+    works = [(wire.isend(header, d, f.TAG_HEADER), d) for d in dst]
     for work, d in works:
         try:
             wire.wait(work, d, cap=timedelta(seconds=1))
@@ -156,15 +172,15 @@ def _abort(wire: w.Wire, dst: list[int]) -> None:
 def _offer(wire: w.Wire, dst: list[int], blob: bytes) -> tuple[_Pending, _Pending]:
     """Posts header and manifest to every receiver, and the receives of their verdicts."""
     dev = wire.device
-    header = torch.tensor([w.MAGIC, FORMAT_VERSION, len(blob), 0], dtype=torch.int64, device=dev)
+    header = torch.tensor([f.MAGIC, f.FORMAT_VERSION, len(blob), 0], dtype=torch.int64, device=dev)
     body = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(dev)
     sends: _Pending = []
     acks: _Pending = []
     for d in dst:
-        sends.append((wire.isend(header, d, w.TAG_HEADER), d, header))
-        sends.append((wire.isend(body, d, w.TAG_MANIFEST), d, body))
+        sends.append((wire.isend(header, d, f.TAG_HEADER), d, header))
+        sends.append((wire.isend(body, d, f.TAG_MANIFEST), d, body))
         ack = torch.zeros(2, dtype=torch.int64, device=dev)
-        acks.append((wire.irecv(ack, d, w.TAG_ACK), d, ack))
+        acks.append((wire.irecv(ack, d, f.TAG_ACK), d, ack))
     return sends, acks
 
 
@@ -176,18 +192,18 @@ def _settle(wire: w.Wire, dst: list[int], offered: tuple[_Pending, _Pending]) ->
     refused: list[tuple[int, int]] = []
     for work, d, t in acks:
         wire.wait(work, d)
-        if int(t[0]) != w.ACK_OK:
+        if int(t[0]) != f.ACK_OK:
             refused.append((d, int(t[0])))
-    verdict = w.ABORT if refused else w.GO
+    verdict = f.ABORT if refused else f.GO
     refusers = {d for d, _ in refused}
     # A refusing receiver has stopped listening: a message to it would never match.
     for d in dst:
         if d not in refusers:
-            wire.send_ints([verdict, 0], d, w.TAG_GO)
+            wire.send_ints([verdict, 0], d, f.TAG_GO)
     if refused:
         d, code = refused[0]
         raise TransferError(
-            f"rank {d} refused the transfer: {w.ACK_REASONS.get(code, f'code {code}')} "
+            f"rank {d} refused the transfer: {f.ACK_REASONS.get(code, f'code {code}')} "
             f"(all refusals: {refused}); nothing was sent",
             peer_rank=d,
         )
@@ -248,7 +264,7 @@ class _Streamer:
                 pooled = staging.take()
                 buf = pooled[: m.nbytes]
                 _pack(m, self._spans, buf)
-            works = [(wire.isend(buf, d, w.TAG_DATA), d) for d in targets]
+            works = [(wire.isend(buf, d, f.TAG_DATA), d) for d in targets]
             if self._checksums:
                 hashes.append(checksum(buf))
             inflight.append((works, buf, pooled))

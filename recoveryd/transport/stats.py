@@ -16,22 +16,22 @@ class TransferStats:
     """Counters of one side of one transfer.
 
     Attributes:
-        role: ``"sender"`` or ``"receiver"``.
+        role: ``"donor"`` (the side that sends) or ``"joiner"`` (a side that receives).
         payload_bytes: tensor bytes the state carries (each shared storage once).
         bytes_sent: bytes this rank put on the wire (payload, forwards, control).
         bytes_received: bytes this rank took off the wire.
         messages: point-to-point operations this rank issued.
         manifest_bytes: size of the encoded manifest.
         seconds: wall time of the call.
-        phases: seconds spent in each phase, in order. Sender: ``plan``
+        phases: seconds spent in each phase, in order. Donor: ``plan``
             (walk the state, build the manifest), ``handshake`` (manifest out,
             receivers' verdicts in), ``data``, ``confirm`` (trailer out,
-            receivers' confirmations in). Receiver: ``manifest`` (wait for
+            receivers' confirmations in). Joiner: ``manifest`` (wait for
             and parse it), ``prepare`` (validate, match or allocate),
             ``handshake``, ``data``, ``verify``.
     """
 
-    role: Literal["sender", "receiver"]
+    role: Literal["donor", "joiner"]
     payload_bytes: int
     bytes_sent: int
     bytes_received: int

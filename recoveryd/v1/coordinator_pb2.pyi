@@ -61,14 +61,12 @@ class RegisterRequest(_message.Message):
     def __init__(self, member: _Optional[_Union[Member, _Mapping]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("coordinator_id", "heartbeat_interval_s", "heartbeat_timeout_s")
+    __slots__ = ("coordinator_id", "heartbeat_interval_s")
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
-    HEARTBEAT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     coordinator_id: str
     heartbeat_interval_s: float
-    heartbeat_timeout_s: float
-    def __init__(self, coordinator_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, coordinator_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class Beat(_message.Message):
     __slots__ = ("replica_id", "group_rank", "step", "healthy")

@@ -12,11 +12,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from recoveryd.agent.client import Beat, CoordinatorClient
+from recoveryd.agent.client import CoordinatorClient
 from recoveryd.coordinator.config import CoordinatorConfig
-from recoveryd.coordinator.membership import MemberInfo
-from recoveryd.coordinator.messages import Report
 from recoveryd.coordinator.server import Coordinator
+from recoveryd.protocol import Beat, MemberInfo, Report
 
 pytestmark = pytest.mark.integration
 

@@ -22,10 +22,10 @@ from prometheus_client.utils import floatToGoString
 from recoveryd.metrics import (
     BUCKETS_S,
     PLAN_RESULTS,
-    REPLICA_STATES,
     AgentMetrics,
     CoordinatorMetrics,
 )
+from recoveryd.protocol import REPLICA_STATES
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ from recoveryd.errors import (
 )
 from recoveryd.testing import FaultyGroup, run_ranks
 from recoveryd.transport import TransferConfig, recv_state_dict, send_state_dict
-from recoveryd.transport import _wire as w
+from recoveryd.transport import format as w
 from recoveryd.v1 import manifest_pb2 as pb
 
 pytestmark = pytest.mark.integration

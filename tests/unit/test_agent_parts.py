@@ -10,13 +10,12 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from recoveryd.agent.client import ClusterStatus, RankStatus, ReplicaStatus
 from recoveryd.agent.config import AgentConfig, _interface_addresses, interface_of, route_to
-from recoveryd.agent.joiner import merge_values
 from recoveryd.agent.layout import fingerprint
-from recoveryd.coordinator.messages import PlanSnapshot
 from recoveryd.errors import ConfigError
+from recoveryd.protocol import ClusterStatus, PlanSnapshot, RankStatus, ReplicaStatus
 from recoveryd.status import render
+from recoveryd.transport.tree import merge_values
 
 # ---- layout fingerprint ---------------------------------------------------------
 

@@ -6,14 +6,10 @@ from datetime import timedelta
 
 import pytest
 
-from recoveryd.coordinator.donor import choose_donor, fence, make_plan
-from recoveryd.coordinator.membership import (
-    MemberInfo,
-    Membership,
-    ReplicaView,
-    UnknownMemberError,
-)
-from recoveryd.errors import ConfigError
+from recoveryd.coordinator.membership import Membership, ReplicaView
+from recoveryd.coordinator.policy import choose_donor, fence, make_plan
+from recoveryd.errors import ConfigError, UnknownMemberError
+from recoveryd.protocol import MemberInfo
 
 
 class Clock:

@@ -7,7 +7,8 @@ import torch
 
 from recoveryd.errors import ManifestError, UnsupportedValueError
 from recoveryd.transport._flatten import build_plan, cut_messages
-from recoveryd.transport._rebuild import TreeBuilder, check_manifest, decode_tensors
+from recoveryd.transport._validate import check_manifest
+from recoveryd.transport.tree import TreeBuilder, decode_tensors
 from recoveryd.v1 import manifest_pb2 as pb
 from tests.statedicts import every_kind
 
@@ -124,7 +125,7 @@ def test_tensor_no_leaf_refers_to_is_rejected() -> None:
 
 @pytest.mark.parametrize("text", ["--5", "\u00b2", "1" * 5000, ""])
 def test_malformed_big_ints_are_rejected(text: str) -> None:
-    from recoveryd.transport._rebuild import decode_value
+    from recoveryd.transport.tree import decode_value
 
     with pytest.raises(ManifestError):
         decode_value(pb.Value(big_int_value=text))

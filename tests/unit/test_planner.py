@@ -9,10 +9,10 @@ from datetime import timedelta
 import pytest
 
 from recoveryd.coordinator.config import CoordinatorConfig
-from recoveryd.coordinator.membership import MemberInfo, Membership, UnknownMemberError
-from recoveryd.coordinator.messages import Order, Report
+from recoveryd.coordinator.membership import Membership
 from recoveryd.coordinator.planner import Planner
-from recoveryd.errors import ConfigError
+from recoveryd.errors import ConfigError, UnknownMemberError
+from recoveryd.protocol import MemberInfo, Order, Report
 
 
 class Clock:

@@ -68,14 +68,34 @@ class Prefaulter:
 
     The wire then writes into memory that is already there. If the wire
     catches up, it faults pages in itself as usual; nothing waits on this.
+    A context manager: leaving the block stops and joins the thread, so it
+    never touches the buffers after the receive ends, however it ends::
+
+        with Prefaulter() as prefaulter:
+            prefaulter.start(buffers)
+            ...  # receive into the buffers
     """
 
-    def __init__(self, buffers: list[torch.Tensor]) -> None:
-        self._buffers = [b for b in buffers if b.numel() and b.device.type == "cpu"]
+    def __init__(self) -> None:
         self._stop = threading.Event()
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="recoveryd-prefault", daemon=True)
+        self._buffers: list[torch.Tensor] = []
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Prefaulter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, buffers: list[torch.Tensor]) -> None:
+        """Starts populating ``buffers`` (CPU ones with bytes), first to last."""
+        assert self._thread is None, "a prefaulter runs once"
+        self._buffers = [b for b in buffers if b.numel() and b.device.type == "cpu"]
         if self._buffers:
+            self._thread = threading.Thread(
+                target=self._run, name="recoveryd-prefault", daemon=True
+            )
             self._thread.start()
 
     def _run(self) -> None:
@@ -104,7 +124,7 @@ class Prefaulter:
     def stop(self, timeout: timedelta = timedelta(seconds=5)) -> None:
         """Stops and joins the thread (it never touches memory after this returns)."""
         self._stop.set()
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout.total_seconds())
             if self._thread.is_alive():
                 logger.warning("prefault thread did not stop within %s", timeout)

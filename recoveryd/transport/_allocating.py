@@ -1,4 +1,11 @@
-"""Rebuilding the received state_dict's tree: fresh tensors, DTensors, ShardedTensors."""
+"""The allocating rebuild: fresh tensors, DTensors and ShardedTensors for the received tree.
+
+An allocating receive lays the span buffers out in stream order (packed
+messages land in place, see :class:`~recoveryd.transport._memory.Arena`),
+then builds the sender's tree as views over them before any data arrives,
+so a malformed tree is refused before the sender streams anything.
+DTensors are rebuilt on the receiver's mesh, ShardedTensors on its group.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +20,16 @@ from torch.distributed._shard.sharded_tensor.metadata import (
     ShardedTensorMetadata,
     TensorProperties,
 )
-from torch.distributed.tensor import DTensor, Replicate
-from torch.distributed.tensor import Shard as ShardPlacement
-from torch.distributed.tensor.placement_types import Partial, Placement
+from torch.distributed.tensor import DTensor
 
 from recoveryd.errors import ManifestError, StateMismatchError
 from recoveryd.transport import _dtypes
-from recoveryd.transport._alloc import SpanBuffers
-from recoveryd.transport._rebuild import Path, TensorSpec, TreeBuilder, typed_view
+from recoveryd.transport._memory import Arena, SpanBuffers
+from recoveryd.transport._pieces import Message, landing_in_place
+from recoveryd.transport._placements import decode_placement
+from recoveryd.transport._validate import TensorSpec
+from recoveryd.transport.format import NODE_DTENSOR, NODE_TENSOR, Path, path_str
+from recoveryd.transport.tree import TreeBuilder, typed_view
 from recoveryd.v1 import manifest_pb2 as pb
 
 
@@ -52,39 +61,26 @@ def rebuild_allocated(
         return t
 
     def leaf(kind: int, arg: int, path: Path) -> object:
-        if kind == pb.NODE_KIND_TENSOR:
+        if kind == NODE_TENSOR:
             if arg >= len(tensors):
                 raise ManifestError("tensor index out of range")
             return plain(arg)
-        if kind == pb.NODE_KIND_DTENSOR:
+        if kind == NODE_DTENSOR:
             if arg >= len(m.dtensors):
                 raise ManifestError("DTensor index out of range")
             return _dtensor(m.dtensors[arg], plain(m.dtensors[arg].local_tensor), mesh, path)
         if arg >= len(m.sharded_tensors):
             raise ManifestError("ShardedTensor index out of range")
         meta = m.sharded_tensors[arg]
-        return _sharded(meta, [plain(i) for i in meta.local_tensor], shard_group)
+        return _sharded(meta, [plain(i) for i in meta.local_tensor], shard_group, path)
 
-    # Paths only name a DTensor in an error; not building them saves a tuple per node.
-    return TreeBuilder(m, leaf, paths=False).build()
-
-
-def _placement(p: pb.Placement) -> Placement:
-    if p.kind == pb.Placement.KIND_REPLICATE:
-        return Replicate()
-    if p.kind == pb.Placement.KIND_SHARD:
-        return ShardPlacement(p.dim)
-    if p.kind == pb.Placement.KIND_PARTIAL:
-        return Partial(p.reduce_op or "sum")
-    if p.kind == pb.Placement.KIND_STRIDED_SHARD:
-        from torch.distributed.tensor.placement_types import _StridedShard
-
-        return _StridedShard(p.dim, split_factor=p.split_factor)
-    raise ManifestError(f"unknown DTensor placement kind {p.kind}")
+    # Paths only name a DTensor or ShardedTensor in an error; a state without
+    # them does not build them (a tuple per node saved).
+    return TreeBuilder(m, leaf, paths=bool(m.dtensors) or bool(m.sharded_tensors)).build()
 
 
 def _dtensor(meta: pb.DTensorMeta, local: torch.Tensor, mesh: Any | None, path: Path) -> DTensor:
-    where = ".".join(str(p) for p in path)
+    where = path_str(path)
     if mesh is None:
         raise StateMismatchError(
             [
@@ -99,7 +95,7 @@ def _dtensor(meta: pb.DTensorMeta, local: torch.Tensor, mesh: Any | None, path: 
     return DTensor.from_local(
         local,
         mesh,
-        [_placement(p) for p in meta.placements],
+        [decode_placement(p) for p in meta.placements],
         run_check=False,
         shape=torch.Size(meta.global_shape),
         stride=tuple(meta.global_stride),
@@ -107,7 +103,7 @@ def _dtensor(meta: pb.DTensorMeta, local: torch.Tensor, mesh: Any | None, path: 
 
 
 def _sharded(
-    meta: pb.ShardedTensorMeta, locals_: list[torch.Tensor], group: Any | None
+    meta: pb.ShardedTensorMeta, locals_: list[torch.Tensor], group: Any | None, path: Path
 ) -> ShardedTensor:
     dtype = _dtypes.FROM_PB.get(meta.dtype)
     if dtype is None:
@@ -142,6 +138,17 @@ def _sharded(
     except (ValueError, RuntimeError) as e:
         raise StateMismatchError(
             [
-                f"a ShardedTensor cannot be rebuilt on this rank ({e}); pass shard_group= or receive in place"
+                f"{path_str(path)}: a ShardedTensor cannot be rebuilt on this rank ({e}); "
+                "pass shard_group= or receive in place"
             ]
         ) from e
+
+
+def allocate_targets(
+    sizes: list[int], messages: list[Message], device: torch.device, arena: Arena
+) -> tuple[SpanBuffers, list[torch.Tensor | None]]:
+    """Fresh span buffers for an allocating receive, and where each message lands."""
+    if device.type == "cpu":
+        return arena.for_stream(sizes, messages)
+    buffers = SpanBuffers(sizes, arena, device=device)
+    return buffers, landing_in_place(messages, buffers)

@@ -11,8 +11,10 @@ then the highest step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 from recoveryd.coordinator.membership import ReplicaView
 
@@ -158,6 +160,28 @@ def fence(acked_steps: Collection[int], fence_steps: int) -> int:
             every donor rank is parked and serves at its current step).
     """
     return max(acked_steps) + fence_steps
+
+
+def fence_ahead(
+    fence_steps: int, *, step_time_s: float, fence_time: timedelta, max_fence_steps: int
+) -> int:
+    """How many step boundaries past the furthest donor rank a plan is fenced.
+
+    At least ``fence_steps``, and at least ``fence_time`` of training at the
+    donor ranks' slowest reported step time (fast steps get more steps of
+    margin: the ARM order must arrive before the boundary), at most
+    ``max_fence_steps``.
+
+    Args:
+        fence_steps: the round's fence (doubled after each overshoot).
+        step_time_s: the slowest donor rank's recent seconds per step (0: unknown).
+        fence_time: the least training time between the fence and the furthest rank.
+        max_fence_steps: the upper bound.
+    """
+    if step_time_s <= 0:
+        return fence_steps
+    by_time = math.ceil(fence_time.total_seconds() / step_time_s)
+    return max(fence_steps, min(by_time, max_fence_steps))
 
 
 def why_no_donor(

@@ -1,0 +1,336 @@
+"""The one codec between :mod:`recoveryd.protocol` and the ``recoveryd.v1`` messages.
+
+The coordinator's servicer and the agent's client both convert here, so each
+field is mapped once, in both directions, side by side. What comes from the
+network is checked as it is decoded: a report with an unknown role or result
+is refused with a :class:`~recoveryd.errors.ConfigError` (the servicer answers
+``INVALID_ARGUMENT``); enum values this version does not know read as the
+safest meaning (an unknown order is a cancel, an unknown answer a wait).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import cast
+
+from recoveryd.errors import ConfigError
+from recoveryd.protocol import (
+    RESULTS,
+    Answer,
+    Beat,
+    ClusterStatus,
+    MemberInfo,
+    Order,
+    PlanSnapshot,
+    PlanState,
+    RankStatus,
+    Registration,
+    ReplicaState,
+    ReplicaStatus,
+    Report,
+    Role,
+)
+from recoveryd.v1 import coordinator_pb2 as pb
+
+MAX_MESSAGE_CHARS = 2000
+"""A report's message is cut to this many characters before it is sent."""
+
+_ORDER_KINDS = {"prepare": pb.Order.PREPARE, "arm": pb.Order.ARM, "cancel": pb.Order.CANCEL}
+_ORDER_NAMES = {v: k for k, v in _ORDER_KINDS.items()}
+_ANSWER_STATES = {
+    "no_donor": pb.RecoverResponse.NO_DONOR,
+    "wait": pb.RecoverResponse.WAIT,
+    "transfer": pb.RecoverResponse.TRANSFER,
+    "done": pb.RecoverResponse.DONE,
+}
+_ANSWER_NAMES = {v: k for k, v in _ANSWER_STATES.items()}
+_ROLES: dict[Role, pb.TransferReport.Role] = {
+    "donor": pb.TransferReport.DONOR,
+    "joiner": pb.TransferReport.JOINER,
+}
+_ROLE_NAMES = {v: k for k, v in _ROLES.items()}
+
+
+def _opt(msg: object, name: str) -> int | None:
+    """An ``optional int64`` field, ``None`` when unset."""
+    return getattr(msg, name) if msg.HasField(name) else None  # type: ignore[attr-defined]
+
+
+# ---- membership ----------------------------------------------------------------
+
+
+def member_to_pb(info: MemberInfo, *, step: int | None) -> pb.Member:
+    out = pb.Member(
+        replica_id=info.replica_id,
+        group_rank=info.group_rank,
+        group_world_size=info.group_world_size,
+        layout_fingerprint=info.layout_fingerprint,
+        device_kind=info.device_kind,
+        rendezvous=info.rendezvous,
+        labels=dict(info.labels),
+        agent_id=info.agent_id,
+        interface=info.interface,
+    )
+    if step is not None:
+        out.step = step
+    return out
+
+
+def member_from_pb(m: pb.Member) -> tuple[MemberInfo, int | None]:
+    """The member and the step it registers with.
+
+    Raises:
+        ConfigError: the member is invalid (see :class:`MemberInfo`).
+    """
+    info = MemberInfo(
+        replica_id=m.replica_id,
+        group_rank=m.group_rank,
+        group_world_size=m.group_world_size,
+        layout_fingerprint=m.layout_fingerprint,
+        device_kind=m.device_kind or "cpu",
+        rendezvous=m.rendezvous,
+        labels=dict(m.labels),
+        agent_id=m.agent_id,
+        interface=m.interface,
+    )
+    return info, _opt(m, "step")
+
+
+def registration_to_pb(reg: Registration) -> pb.RegisterResponse:
+    return pb.RegisterResponse(
+        coordinator_id=reg.coordinator_id,
+        heartbeat_interval_s=reg.heartbeat_interval.total_seconds(),
+    )
+
+
+def registration_from_pb(r: pb.RegisterResponse) -> Registration:
+    return Registration(
+        coordinator_id=r.coordinator_id,
+        heartbeat_interval=timedelta(seconds=r.heartbeat_interval_s),
+    )
+
+
+def beats_to_pb(beats: list[Beat]) -> pb.HeartbeatRequest:
+    out = pb.HeartbeatRequest()
+    for b in beats:
+        beat = out.beats.add(replica_id=b.replica_id, group_rank=b.group_rank, healthy=b.healthy)
+        if b.step is not None:
+            beat.step = b.step
+    return out
+
+
+def beats_from_pb(req: pb.HeartbeatRequest) -> list[Beat]:
+    return [
+        Beat(
+            replica_id=b.replica_id,
+            group_rank=b.group_rank,
+            step=_opt(b, "step"),
+            healthy=b.healthy,
+        )
+        for b in req.beats
+    ]
+
+
+# ---- plans ---------------------------------------------------------------------
+
+
+def order_to_pb(o: Order) -> pb.Order:
+    return pb.Order(
+        kind=_ORDER_KINDS[o.kind],
+        plan_id=o.plan_id,
+        joiner=o.joiner,
+        step=o.step or 0,
+        timeout_s=o.timeout_s,
+        rendezvous_prefix=o.rendezvous_prefix,
+        backend=o.backend,
+    )
+
+
+def order_from_pb(o: pb.Order) -> Order:
+    kind = _ORDER_NAMES.get(o.kind, "cancel")  # an order this version does not know: drop the plan
+    return Order(
+        kind=kind,  # type: ignore[arg-type]
+        plan_id=o.plan_id,
+        joiner=o.joiner,
+        step=o.step if o.kind == pb.Order.ARM else None,
+        timeout_s=o.timeout_s,
+        rendezvous_prefix=o.rendezvous_prefix,
+        backend=o.backend or "gloo",
+    )
+
+
+def answer_to_pb(a: Answer) -> pb.RecoverResponse:
+    out = pb.RecoverResponse(
+        state=_ANSWER_STATES[a.state],
+        reason=a.reason,
+        plan_id=a.plan_id,
+        donor=a.donor,
+        rendezvous=a.rendezvous,
+        rendezvous_prefix=a.rendezvous_prefix,
+        timeout_s=a.timeout_s,
+        backend=a.backend,
+        fresh=a.fresh,
+    )
+    if a.step is not None:
+        out.step = a.step
+    return out
+
+
+def answer_from_pb(r: pb.RecoverResponse) -> Answer:
+    return Answer(
+        state=_ANSWER_NAMES.get(r.state, "wait"),  # type: ignore[arg-type]
+        reason=r.reason,
+        plan_id=r.plan_id,
+        donor=r.donor,
+        step=_opt(r, "step"),
+        rendezvous=r.rendezvous,
+        rendezvous_prefix=r.rendezvous_prefix,
+        timeout_s=r.timeout_s,
+        backend=r.backend or "gloo",
+        fresh=r.fresh,
+    )
+
+
+def report_to_pb(r: Report) -> pb.TransferReport:
+    return pb.TransferReport(
+        plan_id=r.plan_id,
+        replica_id=r.replica_id,
+        group_rank=r.group_rank,
+        role=_ROLES[r.role],
+        result=r.result,
+        message=r.message[:MAX_MESSAGE_CHARS],
+        step=r.step or 0,
+        bytes=r.bytes,
+        seconds=r.seconds,
+        phases=dict(r.phases),
+        address=r.address,
+    )
+
+
+def report_from_pb(r: pb.TransferReport) -> Report:
+    """A transfer report, checked.
+
+    Raises:
+        ConfigError: an unknown role or result.
+    """
+    role = _ROLE_NAMES.get(r.role)
+    if role is None:
+        raise ConfigError("role", r.role, "must be DONOR or JOINER")
+    if r.result not in RESULTS:
+        raise ConfigError("result", r.result, f"must be one of {RESULTS}")
+    return Report(
+        plan_id=r.plan_id,
+        replica_id=r.replica_id,
+        group_rank=r.group_rank,
+        role=role,
+        result=r.result,
+        message=r.message,
+        step=r.step,
+        bytes=r.bytes,
+        seconds=r.seconds,
+        phases=dict(r.phases),
+        address=r.address,
+    )
+
+
+# ---- status --------------------------------------------------------------------
+
+
+def plan_to_pb(p: PlanSnapshot) -> pb.PlanStatus:
+    out = pb.PlanStatus(
+        plan_id=p.plan_id,
+        joiner=p.joiner,
+        donor=p.donor,
+        state=p.state,
+        age_s=p.age_s,
+        ranks_done=p.ranks_done,
+        reason=p.reason,
+        bytes=p.bytes,
+        recovery_s=p.recovery_s,
+        transfer_s=p.transfer_s,
+        phases=dict(p.phases),
+        addresses=list(p.addresses),
+        attempt=p.attempt,
+    )
+    if p.step is not None:
+        out.step = p.step
+    return out
+
+
+def plan_from_pb(p: pb.PlanStatus) -> PlanSnapshot:
+    return PlanSnapshot(
+        plan_id=p.plan_id,
+        joiner=p.joiner,
+        donor=p.donor,
+        step=_opt(p, "step"),
+        state=cast(PlanState, p.state),  # shown, never acted on
+        attempt=p.attempt,
+        age_s=p.age_s,
+        ranks_done=p.ranks_done,
+        reason=p.reason,
+        bytes=p.bytes,
+        transfer_s=p.transfer_s,
+        recovery_s=p.recovery_s,
+        phases=dict(p.phases),
+        addresses=tuple(p.addresses),
+    )
+
+
+def status_to_pb(s: ClusterStatus) -> pb.StatusResponse:
+    out = pb.StatusResponse(coordinator_id=s.coordinator_id, uptime_s=s.uptime_s)
+    for rep in s.replicas:
+        r = out.replicas.add(
+            replica_id=rep.replica_id,
+            world_size=rep.world_size,
+            healthy=rep.healthy,
+            state=rep.state,
+        )
+        if rep.step is not None:
+            r.step = rep.step
+        for k in rep.ranks:
+            rank = r.ranks.add(
+                group_rank=k.group_rank,
+                healthy=k.healthy,
+                last_seen_s=k.last_seen_s,
+                rendezvous=k.rendezvous,
+                device_kind=k.device_kind,
+                labels=dict(k.labels),
+                interface=k.interface,
+            )
+            if k.step is not None:
+                rank.step = k.step
+    out.active.extend(plan_to_pb(p) for p in s.active)
+    out.recent.extend(plan_to_pb(p) for p in s.recent)
+    return out
+
+
+def status_from_pb(r: pb.StatusResponse) -> ClusterStatus:
+    return ClusterStatus(
+        coordinator_id=r.coordinator_id,
+        uptime_s=r.uptime_s,
+        replicas=[
+            ReplicaStatus(
+                replica_id=rep.replica_id,
+                world_size=rep.world_size,
+                step=_opt(rep, "step"),
+                healthy=rep.healthy,
+                state=cast(ReplicaState, rep.state),  # shown, never acted on
+                ranks=[
+                    RankStatus(
+                        group_rank=k.group_rank,
+                        step=_opt(k, "step"),
+                        healthy=k.healthy,
+                        last_seen_s=k.last_seen_s,
+                        rendezvous=k.rendezvous,
+                        device_kind=k.device_kind,
+                        labels=dict(k.labels),
+                        interface=k.interface,
+                    )
+                    for k in rep.ranks
+                ],
+            )
+            for rep in r.replicas
+        ],
+        active=[plan_from_pb(p) for p in r.active],
+        recent=[plan_from_pb(p) for p in r.recent],
+    )

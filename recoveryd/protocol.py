@@ -1,0 +1,229 @@
+"""What agents and the coordinator say to each other, as plain data.
+
+Every type here crosses the gRPC boundary, and only these do: registrations
+and heartbeats, orders to donor ranks, answers to joining ranks, transfer
+reports, and the cluster as ``recoveryd status`` shows it. They are turned
+into ``recoveryd.v1`` messages and back in one place (:mod:`recoveryd.codec`,
+used by the coordinator's servicer and the agent's client alike); nothing
+else sees proto types.
+
+The roles of a transfer are named one way everywhere: the *donor* sends its
+live state, the *joiner* receives it. The result vocabulary of a transfer
+(:data:`RESULTS`, :func:`result_of`) lives here too: an agent reports it, the
+coordinator decides by it, the metrics label by it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Literal
+
+from recoveryd.errors import (
+    ConfigError,
+    ManifestError,
+    PeerLostError,
+    StateMismatchError,
+    StepMismatchError,
+    TransferTimeoutError,
+)
+
+Role = Literal["donor", "joiner"]
+"""The two sides of a transfer: the donor sends its live state, the joiner receives it."""
+
+PlanState = Literal["preparing", "armed", "done", "failed"]
+"""A plan is ``preparing`` until every donor rank joined its group, then
+``armed`` at a fenced step, then ``done`` or ``failed``."""
+
+ReplicaState = Literal["healthy", "unhealthy", "recovering"]
+REPLICA_STATES: tuple[ReplicaState, ...] = ("healthy", "unhealthy", "recovering")
+"""How ``recoveryd status`` and the metrics describe a replica."""
+
+RESULTS = ("ok", "timeout", "peer_lost", "rejected", "step_mismatch", "error")
+"""Every outcome a transfer report may carry (a small fixed set: they label metrics)."""
+
+
+def result_of(err: BaseException) -> str:
+    """The report result for a transfer failure (one of :data:`RESULTS`)."""
+    if isinstance(err, StepMismatchError):
+        return "step_mismatch"
+    if isinstance(err, StateMismatchError | ManifestError):
+        return "rejected"
+    if isinstance(err, TransferTimeoutError | TimeoutError):
+        return "timeout"
+    if isinstance(err, PeerLostError | ConnectionError):
+        return "peer_lost"
+    return "error"
+
+
+# ---- membership ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MemberInfo:
+    """What a rank's agent says about itself when it registers."""
+
+    replica_id: str
+    """The replica (a whole copy of the model, all its ranks) this rank belongs to."""
+    group_rank: int
+    """This rank's rank within its replica."""
+    group_world_size: int
+    """How many ranks the replica has."""
+    layout_fingerprint: str
+    """A digest of the state's layout: only equal fingerprints can donate to each other."""
+    device_kind: str = "cpu"
+    """``cpu`` (Gloo transfers) or ``cuda`` (NCCL)."""
+    rendezvous: str = ""
+    """``host:port`` where this rank's transfers rendezvous."""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """Locality labels, e.g. ``{"node": ..., "zone": ...}``."""
+    agent_id: str = ""
+    """Unique per agent process: a new one for a registered rank means the rank restarted."""
+    interface: str = ""
+    """The network interface the rendezvous address is on (``eth0``), as the agent saw it."""
+
+    def __post_init__(self) -> None:
+        if not self.replica_id:
+            raise ConfigError("replica_id", self.replica_id, "must not be empty")
+        if self.group_world_size < 1:
+            raise ConfigError("group_world_size", self.group_world_size, "must be >= 1")
+        if not 0 <= self.group_rank < self.group_world_size:
+            raise ConfigError(
+                "group_rank", self.group_rank, f"must be in [0, {self.group_world_size})"
+            )
+        if not self.layout_fingerprint:
+            raise ConfigError("layout_fingerprint", self.layout_fingerprint, "must not be empty")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Registration:
+    """The coordinator's answer to a registration."""
+
+    coordinator_id: str
+    """Changes when the coordinator restarts (its plans are then gone)."""
+    heartbeat_interval: timedelta
+    """How often the rank heartbeats from now on."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Beat:
+    """One rank's heartbeat."""
+
+    replica_id: str
+    group_rank: int
+    step: int | None
+    healthy: bool = True
+
+
+# ---- plans ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Order:
+    """What a donor rank must do for a plan."""
+
+    kind: Literal["prepare", "arm", "cancel"]
+    plan_id: int
+    joiner: str
+    step: int | None = None
+    """The fenced step (``arm`` only)."""
+    timeout_s: float = 0.0
+    rendezvous_prefix: str = ""
+    backend: str = "gloo"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Answer:
+    """What a joining rank is told when it asks to recover."""
+
+    state: Literal["no_donor", "wait", "transfer", "done"]
+    reason: str = ""
+    plan_id: int = 0
+    donor: str = ""
+    step: int | None = None
+    """The fenced step (``transfer`` once armed, and ``done``)."""
+    rendezvous: str = ""
+    rendezvous_prefix: str = ""
+    timeout_s: float = 0.0
+    backend: str = "gloo"
+    fresh: bool = False
+    """``no_donor`` at a job's start: nothing of this layout ever held a step here."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Report:
+    """One side of one transfer, as its agent saw it."""
+
+    plan_id: int
+    replica_id: str
+    group_rank: int
+    role: Role
+    result: str
+    """One of :data:`RESULTS`."""
+    message: str = ""
+    step: int | None = None
+    bytes: int = 0
+    seconds: float = 0.0
+    phases: Mapping[str, float] = field(default_factory=dict)
+    address: str = ""
+
+
+# ---- status --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PlanSnapshot:
+    """A plan as ``recoveryd status`` shows it."""
+
+    plan_id: int
+    joiner: str
+    donor: str
+    step: int | None
+    state: PlanState
+    attempt: int
+    age_s: float
+    ranks_done: int
+    reason: str
+    bytes: int
+    transfer_s: float
+    recovery_s: float
+    phases: Mapping[str, float]
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RankStatus:
+    """A rank in ``recoveryd status``."""
+
+    group_rank: int
+    step: int | None
+    healthy: bool
+    last_seen_s: float
+    rendezvous: str
+    device_kind: str
+    labels: Mapping[str, str]
+    interface: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReplicaStatus:
+    """A replica in ``recoveryd status``."""
+
+    replica_id: str
+    world_size: int
+    step: int | None
+    healthy: bool
+    state: ReplicaState
+    ranks: Sequence[RankStatus]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClusterStatus:
+    """The cluster as the coordinator sees it."""
+
+    coordinator_id: str
+    uptime_s: float
+    replicas: Sequence[ReplicaStatus]
+    active: Sequence[PlanSnapshot]
+    recent: Sequence[PlanSnapshot] = field(default_factory=list)

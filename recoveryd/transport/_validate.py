@@ -1,0 +1,174 @@
+"""Checking a received manifest before anything is allocated: tensor columns and references.
+
+Nothing here trusts the manifest: every index, size, stride and extent is
+checked against the others and against fixed bounds, so a hostile or broken
+sender cannot make the receiver allocate, index or write out of range.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from recoveryd.errors import ManifestError
+from recoveryd.transport import _dtypes
+from recoveryd.transport._pieces import Message
+from recoveryd.transport.format import (
+    FORMAT_VERSION,
+    MAX_MESSAGE_BYTES,
+    MAX_NUMEL,
+    NODE_DTENSOR,
+    NODE_SHARDED_TENSOR,
+    NODE_TENSOR,
+)
+from recoveryd.v1 import manifest_pb2 as pb
+
+
+@dataclass(slots=True)
+class TensorSpec:
+    """One tensor of the manifest, decoded."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage: int
+    byte_offset: int
+    requires_grad: bool
+    numel: int
+    contiguous: bool
+    extent: int  # bytes from its first to one past its last element; 0 if empty
+
+
+def decode_tensors(m: pb.Manifest) -> list[TensorSpec]:
+    """Decodes and bounds-checks the tensor columns.
+
+    Raises:
+        ManifestError: any column is inconsistent or a tensor reaches outside its span.
+    """
+    n = len(m.tensor_dtype)
+    cols = (
+        m.tensor_ndim,
+        m.tensor_storage,
+        m.tensor_byte_offset,
+        m.tensor_requires_grad,
+        m.tensor_is_parameter,
+    )
+    if any(len(c) != n for c in cols):
+        raise ManifestError("tensor columns have different lengths")
+    ndims = list(m.tensor_ndim)
+    total_dims = sum(ndims)
+    if len(m.tensor_shape) != total_dims or len(m.tensor_stride) != total_dims:
+        raise ManifestError("tensor shapes/strides do not match the tensors' dimensions")
+    shapes = list(m.tensor_shape)
+    strides = list(m.tensor_stride)
+    storages = list(m.tensor_storage)
+    offsets = list(m.tensor_byte_offset)
+    grads = list(m.tensor_requires_grad)
+    span = list(m.storage_nbytes)
+    out: list[TensorSpec] = []
+    pos = 0
+    for i, code in enumerate(m.tensor_dtype):
+        dtype = _dtypes.FROM_PB.get(code)
+        if dtype is None:
+            raise ManifestError(f"tensor {i}: unknown dtype code {code}")
+        nd = ndims[i]
+        if nd > 64:
+            raise ManifestError(f"tensor {i}: {nd} dimensions")
+        shape = tuple(shapes[pos : pos + nd])
+        stride = tuple(strides[pos : pos + nd])
+        pos += nd
+        s = storages[i]
+        if s >= len(span):
+            raise ManifestError(f"tensor {i}: storage {s} out of range")
+        itemsize = dtype.itemsize
+        off = offsets[i]
+        if off % itemsize:
+            raise ManifestError(f"tensor {i}: byte offset {off} not a multiple of {itemsize}")
+        if nd == 1:  # the common case, without the generic loops
+            numel, last = shape[0], shape[0] - 1
+            contiguous = stride[0] == 1 or numel < 2
+            if numel < 0 or stride[0] < 0:
+                raise ManifestError(f"tensor {i}: negative size or stride")
+            last *= stride[0]
+        else:
+            if any(d < 0 for d in shape) or any(st < 0 for st in stride):
+                raise ManifestError(f"tensor {i}: negative size or stride")
+            numel = math.prod(shape)
+            last = sum((d - 1) * st for d, st in zip(shape, stride, strict=True))
+            contiguous = _is_contiguous(shape, stride)
+        extent = 0
+        if numel:
+            if numel > MAX_NUMEL:
+                raise ManifestError(f"tensor {i}: {numel} elements")
+            extent = (last + 1) * itemsize
+            if off + extent > span[s]:
+                raise ManifestError(
+                    f"tensor {i}: reaches byte {off + extent} of a {span[s]}-byte span"
+                )
+        out.append(TensorSpec(dtype, shape, stride, s, off, grads[i], numel, contiguous, extent))
+    return out
+
+
+def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    expected = 1
+    for d, st in zip(reversed(shape), reversed(stride), strict=True):
+        if d != 1 and st != expected:
+            return False
+        expected *= d
+    return True
+
+
+def check_manifest(m: pb.Manifest, tensors: list[TensorSpec]) -> None:
+    """Checks everything but the tree (walked when it is rebuilt)."""
+    if m.format_version != FORMAT_VERSION:
+        raise ManifestError(
+            f"manifest format {m.format_version}, this recoveryd reads {FORMAT_VERSION}: "
+            "upgrade the older side"
+        )
+    if len(m.node_kind) != len(m.node_arg):
+        raise ManifestError("node columns have different lengths")
+    if any(n == 0 or n > MAX_MESSAGE_BYTES for n in m.message_nbytes):
+        raise ManifestError("a message is empty or larger than 1 GiB")
+    if sum(m.message_nbytes) != sum(m.storage_nbytes):
+        raise ManifestError("messages do not cover the storages exactly")
+    for d in m.dtensors:
+        if d.local_tensor >= len(tensors):
+            raise ManifestError("a DTensor names a tensor out of range")
+    # Every tensor is one leaf's, exactly once: nothing unreferenced, nothing shared.
+    refs = [a for k, a in zip(m.node_kind, m.node_arg, strict=True) if k == NODE_TENSOR]
+    refs.extend(d.local_tensor for d in m.dtensors)
+    for st in m.sharded_tensors:
+        refs.extend(st.local_tensor)
+    if len(refs) != len(tensors) or sorted(refs) != list(range(len(tensors))):
+        raise ManifestError("tensors are not each referenced exactly once by the tree")
+    nd, ns = len(m.dtensors), len(m.sharded_tensors)
+    for k, a in zip(m.node_kind, m.node_arg, strict=True):
+        if (k == NODE_DTENSOR and a >= nd) or (k == NODE_SHARDED_TENSOR and a >= ns):
+            raise ManifestError("a DTensor or ShardedTensor node is out of range")
+    for st in m.sharded_tensors:
+        if len(st.local_shard) != len(st.local_tensor):
+            raise ManifestError("a ShardedTensor's local shard columns differ in length")
+        if any(j >= len(st.shards) for j in st.local_shard) or any(
+            t >= len(tensors) for t in st.local_tensor
+        ):
+            raise ManifestError("a ShardedTensor names a shard or tensor out of range")
+
+
+def check_chain(chain: list[int], src: int, me: int, world: int) -> None:
+    """Checks that the relay chain leads from ``src`` through this rank, within the group."""
+    if not chain or chain[0] != src or chain.count(me) != 1:
+        raise ManifestError(f"relay chain {chain} does not lead from rank {src} to {me}")
+    if any(not 0 <= r < world for r in chain) or len(set(chain)) != len(chain):
+        raise ManifestError(f"relay chain {chain} names ranks outside the group or twice")
+
+
+def check_packing(messages: list[Message], sizes: list[int]) -> None:
+    """Checks that every packed message carries whole spans (only direct ones cut a span)."""
+    for msg in messages:
+        if not msg.direct and any(
+            o or n != sizes[sp]
+            for sp, o, n in zip(msg.span_ids, msg.offsets, msg.sizes, strict=True)
+        ):
+            raise ManifestError("a packed message carries part of a span")

@@ -1,0 +1,82 @@
+"""The wire format both sides of a transfer speak: version, tags, answers, node kinds, bounds.
+
+Neutral ground: the sending side (:mod:`recoveryd.transport.sender`) and the
+receiving side (:mod:`recoveryd.transport.receiver`) both read these, so
+neither borrows from the other. A transfer is, in order: a header (magic,
+version, manifest size, flags), the manifest (``proto/recoveryd/v1/manifest.proto``),
+each receiver's answer, the sender's go or abort, the data messages, a
+trailer (with the checksums, when on), and each receiver's done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from recoveryd.v1 import manifest_pb2 as pb
+
+FORMAT_VERSION = 1
+"""The manifest format this recoveryd writes and reads; both sides must agree."""
+
+# Tags live far from 0 so the transport can share a group with a caller's own
+# point-to-point traffic.
+_TAG_BASE = 0x52440
+TAG_HEADER = _TAG_BASE + 1
+TAG_MANIFEST = _TAG_BASE + 2
+TAG_ACK = _TAG_BASE + 3
+TAG_GO = _TAG_BASE + 4
+TAG_DATA = _TAG_BASE + 5
+TAG_TRAILER = _TAG_BASE + 6
+TAG_DONE = _TAG_BASE + 7
+
+MAGIC = 0x5245434F56455259  # "RECOVERY"
+TRAILER_MAGIC = 0x454E444F46535452  # "ENDOFSTR"
+
+# Answers a receiver gives after reading the manifest, and the sender's go/abort.
+ACK_OK = 0
+ACK_STEP_MISMATCH = 1
+ACK_STATE_MISMATCH = 2
+ACK_BAD_MANIFEST = 3
+ACK_OTHER = 4
+GO = 0
+ABORT = 1
+HEADER_SENDER_FAILED = 1
+"""Header flag: the sender failed before it could describe its state."""
+
+ACK_REASONS = {
+    ACK_STEP_MISMATCH: "its demanded step differs from the sent step",
+    ACK_STATE_MISMATCH: "its in-place state_dict does not match the manifest",
+    ACK_BAD_MANIFEST: "it rejected the manifest",
+    ACK_OTHER: "it failed before receiving data",
+}
+
+SPAN_ALIGN = 16
+"""Spans start on a 16-byte boundary (the largest itemsize, complex128), so every
+tensor's byte offset inside its span is a whole number of elements."""
+MAX_DEPTH = 256
+"""The deepest tree a receiver rebuilds."""
+MAX_NUMEL = 1 << 60
+"""torch counts elements in int64; beyond this a shape cannot be a real tensor."""
+MAX_MESSAGE_BYTES = 1 << 30
+"""One message is never larger than this; bounds what a hostile manifest can make
+the receiver stage."""
+
+# Node and key kinds as plain ints, looked up once (not once per node).
+NODE_DICT = pb.NODE_KIND_DICT
+NODE_ORDERED_DICT = pb.NODE_KIND_ORDERED_DICT
+NODE_LIST = pb.NODE_KIND_LIST
+NODE_TUPLE = pb.NODE_KIND_TUPLE
+NODE_VALUE = pb.NODE_KIND_VALUE
+NODE_TENSOR = pb.NODE_KIND_TENSOR
+NODE_DTENSOR = pb.NODE_KIND_DTENSOR
+NODE_SHARDED_TENSOR = pb.NODE_KIND_SHARDED_TENSOR
+LEAF_KINDS = frozenset((NODE_TENSOR, NODE_DTENSOR, NODE_SHARDED_TENSOR))
+KEY_STR = pb.KEY_KIND_STR
+KEY_INT = pb.KEY_KIND_INT
+
+Path = tuple[object, ...]
+"""A key path into a state_dict: dict keys and list indices from the root."""
+
+
+def path_str(parts: Iterable[object]) -> str:
+    """A key path as errors and mismatches name it, e.g. ``optim.state.0.exp_avg``."""
+    return ".".join(str(p) for p in parts) or "<root>"

@@ -1,0 +1,262 @@
+"""The state_dict tree as the manifest carries it: the public API of the agent and the sidecar.
+
+Building (:func:`describe`: a state's manifest and spans, as a send would
+cut them), decoding (:func:`decode_tensors`, :class:`TreeBuilder`,
+:func:`decode_value`), typed views over span bytes (:func:`typed_view`),
+flattening a state into its leaves (:func:`flatten_leaves`,
+:func:`local_tensors`), and merging received plain values into a live state
+(:func:`merge_values`). The transfer itself lives in
+:mod:`recoveryd.transport.sender` and :mod:`recoveryd.transport.receiver`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, MutableMapping
+
+import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
+
+from recoveryd.errors import ManifestError
+from recoveryd.transport import _dtypes
+from recoveryd.transport._flatten import SendPlan, Span, build_plan
+from recoveryd.transport._validate import TensorSpec, decode_tensors
+from recoveryd.transport.format import (
+    KEY_INT,
+    KEY_STR,
+    LEAF_KINDS,
+    MAX_DEPTH,
+    NODE_DICT,
+    NODE_LIST,
+    NODE_ORDERED_DICT,
+    NODE_TUPLE,
+    NODE_VALUE,
+    Path,
+    path_str,
+)
+from recoveryd.v1 import manifest_pb2 as pb
+
+__all__ = [
+    "Path",
+    "SendPlan",
+    "Span",
+    "TensorSpec",
+    "TreeBuilder",
+    "decode_tensors",
+    "decode_value",
+    "describe",
+    "flatten_leaves",
+    "local_tensors",
+    "merge_values",
+    "path_str",
+    "typed_view",
+]
+
+_BIG_INT = re.compile(r"-?[0-9]{1,4300}")
+LeafFn = Callable[[int, int, Path], object]
+
+
+def describe(state: object) -> SendPlan:
+    """The manifest and the spans of ``state``, one span per storage range, none cut.
+
+    Raises:
+        UnsupportedValueError: a leaf the manifest cannot carry, naming its path.
+    """
+    return build_plan(
+        state, step=None, chain=[], bucket_bytes=1 << 40, direct_bytes=1, checksums=False
+    )
+
+
+class TreeBuilder:
+    """Walks the manifest's pre-order tree, calling ``leaf`` for tensor-like nodes.
+
+    Every node count, key and index is checked as it is read; a malformed
+    tree raises :class:`ManifestError` and builds nothing.
+
+    Args:
+        m: the manifest (validated by :func:`decode_tensors` first).
+        leaf: called as ``leaf(kind, arg, path)`` for every tensor, DTensor and
+            ShardedTensor node (``kind`` one of ``NODE_*``, ``arg`` its index);
+            its return value stands at that place in the tree.
+        paths: build each node's key path (``False`` passes ``()`` to ``leaf``:
+            cheaper, for callers that never name a path).
+    """
+
+    def __init__(self, m: pb.Manifest, leaf: LeafFn, *, paths: bool = True) -> None:
+        self._kinds = list(m.node_kind)
+        self._args = list(m.node_arg)
+        self._key_kind = list(m.key_kind)
+        self._key_str = list(m.key_str)
+        self._key_int = list(m.key_int)
+        self._values = m.values
+        self._leaf = leaf
+        self._paths = paths
+        self._pos = 0
+        self._key = 0
+        self._str = 0
+        self._int = 0
+
+    def build(self) -> object:
+        """The tree, with ``leaf``'s results at the tensor-like nodes."""
+        if not self._kinds:
+            raise ManifestError("empty tree")
+        root = self._node((), 0)
+        if self._pos != len(self._kinds) or self._key != len(self._key_kind):
+            raise ManifestError("tree has trailing nodes or keys")
+        return root
+
+    def _next_key(self) -> object:
+        if self._key >= len(self._key_kind):
+            raise ManifestError("tree runs out of dict keys")
+        kind = self._key_kind[self._key]
+        self._key += 1
+        if kind == KEY_STR and self._str < len(self._key_str):
+            self._str += 1
+            return self._key_str[self._str - 1]
+        if kind == KEY_INT and self._int < len(self._key_int):
+            self._int += 1
+            return self._key_int[self._int - 1]
+        raise ManifestError(f"bad dict key kind {kind}")
+
+    def _node(self, path: Path, depth: int) -> object:
+        if depth > MAX_DEPTH:
+            raise ManifestError(f"tree deeper than {MAX_DEPTH}")
+        pos = self._pos
+        if pos >= len(self._kinds):
+            raise ManifestError("tree runs out of nodes")
+        kind, arg = self._kinds[pos], self._args[pos]
+        self._pos = pos + 1
+        if kind in LEAF_KINDS:
+            return self._leaf(kind, arg, path)
+        if kind in (NODE_DICT, NODE_ORDERED_DICT):
+            if arg > len(self._kinds):
+                raise ManifestError("dict larger than the tree")
+            d: dict[object, object] = {} if kind == NODE_DICT else OrderedDict()
+            for _ in range(arg):
+                k = self._next_key()
+                d[k] = self._node((*path, k) if self._paths else path, depth + 1)
+            return d
+        if kind in (NODE_LIST, NODE_TUPLE):
+            if arg > len(self._kinds):
+                raise ManifestError("list larger than the tree")
+            if self._paths:
+                items = [self._node((*path, i), depth + 1) for i in range(arg)]
+            else:
+                items = [self._node(path, depth + 1) for _ in range(arg)]
+            return items if kind == NODE_LIST else tuple(items)
+        if kind == NODE_VALUE:
+            if arg >= len(self._values):
+                raise ManifestError("value index out of range")
+            return decode_value(self._values[arg])
+        raise ManifestError(f"unknown node kind {kind}")
+
+
+def decode_value(v: pb.Value) -> object:
+    """Turns a manifest value back into the Python value it stands for."""
+    which = v.WhichOneof("kind")
+    if which is None or which == "none":
+        return None
+    if which == "bool_value":
+        return v.bool_value
+    if which == "int_value":
+        return v.int_value
+    if which == "float_value":
+        return v.float_value
+    if which == "str_value":
+        return v.str_value
+    if which == "bytes_value":
+        return v.bytes_value
+    if which == "complex_value":
+        return complex(v.complex_value.real, v.complex_value.imag)
+    if which == "dtype_value":
+        dtype = _dtypes.FROM_PB.get(v.dtype_value)
+        if dtype is None:
+            raise ManifestError(f"unknown dtype code {v.dtype_value}")
+        return dtype
+    if which == "size_value":
+        return torch.Size(v.size_value.items)
+    if which == "device_value":
+        try:
+            return torch.device(v.device_value)
+        except RuntimeError as e:
+            raise ManifestError(f"bad device {v.device_value!r}") from e
+    if which == "big_int_value":
+        text = v.big_int_value
+        if not _BIG_INT.fullmatch(text):
+            raise ManifestError("bad big int value")
+        return int(text)
+    raise ManifestError(f"unknown value kind {which}")
+
+
+def flatten_leaves(obj: object) -> dict[Path, object]:
+    """Every leaf of a state_dict by path (tensors, DTensor, ShardedTensor and values)."""
+    out: dict[Path, object] = {}
+
+    def walk(o: object, path: Path) -> None:
+        kind = type(o)
+        if kind is dict or kind is OrderedDict:
+            for k, v in o.items():  # type: ignore[attr-defined]
+                walk(v, (*path, k))
+        elif kind is list or kind is tuple:
+            for i, v in enumerate(o):  # type: ignore[arg-type]
+                walk(v, (*path, i))
+        else:
+            out[path] = o
+
+    walk(obj, ())
+    return out
+
+
+def local_tensors(leaf: object) -> list[torch.Tensor]:
+    """The plain tensors that hold a leaf's local data."""
+    if isinstance(leaf, DTensor):
+        return [leaf._local_tensor]
+    if isinstance(leaf, ShardedTensor):
+        return [s.tensor for s in leaf.local_shards()]
+    if isinstance(leaf, torch.Tensor):
+        return [leaf]
+    return []
+
+
+def typed_view(buf: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """The tensor ``spec`` describes, viewing the span buffer ``buf``."""
+    if spec.numel == 0:
+        return torch.empty(spec.shape, dtype=spec.dtype, device=buf.device)
+    nbytes = spec.numel * spec.dtype.itemsize
+    if spec.contiguous and spec.byte_offset == 0 and buf.numel() == nbytes:
+        # The usual case: one tensor fills its span (2 calls instead of a set_).
+        return buf.view(spec.dtype).view(spec.shape)
+    t = torch.empty(0, dtype=spec.dtype, device=buf.device)
+    start = buf.storage_offset() + spec.byte_offset
+    t.set_(buf.untyped_storage(), start // spec.dtype.itemsize, spec.shape, spec.stride)
+    return t
+
+
+def merge_values(dst: object, src: object) -> object:
+    """Writes ``src``'s non-tensor values into ``dst``'s containers; returns the merged node.
+
+    In place, tensors already hold the received bytes (``src`` has ``dst``'s
+    tensor objects, or placeholders); plain values (ints, floats, strings,
+    ...) are replaced in mutable containers, and tuples holding any are
+    rebuilt in their parent.
+    """
+    if isinstance(src, torch.Tensor):
+        return dst
+    if isinstance(src, Mapping) and isinstance(dst, MutableMapping):
+        for k, v in src.items():
+            merged = merge_values(dst.get(k), v)
+            if merged is not dst.get(k):
+                dst[k] = merged
+        return dst
+    if isinstance(src, list) and isinstance(dst, list) and len(src) == len(dst):
+        for i, v in enumerate(src):
+            merged = merge_values(dst[i], v)
+            if merged is not dst[i]:
+                dst[i] = merged
+        return dst
+    if isinstance(src, tuple) and isinstance(dst, tuple) and len(src) == len(dst):
+        items = [merge_values(d, v) for d, v in zip(dst, src, strict=True)]
+        return dst if all(a is b for a, b in zip(items, dst, strict=True)) else type(dst)(items)
+    return src
