@@ -5,15 +5,24 @@ subclasses the built-in it refines, so ``except TimeoutError`` keeps working in
 code that does not know recoveryd. Errors carry the facts a caller needs as
 attributes (``src_rank``, ``step``, ``paths``) besides a message that says what
 went wrong and what to do.
+
+Errors cross process boundaries (a sidecar's answer to its trainer) as plain
+data through one converter, :func:`error_to_fields` and
+:func:`error_from_fields`: the type, the message and the facts (each class's
+``facts``) come back as they left.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 
 class RecoverydError(Exception):
     """Base class of every error recoveryd raises."""
+
+    facts: ClassVar[tuple[str, ...]] = ()
+    """The attributes that carry this error's facts (they cross process boundaries)."""
 
 
 class ConfigError(RecoverydError, ValueError):
@@ -24,6 +33,8 @@ class ConfigError(RecoverydError, ValueError):
         value: the rejected value.
     """
 
+    facts: ClassVar[tuple[str, ...]] = ("field", "value")
+
     def __init__(self, field: str, value: object, why: str) -> None:
         super().__init__(f"invalid {field}={value!r}: {why}")
         self.field = field
@@ -31,11 +42,13 @@ class ConfigError(RecoverydError, ValueError):
 
 
 class TransferError(RecoverydError, RuntimeError):
-    """A state transfer failed; the receiver's state must not be used as complete.
+    """A state transfer failed; the joiner's state must not be used as complete.
 
     Attributes:
         peer_rank: the rank of the peer the failing wait was on, if known.
     """
+
+    facts: ClassVar[tuple[str, ...]] = ("peer_rank",)
 
     def __init__(self, message: str, *, peer_rank: int | None = None) -> None:
         super().__init__(message)
@@ -57,6 +70,8 @@ class UnsupportedValueError(TransferError, TypeError):
         path: the key path of the leaf, e.g. ``"optim.state.0.step_fn"``.
     """
 
+    facts: ClassVar[tuple[str, ...]] = ("path",)
+
     def __init__(self, path: str, value: object) -> None:
         super().__init__(
             f"cannot send state_dict leaf at {path!r} of type {type(value).__qualname__}: "
@@ -72,13 +87,15 @@ class ManifestError(TransferError, ValueError):
 
 
 class StateMismatchError(TransferError, ValueError):
-    """The incoming state does not fit the receiver's in-place state.
+    """The incoming state does not fit the joiner's in-place state.
 
-    Raised before any byte is written into the receiver's tensors.
+    Raised before any byte is written into the joiner's tensors.
 
     Attributes:
         paths: every mismatching key path, each with what differs.
     """
+
+    facts: ClassVar[tuple[str, ...]] = ("paths",)
 
     def __init__(self, mismatches: Sequence[str]) -> None:
         shown = "\n  ".join(mismatches[:50])
@@ -91,12 +108,14 @@ class StateMismatchError(TransferError, ValueError):
 
 
 class StepMismatchError(TransferError, ValueError):
-    """The sender's step is not the step the receiver demanded.
+    """The donor's step is not the step the joiner demanded.
 
     Attributes:
-        expected: the step the receiver asked for.
-        actual: the step the sender sent (``None`` if it sent none).
+        expected: the step the joiner asked for.
+        actual: the step the donor sent (``None`` if it sent none).
     """
+
+    facts: ClassVar[tuple[str, ...]] = ("expected", "actual")
 
     def __init__(self, expected: int, actual: int | None, *, peer_rank: int | None) -> None:
         super().__init__(
@@ -119,6 +138,8 @@ class CoordinatorUnavailableError(RecoverydError, ConnectionError):
         address: the coordinator's ``host:port``.
     """
 
+    facts: ClassVar[tuple[str, ...]] = ("address", "detail")
+
     def __init__(self, address: str, detail: str) -> None:
         super().__init__(
             f"coordinator {address} unavailable: {detail}; check that `recoveryd coordinator` "
@@ -135,6 +156,8 @@ class UnknownMemberError(RecoverydError, KeyError):
         replica_id: the replica named by the call.
         group_rank: the rank named by the call.
     """
+
+    facts: ClassVar[tuple[str, ...]] = ("replica_id", "group_rank")
 
     def __init__(self, replica_id: str, group_rank: int) -> None:
         super().__init__(
@@ -158,6 +181,8 @@ class SidecarLostError(RecoverydError, ConnectionError):
         path: the sidecar's socket.
     """
 
+    facts: ClassVar[tuple[str, ...]] = ("path",)
+
     def __init__(self, path: str, detail: str) -> None:
         super().__init__(
             f"the recoveryd sidecar at {path} is gone ({detail}); training can go on without "
@@ -165,3 +190,84 @@ class SidecarLostError(RecoverydError, ConnectionError):
             "when it restarts"
         )
         self.path = path
+
+
+_PLAIN = (str, int, float, bool, type(None))
+_KNOWN: dict[str, type[RecoverydError]] = {
+    c.__name__: c
+    for c in (
+        RecoverydError,
+        ConfigError,
+        TransferError,
+        TransferTimeoutError,
+        PeerLostError,
+        UnsupportedValueError,
+        ManifestError,
+        StateMismatchError,
+        StepMismatchError,
+        IntegrityError,
+        CoordinatorUnavailableError,
+        UnknownMemberError,
+        SidecarLostError,
+    )
+}
+
+
+def _facts_of(cls: type[RecoverydError]) -> tuple[str, ...]:
+    names: list[str] = []
+    for c in reversed(cls.__mro__):
+        for name in c.__dict__.get("facts", ()):
+            if name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, list | tuple) and all(isinstance(v, _PLAIN) for v in value):
+        return list(value)
+    return repr(value)
+
+
+def error_to_fields(err: BaseException) -> dict[str, object]:
+    """An error as plain data: its type (the nearest one of this module), message and facts.
+
+    An error that is not a :class:`RecoverydError` becomes one whose message
+    names its type.
+    """
+    cls = next((c for c in type(err).__mro__ if _KNOWN.get(c.__name__) is c), None)
+    if cls is None:
+        return {"type": "RecoverydError", "message": f"{type(err).__name__}: {err}", "facts": {}}
+    facts = {name: _plain(getattr(err, name, None)) for name in _facts_of(cls)}
+    return {"type": cls.__name__, "message": str(err), "facts": facts}
+
+
+def error_from_fields(fields: Mapping[str, object]) -> RecoverydError:
+    """The error :func:`error_to_fields` described: the same type, message and facts.
+
+    Raises:
+        ValueError: ``fields`` is not such a description (an unknown type, a
+            fact this type does not carry, a value that is not plain data).
+    """
+    name, message, facts = fields.get("type"), fields.get("message"), fields.get("facts", {})
+    cls = _KNOWN.get(name) if isinstance(name, str) else None
+    if cls is None or not isinstance(message, str) or not isinstance(facts, Mapping):
+        raise ValueError(f"not an error description: {dict(fields)!r:.200}")
+    allowed = _facts_of(cls)
+    for key, value in facts.items():
+        if key not in allowed:
+            raise ValueError(f"{name} carries no fact {key!r}")
+        if not isinstance(value, _PLAIN) and not (
+            isinstance(value, list) and all(isinstance(v, _PLAIN) for v in value)
+        ):
+            raise ValueError(f"{name}.{key} is not plain data")
+    # Built around the constructors, which compose their messages from the
+    # facts: the message that crossed is the one to keep. OSError's subclasses
+    # (ConnectionError, TimeoutError) need its __new__, every other one BaseException's.
+    base = OSError if issubclass(cls, OSError) else BaseException
+    err = base.__new__(cls)
+    Exception.__init__(err, message)
+    for key in allowed:
+        setattr(err, key, facts.get(key))
+    return err

@@ -260,7 +260,7 @@ class Agent:
         finally:
             self._parked = False
 
-    def refresh_layout(self) -> None:
+    def refresh(self) -> None:
         """Re-fingerprints the state (call after its layout changed, e.g. a resharding)."""
         self._link.set_layout(fingerprint(self._state_fn()))
 

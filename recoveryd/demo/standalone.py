@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from recoveryd.agent import Agent, AgentConfig
+from recoveryd.agent import Agent, AgentConfig, RankAgent
 from recoveryd.errors import ConfigError, CoordinatorUnavailableError, SidecarLostError
 from recoveryd.sidecar.client import Attachment, attach
 
@@ -138,7 +138,7 @@ def run_example_trainer(
     def state() -> dict[str, Any]:
         return {"model": model.state_dict(), "optim": opt.state_dict(), "progress": progress}
 
-    agent: Agent | Attachment | None = None
+    agent: RankAgent | None = None
     if config.sidecar_socket:
         try:
             agent = attach(
@@ -162,12 +162,7 @@ def run_example_trainer(
             logger.warning("no recovery (%s): starting from scratch", err)
             got = None
         rec = agent.last_recovery
-        written = (
-            (rec.get("state_written") if isinstance(rec, dict) else rec.state_written)
-            if rec
-            else False
-        )
-        if got is None and written:
+        if got is None and rec is not None and rec.state_written:
             logger.warning("plans failed midway and wrote into the state: initialising it again")
             model.load_state_dict(initial["model"])
             opt.load_state_dict(initial["optim"])
@@ -175,7 +170,7 @@ def run_example_trainer(
         if got is not None:
             opt.load_state_dict(live["optim"])
         start, t0 = got or 0, time.monotonic()
-        reason = (rec.get("reason") if isinstance(rec, dict) else rec.reason) if rec else None
+        reason = rec.reason if rec is not None else None
         logger.info(
             "%s: %s at step %d",
             config.replica_id,

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from recoveryd.agent import Agent, AgentConfig, RecoveryRecord
-from recoveryd.sidecar.client import Attachment, attach
+from recoveryd.agent import Agent, AgentConfig, RankAgent
+from recoveryd.sidecar.client import attach
 from recoveryd.testing.ranks import gloo_group
 
 logger = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
             **extra,
         }
 
-    agent: Agent | Attachment
+    agent: RankAgent
     if spec.sidecar_socket is not None:
         agent = attach(
             spec.sidecar_socket,
@@ -192,8 +192,6 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
             labels=spec.labels,
             timeout=timedelta(seconds=60),
         )
-        if agent.metrics_port is not None:
-            emit("metrics", address=f"127.0.0.1:{agent.metrics_port}")
     else:
         agent = Agent(
             AgentConfig(
@@ -209,14 +207,14 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
             ),
             state,
         )
-        if agent.metrics_address is not None:
-            emit("metrics", address=agent.metrics_address)
+    if agent.metrics_address is not None:
+        emit("metrics", address=agent.metrics_address)
     live = state()
     t0 = time.monotonic()
     got = agent.recover(live, timeout=timedelta(seconds=spec.recover_timeout_s))
     rec = agent.last_recovery
     assert rec is not None
-    record = asdict(rec) if isinstance(rec, RecoveryRecord) else dict(rec)
+    record = asdict(rec)
     if got is None:
         emit("fresh", reason=record["reason"], seconds=time.monotonic() - t0)
         start = 0
@@ -263,7 +261,7 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
     agent.close()
 
 
-def _emit_sends(agent: Agent | Attachment, since: int, emit: Any, state: Any) -> None:
+def _emit_sends(agent: RankAgent, since: int, emit: Any, state: Any) -> None:
     """One ``sent`` event per send the agent made since ``since``, with the digest of what went."""
     for report in list(agent.sends)[since:]:
         emit(

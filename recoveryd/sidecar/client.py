@@ -1,10 +1,12 @@
 """The trainer's side of a sidecar agent: :func:`attach` and the :class:`Attachment` it returns.
 
-An attachment has the in-process :class:`recoveryd.Agent`'s calls
-(``recover``, ``step``, ``park``, ``close``), so a trainer switches mode with
-one line. Each call is one request over the sidecar's Unix socket, under a
-deadline; tensor bytes never cross it (they are shared, see
-:mod:`recoveryd.sidecar.share`).
+An attachment is a :class:`recoveryd.RankAgent`, as the in-process
+:class:`recoveryd.Agent` is: the same calls, return types and recovery
+record, so a trainer switches mode with one line. Each call is one typed
+request (:mod:`recoveryd.sidecar.frames`) over the sidecar's Unix socket,
+under a deadline; tensor bytes never cross it (they are shared, see
+:mod:`recoveryd.sidecar.share`), and errors come back with their type and
+facts.
 """
 
 from __future__ import annotations
@@ -14,32 +16,25 @@ import logging
 import os
 import resource
 import socket
-import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import TypeVar
 
 import torch
 
-from recoveryd.errors import (
-    CoordinatorUnavailableError,
-    IntegrityError,
-    ManifestError,
-    PeerLostError,
-    RecoverydError,
-    SidecarLostError,
-    TransferError,
-    TransferTimeoutError,
-)
+from recoveryd._time import Deadline
+from recoveryd.agent.interface import RecoveryRecord
+from recoveryd.errors import RecoverydError, SidecarLostError, error_from_fields
 from recoveryd.protocol import Report
-from recoveryd.sidecar import wire
-from recoveryd.sidecar.share import Exported, Exporter, signature
+from recoveryd.sidecar import frames, wire
+from recoveryd.sidecar.share import Exporter, signature
 from recoveryd.transport.tree import TreeBuilder, merge_values
 from recoveryd.v1 import manifest_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+_R = TypeVar("_R", bound=frames.Reply)
 _PLACEHOLDER = torch.empty(0)
 _CHECK_EVERY = 100
 """After its first steps, an attachment looks for new tensors every this many steps."""
@@ -81,37 +76,46 @@ def attach(
     return Attachment(
         path,
         state_dict,
-        identity={
-            "replica_id": replica_id,
-            "group_rank": group_rank,
-            "group_world_size": group_world_size,
-            "labels": dict(labels or {}),
-        },
+        identity=_Identity(replica_id, group_rank, group_world_size, dict(labels or {})),
         timeout=timeout,
         transfer_timeout=transfer_timeout,
     )
 
 
+class _Identity:
+    """Who an attaching rank is."""
+
+    __slots__ = ("group_rank", "group_world_size", "labels", "replica_id")
+
+    def __init__(
+        self, replica_id: str, group_rank: int, group_world_size: int, labels: dict[str, str]
+    ) -> None:
+        self.replica_id = replica_id
+        self.group_rank = group_rank
+        self.group_world_size = group_world_size
+        self.labels = labels
+
+
 class Attachment:
-    """A trainer rank attached to its sidecar agent (see :func:`attach`)."""
+    """A trainer rank attached to its sidecar agent (see :func:`attach`); a :class:`RankAgent`."""
 
     def __init__(
         self,
         path: str,
         state_dict: Callable[[], object],
         *,
-        identity: dict[str, Any],
+        identity: _Identity,
         timeout: timedelta,
         transfer_timeout: timedelta,
     ) -> None:
         self.path = path
         self._state_fn = state_dict
-        self._timeout = timeout.total_seconds()
-        self._transfer_timeout = transfer_timeout.total_seconds()
+        self._timeout = timeout
+        self._transfer_timeout = transfer_timeout
         self._exporter = Exporter()
         self._lost: SidecarLostError | None = None
         self._steps = 0
-        self.last_recovery: dict[str, Any] | None = None
+        self.last_recovery: RecoveryRecord | None = None
         """How the last :meth:`recover` went (the sidecar's recovery record)."""
         self.sends: deque[Report] = deque(maxlen=32)
         """The last sends the sidecar made from this rank's state (newest last)."""
@@ -121,15 +125,23 @@ class Attachment:
         self._cuda = exp.cuda
         self._sig = signature(state)
         self._sock = self._connect()
-        reply = self._call(
-            {"op": "attach", **identity, "pid": os.getpid(), **_describe(exp)},
+        reply, _ = self._call(
+            frames.Attach(
+                replica_id=identity.replica_id,
+                group_rank=identity.group_rank,
+                group_world_size=identity.group_world_size,
+                labels=identity.labels,
+                pid=os.getpid(),
+                layout=exp.layout,
+            ),
+            frames.Attached,
             exp.manifest,
             exp.fds,
-        )[0]
-        self.agent_id = str(reply["agent_id"])
-        self.rendezvous = str(reply["rendezvous"])
-        self.metrics_port: int | None = reply.get("metrics_port")
-        """The sidecar's ``/metrics`` port (on the sidecar's host), or ``None``."""
+        )
+        self.agent_id = reply.agent_id
+        self.rendezvous = reply.rendezvous
+        self.metrics_address = reply.metrics_address
+        """``host:port`` of the sidecar's ``/metrics`` (it counts this rank's transfers), or ``None``."""
 
     @property
     def lost(self) -> bool:
@@ -153,62 +165,69 @@ class Attachment:
         self._refresh(state_dict)
         self._sync()  # the sidecar writes into these tensors on its own streams
         reply, payload = self._call(
-            {"op": "recover", "timeout_s": timeout.total_seconds()},
-            deadline_s=timeout.total_seconds() + self._timeout,
+            frames.Recover(timeout_s=timeout.total_seconds()),
+            frames.Recovered,
+            deadline=timeout + self._timeout,
         )
-        self.last_recovery = reply.get("record")
-        if reply["step"] is None:
+        self.last_recovery = reply.record
+        if reply.step is None:
             return None
         m = pb.Manifest()
         m.ParseFromString(payload)
         merge_values(state_dict, TreeBuilder(m, lambda kind, arg, path: _PLACEHOLDER).build())
-        return int(reply["step"])
+        return reply.step
 
-    def step(self, step: int) -> None:
+    def step(self, step: int) -> bool:
         """Marks a step boundary; sends this rank's state when a plan's fence is due.
 
         Does nothing once the sidecar is gone (after raising that once).
+
+        Returns:
+            Whether a send was due (and made) at ``step``.
 
         Raises:
             SidecarLostError: the sidecar went away (raised once).
         """
         if self._lost is not None:
-            return
+            return False
         self._steps += 1
         if self._steps <= 10 or self._steps % _CHECK_EVERY == 0:
             state = self._state_fn()
             if signature(state) != self._sig:  # e.g. optimizer state made by the first step
                 self._refresh(state)
-        reply = self._call({"op": "step", "step": step})[0]
-        if reply["due"]:
+        reply, _ = self._call(frames.Step(step=step), frames.Stepped)
+        due = reply.due
+        if due:
             self._refresh(self._state_fn())  # the values (counters, ...) as of this step
             self._sync()  # the step's kernels must have finished before the sidecar reads
-            reply = self._call(
-                {"op": "step", "step": step, "fresh": True}, deadline_s=self._transfer_timeout
-            )[0]
-        self._note(reply)
+            reply, _ = self._call(
+                frames.Step(step=step, fresh=True), frames.Stepped, deadline=self._transfer_timeout
+            )
+        self.sends.extend(reply.sends)
+        return due
 
     def park(self, timeout: timedelta) -> None:
         """Serves plans at the current step while the trainer does not step."""
         self._check()
         self._refresh(self._state_fn())
         self._sync()
-        reply = self._call(
-            {"op": "park", "timeout_s": timeout.total_seconds()},
-            deadline_s=timeout.total_seconds() + self._transfer_timeout,
-        )[0]
-        self._note(reply)
+        reply, _ = self._call(
+            frames.Park(timeout_s=timeout.total_seconds()),
+            frames.Parked,
+            deadline=timeout + self._transfer_timeout,
+        )
+        self.sends.extend(reply.sends)
 
     def refresh(self) -> None:
         """Shares the state again (call after replacing tensors, e.g. a reshard)."""
         self._check()
         self._refresh(self._state_fn())
 
-    def close(self) -> None:
-        """Detaches (the sidecar stops serving this rank's state)."""
+    def close(self, timeout: timedelta = timedelta(seconds=5)) -> None:
+        """Detaches (the sidecar stops serving this rank's state; the rank leaves)."""
         if self._lost is None:
             with contextlib.suppress(SidecarLostError):
-                self._call({"op": "close"})
+                self._call(frames.Close(), frames.Done, deadline=timeout)
         self._lost = self._lost or SidecarLostError(self.path, "closed")
         self._sock.close()
 
@@ -221,7 +240,7 @@ class Attachment:
     # ---- internals ------------------------------------------------------------
 
     def _connect(self) -> socket.socket:
-        end = time.monotonic() + self._timeout
+        deadline = Deadline(self._timeout)
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -229,13 +248,9 @@ class Attachment:
                 return sock
             except OSError as err:
                 sock.close()
-                if time.monotonic() >= end:
+                if deadline.expired:
                     raise SidecarLostError(self.path, f"cannot connect: {err}") from err
-                time.sleep(0.1)
-
-    def _note(self, reply: dict[str, Any]) -> None:
-        for r in reply.get("sends") or []:
-            self.sends.append(Report(**{**r, "phases": dict(r.get("phases") or {})}))
+                deadline.sleep(timedelta(seconds=0.1))
 
     def _check(self) -> None:
         if self._lost is not None:
@@ -250,22 +265,25 @@ class Attachment:
         self._sig = signature(state)
         self._cuda = exp.cuda
         try:
-            self._call({"op": "refresh", **_describe(exp)}, exp.manifest, exp.fds)
+            self._call(frames.Refresh(layout=exp.layout), frames.Done, exp.manifest, exp.fds)
         except RecoverydError:
             self._exporter.reset()  # the sidecar may lack some storages: describe all next time
             raise
 
     def _call(
         self,
-        header: dict[str, Any],
+        request: frames.Request,
+        expect: type[_R],
         payload: bytes = b"",
         fds: list[int] | None = None,
         *,
-        deadline_s: float | None = None,
-    ) -> tuple[dict[str, Any], bytes]:
+        deadline: timedelta | None = None,
+    ) -> tuple[_R, bytes]:
+        """One request and its reply (of type ``expect``); a failure is raised as it was raised there."""
         try:
-            wire.send(self._sock, header, payload, fds or [])
-            frame = wire.recv(self._sock, deadline=time.monotonic() + (deadline_s or self._timeout))
+            wire.send(self._sock, frames.encode(request), payload, fds or [])
+            frame = wire.recv(self._sock, deadline=Deadline(deadline or self._timeout))
+            reply = frames.decode_reply(frame.header)
         except wire.WireError as err:
             self._lost = SidecarLostError(self.path, str(err))
             logger.error("%s", self._lost)
@@ -274,20 +292,18 @@ class Attachment:
             with contextlib.suppress(OSError):
                 self._sock.close()
             raise self._lost from err
-        reply = frame.header
-        if reply.get("ok"):
-            return reply, frame.payload
-        name, message = reply.get("error", "RecoverydError"), reply.get("message", "")
-        if name == "CoordinatorUnavailableError":
-            raise CoordinatorUnavailableError(
-                str(reply.get("address", "?")), str(reply.get("detail", message))
+        if isinstance(reply, frames.Failed):
+            try:
+                error = error_from_fields(reply.error)
+            except ValueError as err:
+                raise RecoverydError(f"the sidecar failed {request.OP}: {err}") from None
+            raise error
+        if not isinstance(reply, expect):
+            raise RecoverydError(
+                f"the sidecar answered {request.OP} with {reply.OP}, not {expect.OP}: "
+                "run the same recoveryd version in the trainer and the sidecar"
             )
-        make = _ERRORS.get(name)
-        raise make(message) if make is not None else RecoverydError(f"sidecar: {name}: {message}")
-
-
-def _describe(exp: Exported) -> dict[str, Any]:
-    return {"handles": exp.handles, "spans": exp.spans, "release": exp.release}
+        return reply, frame.payload
 
 
 def _raise_nofile_limit() -> None:
@@ -297,12 +313,3 @@ def _raise_nofile_limit() -> None:
     if soft != hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-_ERRORS: dict[str, Callable[[str], RecoverydError]] = {
-    "TransferTimeoutError": TransferTimeoutError,
-    "PeerLostError": PeerLostError,
-    "StepMismatchError": lambda m: TransferError(m),
-    "ManifestError": ManifestError,
-    "IntegrityError": IntegrityError,
-}

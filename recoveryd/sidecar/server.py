@@ -15,28 +15,26 @@ recovers through the normal plan.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import logging
 import os
 import socket
 import stat
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry
 
-from recoveryd._time import env_str
+from recoveryd._time import Deadline, env_str
 from recoveryd.agent.agent import Agent
-from recoveryd.agent.config import AgentConfig
-from recoveryd.errors import ConfigError, CoordinatorUnavailableError, RecoverydError
+from recoveryd.agent.config import AgentConfig, route_to
+from recoveryd.errors import ConfigError, RecoverydError, error_to_fields
 from recoveryd.metrics import AgentMetrics, MetricsServer
-from recoveryd.sidecar import wire
+from recoveryd.protocol import Report
+from recoveryd.sidecar import frames, wire
 from recoveryd.sidecar.share import SharedState
 from recoveryd.transport.tree import describe
 
@@ -44,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = timedelta(seconds=30)
 """How long the rest of a request may take to arrive once it started."""
+_REPLACE_TIMEOUT = timedelta(seconds=10)
+"""How long a new attachment waits for the older session of the same rank to end."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -80,6 +80,8 @@ class Sidecar:
 
     def __init__(self, config: SidecarConfig) -> None:
         self.config = config
+        self.host = config.host or route_to(config.coordinator)
+        """The address peers reach this sidecar's transfers (and ``/metrics``) at."""
         self.registry = CollectorRegistry()
         self.metrics = AgentMetrics(
             self.registry, backends=("gloo", "nccl") if torch.cuda.is_available() else ("gloo",)
@@ -106,9 +108,11 @@ class Sidecar:
         )
 
     @property
-    def metrics_port(self) -> int | None:
-        """The port ``/metrics`` is served on, or ``None``."""
-        return self._metrics_server.port if self._metrics_server is not None else None
+    def metrics_address(self) -> str | None:
+        """``host:port`` of ``/metrics`` (every attached rank's transfers), or ``None``."""
+        if self._metrics_server is None:
+            return None
+        return f"{self.host}:{self._metrics_server.port}"
 
     def attached(self) -> int:
         """How many trainer ranks are attached now."""
@@ -146,9 +150,9 @@ class Sidecar:
             sessions = list(self._sessions.values())
         for s in sessions:
             s.shutdown()
-        end = time.monotonic() + timeout.total_seconds()
+        deadline = Deadline(timeout)
         for t in self._threads:
-            t.join(max(0.0, end - time.monotonic()))
+            t.join(deadline.remaining_s())
         with contextlib.suppress(OSError):
             os.unlink(self.config.socket_path)
         if self._metrics_server is not None:
@@ -171,11 +175,11 @@ class Sidecar:
         for s in old:
             logger.warning("%s attached again: ending its older session", s.who)
             s.shutdown()
-        end = time.monotonic() + 10
-        while old and time.monotonic() < end:
+        deadline = Deadline(_REPLACE_TIMEOUT)
+        while old and not deadline.expired:
             with self._lock:
                 old = [s for s in old if s.n in self._sessions]
-            time.sleep(0.05)
+            deadline.sleep(timedelta(milliseconds=50))
         new.identity = (replica_id, group_rank)
 
 
@@ -223,12 +227,10 @@ class _Session:
             while not self.sidecar._stop.is_set():
                 if not wire.readable(self.conn, 0.5):
                     continue
-                frame = wire.recv(
-                    self.conn, deadline=time.monotonic() + REQUEST_TIMEOUT.total_seconds()
-                )
-                reply, payload = self._handle(frame)
-                wire.send(self.conn, reply, payload)
-                if frame.op == "close":
+                frame = wire.recv(self.conn, deadline=Deadline(REQUEST_TIMEOUT))
+                request, reply, payload = self._handle(frame)
+                wire.send(self.conn, frames.encode(reply), payload)
+                if isinstance(request, frames.Close):
                     clean = True
                     return
         except wire.WireError as err:
@@ -277,102 +279,104 @@ class _Session:
         if self.shared.cuda:
             torch.cuda.synchronize()
 
-    def _handle(self, f: wire.Frame) -> tuple[dict[str, Any], bytes]:
+    def _handle(self, f: wire.Frame) -> tuple[frames.Request | None, frames.Reply, bytes]:
+        """The request a frame carries, and the reply to it (a failure is a ``Failed``)."""
+        request: frames.Request | None = None
         try:
-            return self._dispatch(f)
+            request = frames.decode_request(f.header)
+            reply, payload = self._dispatch(request, f)
+            return request, reply, payload
         except Exception as err:
             if not isinstance(err, RecoverydError | ValueError | TypeError):
-                logger.exception("%s: %s failed", self.who, f.op)
-            out: dict[str, Any] = {"ok": False, "error": type(err).__name__, "message": str(err)}
-            if isinstance(err, CoordinatorUnavailableError):
-                out["address"] = err.address
-                out["detail"] = getattr(err, "detail", str(err))
-            return out, b""
+                logger.exception("%s: %s failed", self.who, f.header.get("op"))
+            if not isinstance(err, RecoverydError):
+                err = RecoverydError(f"sidecar: {type(err).__name__}: {err}")
+            return request, frames.Failed(error=error_to_fields(err)), b""
         finally:
-            wire._close_all(f.fds)  # those not taken over by the shared state
+            wire.close_all(f.fds)  # those not taken over by the shared state
             f.fds = []
 
-    def _dispatch(self, f: wire.Frame) -> tuple[dict[str, Any], bytes]:
-        h = f.header
-        if f.op == "attach":
-            if self.agent is not None:
-                raise ConfigError("attach", h.get("replica_id"), "this connection is attached")
-            self.sidecar._replace(self, str(h["replica_id"]), int(h.get("group_rank", 0)))
-            self._share(f)
-            cfg = self.sidecar.config
-            self.agent = Agent(
-                AgentConfig(
-                    coordinator=cfg.coordinator,
-                    replica_id=str(h["replica_id"]),
-                    group_rank=int(h.get("group_rank", 0)),
-                    group_world_size=int(h.get("group_world_size", 1)),
-                    labels={str(k): str(v) for k, v in dict(h.get("labels") or {}).items()},
-                    host=cfg.host,
-                    rendezvous_port=0,
-                    heartbeat_interval=cfg.heartbeat_interval,
-                    rendezvous_timeout=cfg.rendezvous_timeout,
-                    metrics_port=None,
-                ),
-                lambda: self.state,
-                metrics=self.sidecar.metrics,
-            )
-            self.who = f"{h['replica_id']}/{h.get('group_rank', 0)}"
-            logger.info("%s attached (pid %s)", self.who, h.get("pid"))
-            return {
-                "ok": True,
-                "agent_id": self.agent.agent_id,
-                "rendezvous": self.agent.rendezvous,
-                "metrics_port": self.sidecar.metrics_port,
-            }, b""
+    def _dispatch(self, request: frames.Request, f: wire.Frame) -> tuple[frames.Reply, bytes]:
+        if isinstance(request, frames.Attach):
+            return self._attach(request, f), b""
         agent = self.agent
         if agent is None:
-            raise ConfigError("op", f.op, "attach first")
-        if f.op == "refresh":
-            self._share(f)
-            agent.refresh_layout()
-            return {"ok": True}, b""
-        if f.op == "recover":
-            with self._watching(agent):
-                step = agent.recover(self.state, timeout=timedelta(seconds=float(h["timeout_s"])))
-            self._sync()
-            rec = agent.last_recovery
-            plan = describe(self.state)
-            record = dataclasses.asdict(rec) if rec is not None else None
-            return {"ok": True, "step": step, "record": record}, plan.manifest.SerializeToString()
-        if f.op == "step":
-            step = int(h["step"])
-            last = agent.sends[-1] if agent.sends else None
-            # Never send on the first ask: the trainer refreshes (values, new
-            # tensors) and asks again with `fresh`, held until the send is done.
-            if agent.step(step, send=bool(h.get("fresh"))) and not h.get("fresh"):
-                return {"ok": True, "due": True}, b""
-            self._sync()
-            return {"ok": True, "due": False, "sends": _since(agent, last)}, b""
-        if f.op == "park":
-            last = agent.sends[-1] if agent.sends else None
-            with self._watching(agent):
-                agent.park(timedelta(seconds=float(h["timeout_s"])))
-            self._sync()
-            return {"ok": True, "sends": _since(agent, last)}, b""
-        if f.op == "close":
-            agent.close()  # the trainer detached on purpose: the rank leaves
-            self.agent = None
-            return {"ok": True}, b""
-        raise ConfigError("op", f.op, "unknown request")
+            raise ConfigError("op", request.OP, "attach first")
+        match request:
+            case frames.Refresh(layout=layout):
+                self._share(layout, f)
+                agent.refresh()
+                return frames.Done(), b""
+            case frames.Recover(timeout_s=timeout_s):
+                with self._watching(agent):
+                    step = agent.recover(self.state, timeout=timedelta(seconds=timeout_s))
+                self._sync()
+                record = agent.last_recovery
+                assert record is not None
+                values = describe(self.state).manifest.SerializeToString()
+                return frames.Recovered(step=step, record=record), values
+            case frames.Step(step=step, fresh=fresh):
+                last = agent.sends[-1] if agent.sends else None
+                # Never send on the first ask: the trainer refreshes (values, new
+                # tensors) and asks again with `fresh`, held until the send is done.
+                if agent.step(step, send=fresh) and not fresh:
+                    return frames.Stepped(due=True), b""
+                self._sync()
+                return frames.Stepped(due=False, sends=_since(agent, last)), b""
+            case frames.Park(timeout_s=timeout_s):
+                last = agent.sends[-1] if agent.sends else None
+                with self._watching(agent):
+                    agent.park(timedelta(seconds=timeout_s))
+                self._sync()
+                return frames.Parked(sends=_since(agent, last)), b""
+            case frames.Close():
+                agent.close()  # the trainer detached on purpose: the rank leaves
+                self.agent = None
+                return frames.Done(), b""
+        raise ConfigError("op", request.OP, "not a request a sidecar serves")
 
-    def _share(self, f: wire.Frame) -> None:
+    def _attach(self, request: frames.Attach, f: wire.Frame) -> frames.Attached:
+        if self.agent is not None:
+            raise ConfigError("attach", request.replica_id, "this connection is attached")
+        self.sidecar._replace(self, request.replica_id, request.group_rank)
+        self._share(request.layout, f)
+        cfg = self.sidecar.config
+        self.agent = Agent(
+            AgentConfig(
+                coordinator=cfg.coordinator,
+                replica_id=request.replica_id,
+                group_rank=request.group_rank,
+                group_world_size=request.group_world_size,
+                labels=dict(request.labels),
+                host=cfg.host,
+                rendezvous_port=0,
+                heartbeat_interval=cfg.heartbeat_interval,
+                rendezvous_timeout=cfg.rendezvous_timeout,
+                metrics_port=None,
+            ),
+            lambda: self.state,
+            metrics=self.sidecar.metrics,
+        )
+        self.who = f"{request.replica_id}/{request.group_rank}"
+        logger.info("%s attached (pid %d)", self.who, request.pid)
+        return frames.Attached(
+            agent_id=self.agent.agent_id,
+            rendezvous=self.agent.rendezvous,
+            metrics_address=self.sidecar.metrics_address,
+        )
+
+    def _share(self, layout: frames.SharedLayout, f: wire.Frame) -> None:
         fds, f.fds = f.fds, []
-        self.shared.add(list(f.header.get("handles") or []), fds)
-        self.shared.release(list(f.header.get("release") or []))
-        self.state = self.shared.state(f.payload, list(f.header["spans"]))
+        self.shared.update(layout, fds)
+        self.state = self.shared.state(f.payload, layout.spans)
 
 
-def _since(agent: Agent, last: object) -> list[dict[str, Any]]:
-    """The agent's send reports newer than ``last``, as plain data."""
+def _since(agent: Agent, last: object) -> tuple[Report, ...]:
+    """The agent's send reports newer than ``last``."""
     sends = list(agent.sends)
     start = 0  # ``last`` gone from the bounded deque: every report there is newer
     for i in range(len(sends) - 1, -1, -1):
         if sends[i] is last:
             start = i + 1
             break
-    return [dataclasses.asdict(r) for r in sends[start:]]
+    return tuple(sends[start:])

@@ -19,14 +19,15 @@ from __future__ import annotations
 import base64
 import os
 import resource
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
 from recoveryd.errors import ConfigError, ManifestError, UnsupportedValueError
+from recoveryd.sidecar.frames import SharedLayout, SpanRef, StorageHandle
 from recoveryd.transport.format import NODE_TENSOR
 from recoveryd.transport.tree import (
     TensorSpec,
@@ -41,19 +42,15 @@ from recoveryd.transport.tree import (
 from recoveryd.v1 import manifest_pb2 as pb
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Exported:
     """A state described for the sidecar: what is new since the last export."""
 
     manifest: bytes
-    spans: list[dict[str, int]]
-    """Per span of the manifest: handle index ``h`` (-1: empty), byte ``lo`` and ``n``."""
-    handles: list[dict[str, Any]] = field(default_factory=list)
-    """Handles of storages not exported before, each with its ``id``."""
+    layout: SharedLayout
+    """The new storages' handles, every span, the released storages."""
     fds: list[int] = field(default_factory=list)
     """One descriptor per new CPU handle, in handle order (owned by the storages: do not close)."""
-    release: list[int] = field(default_factory=list)
-    """Ids of storages the state no longer uses: the sidecar unmaps them."""
     cuda: bool = False
     """Whether any tensor is on a GPU (the two processes then synchronise)."""
 
@@ -110,14 +107,12 @@ class Exporter:
                 raise UnsupportedValueError(f"a tensor on {t.device}", t)
         live = {(str(t.device), t.untyped_storage().data_ptr()) for t in tensors}
         plan = describe(state)
-        out = Exported(
-            manifest=plan.manifest.SerializeToString(),
-            spans=[],
-            cuda=any(t.is_cuda for t in tensors),
-        )
+        handles: list[StorageHandle] = []
+        spans: list[SpanRef] = []
+        fds: list[int] = []
         for sp in plan.spans:
             if sp.nbytes == 0:
-                out.spans.append({"h": -1, "lo": 0, "n": 0})
+                spans.append(SpanRef(handle=-1, start=0, nbytes=0))
                 continue
             storage = sp.owner.untyped_storage()
             key = (str(sp.owner.device), storage.data_ptr())
@@ -132,16 +127,22 @@ class Exporter:
                 h = self._next_id
                 self._next_id += 1
                 self._known[key] = (h, storage)
-                out.handles.append({"id": h, **_handle(storage, out.fds)})
+                handles.append(_handle(h, storage, fds))
             else:
                 h = known[0]
-            out.spans.append({"h": h, "lo": sp.lo, "n": sp.nbytes})
-        used = {s["h"] for s in out.spans}
+            spans.append(SpanRef(handle=h, start=sp.lo, nbytes=sp.nbytes))
+        used = {s.handle for s in spans}
+        release = []
         for key, (h, _) in list(self._known.items()):
             if h not in used:
                 del self._known[key]
-                out.release.append(h)
-        return out
+                release.append(h)
+        return Exported(
+            manifest=plan.manifest.SerializeToString(),
+            layout=SharedLayout(handles=tuple(handles), spans=tuple(spans), release=tuple(release)),
+            fds=fds,
+            cuda=any(t.is_cuda for t in tensors),
+        )
 
 
 def _to_shared_memory(t: torch.Tensor, tensors: list[torch.Tensor]) -> None:
@@ -167,23 +168,24 @@ def _to_shared_memory(t: torch.Tensor, tensors: list[torch.Tensor]) -> None:
         ) from err
 
 
-def _handle(storage: torch.UntypedStorage, fds: list[int]) -> dict[str, Any]:
+def _handle(h: int, storage: torch.UntypedStorage, fds: list[int]) -> StorageHandle:
     if storage.device.type == "cpu":
         fd, size = storage._share_fd_cpu_()
         fds.append(fd)
-        return {"kind": "cpu", "size": int(size)}
+        return StorageHandle(id=h, kind="cpu", size=int(size))
     dev, handle, size, offset, rc_handle, rc_offset, event, sync = storage._share_cuda_()  # type: ignore[no-untyped-call]
-    return {
-        "kind": "cuda",
-        "device": int(dev),
-        "handle": base64.b64encode(handle).decode(),
-        "size": int(size),
-        "offset": int(offset),
-        "ref_counter": base64.b64encode(rc_handle).decode(),
-        "ref_counter_offset": int(rc_offset),
-        "event": base64.b64encode(event).decode() if event else "",
-        "event_sync": bool(sync),
-    }
+    return StorageHandle(
+        id=h,
+        kind="cuda",
+        device=int(dev),
+        handle=base64.b64encode(handle).decode(),
+        size=int(size),
+        offset=int(offset),
+        ref_counter=base64.b64encode(rc_handle).decode(),
+        ref_counter_offset=int(rc_offset),
+        event=base64.b64encode(event).decode() if event else "",
+        event_sync=bool(sync),
+    )
 
 
 class SharedState:
@@ -193,12 +195,17 @@ class SharedState:
         self._storages: dict[int, torch.UntypedStorage] = {}
         self.cuda = False
 
-    def release(self, ids: list[int]) -> None:
+    def update(self, layout: SharedLayout, fds: list[int]) -> None:
+        """Maps the layout's new storages and unmaps its released ones (see :meth:`add`)."""
+        self.add(layout.handles, fds)
+        self.release(layout.release)
+
+    def release(self, ids: Sequence[int]) -> None:
         """Unmaps storages the trainer's state no longer uses."""
         for h in ids:
-            self._storages.pop(int(h), None)
+            self._storages.pop(h, None)
 
-    def add(self, handles: list[dict[str, Any]], fds: list[int]) -> None:
+    def add(self, handles: Sequence[StorageHandle], fds: list[int]) -> None:
         """Maps new handles (closes the descriptors: the mappings keep the memory).
 
         Raises:
@@ -208,16 +215,14 @@ class SharedState:
         fd_iter = iter(fds)
         try:
             for h in handles:
-                if h.get("kind") == "cpu":
+                if h.kind == "cpu":
                     fd = next(fd_iter)
-                    self._storages[int(h["id"])] = torch.UntypedStorage._new_shared_fd_cpu(  # type: ignore[attr-defined]
-                        fd, int(h["size"])
+                    self._storages[h.id] = torch.UntypedStorage._new_shared_fd_cpu(  # type: ignore[attr-defined]
+                        fd, h.size
                     )
-                elif h.get("kind") == "cuda":
-                    self._storages[int(h["id"])] = _map_cuda(h)
-                    self.cuda = True
                 else:
-                    raise ManifestError(f"unknown storage handle {h.get('kind')!r}")
+                    self._storages[h.id] = _map_cuda(h)
+                    self.cuda = True
         except StopIteration:
             raise ManifestError("fewer descriptors than CPU storages") from None
         finally:
@@ -227,7 +232,7 @@ class SharedState:
                 except OSError:
                     pass
 
-    def state(self, manifest: bytes, spans: list[dict[str, int]]) -> object:
+    def state(self, manifest: bytes, spans: Sequence[SpanRef]) -> object:
         """The trainer's state tree over the mapped storages.
 
         Raises:
@@ -253,8 +258,8 @@ class SharedState:
 
         return TreeBuilder(m, leaf).build()
 
-    def _span(self, span: dict[str, int], i: int, nbytes: int) -> torch.Tensor:
-        h, lo, n = int(span["h"]), int(span["lo"]), int(span["n"])
+    def _span(self, span: SpanRef, i: int, nbytes: int) -> torch.Tensor:
+        h, lo, n = span.handle, span.start, span.nbytes
         if n != nbytes:
             raise ManifestError(f"span {i}: {n} bytes described, {nbytes} in the manifest")
         if h < 0:
@@ -275,22 +280,22 @@ class SharedState:
         self._storages.clear()
 
 
-def _map_cuda(h: dict[str, Any]) -> torch.UntypedStorage:
+def _map_cuda(h: StorageHandle) -> torch.UntypedStorage:
     if not torch.cuda.is_available():
         raise ConfigError(
             "cuda",
-            h.get("device"),
+            h.device,
             "the trainer shares CUDA tensors but this sidecar sees no "
             "GPU: run it with the trainer's GPU visible (same pod, same NVIDIA_VISIBLE_DEVICES)",
         )
     torch.cuda._lazy_init()  # type: ignore[no-untyped-call]
     return torch.UntypedStorage._new_shared_cuda(
-        int(h["device"]),
-        base64.b64decode(h["handle"]),
-        int(h["size"]),
-        int(h["offset"]),
-        base64.b64decode(h["ref_counter"]),
-        int(h["ref_counter_offset"]),
-        base64.b64decode(h["event"]) if h.get("event") else b"",
-        bool(h["event_sync"]),
+        h.device,
+        base64.b64decode(h.handle),
+        h.size,
+        h.offset,
+        base64.b64decode(h.ref_counter),
+        h.ref_counter_offset,
+        base64.b64decode(h.event) if h.event else b"",
+        h.event_sync,
     )

@@ -1,6 +1,6 @@
-"""Frames between a trainer and its sidecar agent over a Unix socket.
+"""Frames between a trainer and its sidecar agent over a Unix socket: bytes and descriptors.
 
-A frame is a JSON header (an ``op`` and its fields) and an optional binary
+A frame is a JSON header (one of :mod:`recoveryd.sidecar.frames`) and an optional binary
 payload (a manifest), with file descriptors alongside (``SCM_RIGHTS``): the
 shared-memory segments of the trainer's tensors. Tensor bytes never cross the
 socket, and nothing on it is ever unpickled. Every receive has a deadline.
@@ -13,11 +13,11 @@ import os
 import select
 import socket
 import struct
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from recoveryd._time import Deadline
 from recoveryd.errors import RecoverydError
 
 _PREFIX = struct.Struct("!II")  # header bytes, payload bytes
@@ -71,8 +71,8 @@ def send(
         raise WireError(f"send failed: {err}") from err
 
 
-def recv(sock: socket.socket, *, deadline: float) -> Frame:
-    """Receives one frame (``deadline``: a ``time.monotonic()`` value).
+def recv(sock: socket.socket, *, deadline: Deadline) -> Frame:
+    """Receives one frame before ``deadline``.
 
     Raises:
         WireError: the peer closed the socket (``str(err)`` starts with
@@ -92,29 +92,28 @@ def recv(sock: socket.socket, *, deadline: float) -> Frame:
         while len(fds) < want:
             more = recv(sock, deadline=deadline)
             if more.op != "fds":
-                _close_all(more.fds)
+                close_all(more.fds)
                 raise WireError(f"expected descriptors, got {more.op!r}")
             fds += more.fds
     except WireError:
-        _close_all(fds)
+        close_all(fds)
         raise
     except ValueError as err:  # bad JSON, a bad count
-        _close_all(fds)
+        close_all(fds)
         raise WireError(f"malformed frame: {err}") from err
     if len(fds) != want:
-        _close_all(fds)
+        close_all(fds)
         raise WireError(f"expected {want} descriptors, got {len(fds)}")
     return Frame(header, payload, fds)
 
 
-def _read(sock: socket.socket, n: int, deadline: float, fds: list[int]) -> bytes:
+def _read(sock: socket.socket, n: int, deadline: Deadline, fds: list[int]) -> bytes:
     chunks: list[bytes] = []
     left = n
     while left:
-        wait = deadline - time.monotonic()
-        if wait <= 0:
+        if deadline.expired:
             raise WireError(f"no answer within the deadline ({n - left} of {n} bytes)")
-        if not readable(sock, min(wait, 1.0)):
+        if not readable(sock, min(deadline.remaining_s(), 1.0)):
             continue
         try:
             data, got, _flags, _addr = socket.recv_fds(sock, left, MAX_FDS_PER_FRAME)
@@ -148,7 +147,7 @@ def hung_up(sock: socket.socket) -> bool:
         return True
 
 
-def _close_all(fds: list[int]) -> None:
+def close_all(fds: list[int]) -> None:
     for fd in fds:
         try:
             os.close(fd)

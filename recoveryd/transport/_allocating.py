@@ -2,9 +2,9 @@
 
 An allocating receive lays the span buffers out in stream order (packed
 messages land in place, see :class:`~recoveryd.transport._memory.Arena`),
-then builds the sender's tree as views over them before any data arrives,
-so a malformed tree is refused before the sender streams anything.
-DTensors are rebuilt on the receiver's mesh, ShardedTensors on its group.
+then builds the donor's tree as views over them before any data arrives,
+so a malformed tree is refused before the donor streams anything.
+DTensors are rebuilt on the joiner's mesh, ShardedTensors on its group.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def rebuild_allocated(
     mesh: Any | None,
     shard_group: Any | None,
 ) -> object:
-    """The sender's tree over freshly received span buffers (views keep their aliasing)."""
+    """The donor's tree over freshly received span buffers (views keep their aliasing)."""
     per_span = Counter(spec.storage for spec in tensors)
     parameters = list(m.tensor_is_parameter)
 
@@ -84,7 +84,7 @@ def _dtensor(meta: pb.DTensorMeta, local: torch.Tensor, mesh: Any | None, path: 
     if mesh is None:
         raise StateMismatchError(
             [
-                f"{where}: a DTensor was sent but the receiver has no DeviceMesh; pass "
+                f"{where}: a DTensor was sent but the joiner has no DeviceMesh; pass "
                 "device_mesh= or receive in place into a state_dict holding this DTensor"
             ]
         )

@@ -1,4 +1,4 @@
-"""Sender side of the manifest: walk a state_dict into a manifest and a byte plan.
+"""Donor side of the manifest: walk a state_dict into a manifest and a byte plan.
 
 The walk finds every tensor (plain, DTensor local, ShardedTensor local shard),
 groups them by the storage they view, and sends each storage's covered bytes
@@ -62,7 +62,7 @@ class Span:
 
 @dataclass(slots=True)
 class SendPlan:
-    """What the sender streams: the manifest and the spans, in stream order."""
+    """What the donor streams: the manifest and the spans, in stream order."""
 
     manifest: pb.Manifest
     spans: list[Span]

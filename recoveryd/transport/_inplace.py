@@ -1,9 +1,9 @@
-"""The in-place rebuild: the sender's tree over the receiver's own tensors.
+"""The in-place rebuild: the donor's tree over the joiner's own tensors.
 
-An in-place receive is matched against the receiver's state_dict (every
+An in-place receive is matched against the joiner's state_dict (every
 path, kind, shape, dtype, DTensor placement and ShardedTensor offset) before
-a single byte is written; then each span lands straight in the receiver's
-memory where its tensors sit the way the sender's do, and through scratch
+a single byte is written; then each span lands straight in the joiner's
+memory where its tensors sit the way the donor's do, and through scratch
 plus per-tensor copies where they do not.
 """
 
@@ -31,11 +31,11 @@ from recoveryd.v1 import manifest_pb2 as pb
 def match_in_place(
     m: pb.Manifest, tensors: list[TensorSpec], into: object
 ) -> tuple[dict[int, torch.Tensor], object]:
-    """Matches every incoming tensor to the receiver's tensor at the same path.
+    """Matches every incoming tensor to the joiner's tensor at the same path.
 
     Returns:
-        The receiver tensor for each manifest tensor index, and the sender's
-        tree with the receiver's own tensor objects as its tensor leaves.
+        The joiner tensor for each manifest tensor index, and the donor's
+        tree with the joiner's own tensor objects as its tensor leaves.
 
     Raises:
         StateMismatchError: naming every path that is missing, extra, or of
@@ -65,7 +65,7 @@ def match_in_place(
             return mine
         where = path_str(path)
         if mine is None and path not in have:
-            problems.append(f"{where}: missing in the receiver's state_dict")
+            problems.append(f"{where}: missing in the joiner's state_dict")
             return None
         if kind == NODE_TENSOR:
             problems.append(f"{where}: {type(mine).__name__} here, a tensor sent")
@@ -118,7 +118,7 @@ def match_in_place(
     state = TreeBuilder(m, leaf).build()
     for path, obj in have.items():
         if path not in sent and local_tensors(obj):
-            problems.append(f"{path_str(path)}: not in the sender's state_dict")
+            problems.append(f"{path_str(path)}: not in the donor's state_dict")
     if problems:
         raise StateMismatchError(problems)
     return dst, state
@@ -127,10 +127,10 @@ def match_in_place(
 def place_in_place(
     tensors: list[TensorSpec], sizes: list[int], dst: dict[int, torch.Tensor], arena: Arena
 ) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, int]]]:
-    """Chooses, per span, the receiver's own memory (same layout) or scratch plus copies.
+    """Chooses, per span, the joiner's own memory (same layout) or scratch plus copies.
 
     Returns:
-        One buffer per span, and the (receiver tensor, manifest tensor) pairs
+        One buffer per span, and the (joiner tensor, manifest tensor) pairs
         to copy out of scratch once the data is in.
     """
     by_span: list[list[int]] = [[] for _ in sizes]
@@ -151,7 +151,7 @@ def place_in_place(
 def _same_layout(
     members: list[int], tensors: list[TensorSpec], dst: dict[int, torch.Tensor], nbytes: int
 ) -> torch.Tensor | None:
-    """The receiver's bytes that mirror a sender span, if its tensors sit the same way in one storage."""
+    """The joiner's bytes that mirror a donor span, if its tensors sit the same way in one storage."""
     if not members:
         return None
     if len(members) == 1:
@@ -166,9 +166,9 @@ def _same_layout(
             and not t.is_neg()
         ):
             return t.detach().reshape(-1).view(torch.uint8)
-    # Writing the span straight into the receiver's memory is only right if the
-    # sender's tensors cover every byte of it: alignment padding or the gaps
-    # between views would otherwise land on receiver bytes no tensor names.
+    # Writing the span straight into the joiner's memory is only right if the
+    # donor's tensors cover every byte of it: alignment padding or the gaps
+    # between views would otherwise land on joiner bytes no tensor names.
     covered = 0
     for lo, hi in sorted(
         (tensors[i].byte_offset, tensors[i].byte_offset + tensors[i].extent) for i in members

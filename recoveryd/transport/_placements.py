@@ -1,4 +1,4 @@
-"""DTensor placements in the manifest, both ways (the sender encodes, the receiver decodes and compares)."""
+"""DTensor placements in the manifest, both ways (the donor encodes, the joiner decodes and compares)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Nothing here trusts the manifest: every index, size, stride and extent is
 checked against the others and against fixed bounds, so a hostile or broken
-sender cannot make the receiver allocate, index or write out of range.
+donor cannot make the joiner allocate, index or write out of range.
 """
 
 from __future__ import annotations

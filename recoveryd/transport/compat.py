@@ -9,7 +9,7 @@ Switching is one import line::
     torchft.Manager(checkpoint_transport=recoveryd.transport.TorchftTransport(...))
 
 One semantic difference is deliberate: an in-place receive whose state_dict does
-not match the sender's (a missing or extra tensor, another shape or dtype) is
+not match the donor's (a missing or extra tensor, another shape or dtype) is
 refused with :class:`recoveryd.errors.StateMismatchError` before anything is
 written, where the originals silently allocate or write past the mismatch.
 """
@@ -31,7 +31,30 @@ from recoveryd.transport.sender import send_state_dict
 T = TypeVar("T")
 
 
-class PGTransport:
+class _OnGroup:
+    """What both drop-ins hold: the group, a deadline, the wire device, the in-place state."""
+
+    def __init__(
+        self,
+        pg: Group,
+        timeout: timedelta,
+        device: torch.device,
+        state_dict: Callable[[], Any] | None = None,
+        *,
+        config: TransferConfig | None = None,
+    ) -> None:
+        self._pg = pg
+        self._timeout = timeout
+        self._device = device
+        self._state_dict = state_dict
+        self._config = config or TransferConfig()
+
+    def _into(self) -> object | None:
+        """The state to receive into in place, or ``None`` to allocate."""
+        return self._state_dict() if self._state_dict is not None else None
+
+
+class PGTransport(_OnGroup):
     """``torch.distributed.checkpoint._pg_transport.PGTransport``, through recoveryd.
 
     Args:
@@ -42,21 +65,6 @@ class PGTransport:
             receive into in place.
         config: recoveryd's knobs; defaults from the environment.
     """
-
-    def __init__(
-        self,
-        pg: Group,
-        timeout: timedelta,
-        device: torch.device,
-        state_dict: Callable[[], object] | None = None,
-        *,
-        config: TransferConfig | None = None,
-    ) -> None:
-        self._pg = pg
-        self._timeout = timeout
-        self._device = device
-        self._state_dict = state_dict
-        self._config = config or TransferConfig()
 
     def send_checkpoint(self, dst_ranks: list[int], state_dict: object) -> None:
         """Sends ``state_dict`` to ``dst_ranks``; see :func:`recoveryd.transport.send_state_dict`."""
@@ -71,18 +79,17 @@ class PGTransport:
 
     def recv_checkpoint(self, src_rank: int) -> object:
         """Receives the state_dict ``src_rank`` sends; in place if ``state_dict`` was given."""
-        into = self._state_dict() if self._state_dict is not None else None
         return recv_state_dict(
             self._pg,
             src_rank,
             timeout=self._timeout,
-            into=into,
+            into=self._into(),
             config=self._config,
             device=self._device,
         ).state_dict
 
 
-class TorchftTransport(CheckpointTransport[T], Generic[T]):  # type: ignore[misc]
+class TorchftTransport(_OnGroup, CheckpointTransport[T], Generic[T]):  # type: ignore[misc]
     """A torchft ``CheckpointTransport`` that heals through recoveryd.
 
     Pass it as ``torchft.Manager(checkpoint_transport=TorchftTransport(pg, ...))``.
@@ -98,23 +105,8 @@ class TorchftTransport(CheckpointTransport[T], Generic[T]):  # type: ignore[misc
         config: recoveryd's knobs; defaults from the environment.
     """
 
-    def __init__(
-        self,
-        pg: Any,
-        timeout: timedelta,
-        device: torch.device,
-        state_dict: Callable[[], T] | None = None,
-        *,
-        config: TransferConfig | None = None,
-    ) -> None:
-        self._pg = pg
-        self._timeout = timeout
-        self._device = device
-        self._state_dict = state_dict
-        self._config = config or TransferConfig()
-
     def metadata(self) -> str:
-        """Nothing: the receiver finds the sender through the group."""
+        """Nothing: the joiner finds the donor through the group."""
         return "<n/a>"
 
     def send_checkpoint(
@@ -133,12 +125,11 @@ class TorchftTransport(CheckpointTransport[T], Generic[T]):  # type: ignore[misc
 
     def recv_checkpoint(self, src_rank: int, metadata: str, step: int, timeout: timedelta) -> T:
         """Receives the state at ``step`` from ``src_rank`` within ``timeout``."""
-        into = self._state_dict() if self._state_dict is not None else None
         got = recv_state_dict(
             self._pg,
             src_rank,
             timeout=timeout,
-            into=into,
+            into=self._into(),
             step=step,
             config=self._config,
             device=self._device,
@@ -146,7 +137,7 @@ class TorchftTransport(CheckpointTransport[T], Generic[T]):  # type: ignore[misc
         return got.state_dict  # type: ignore[return-value]
 
     def disallow_checkpoint(self) -> None:
-        """Nothing to wait for: :meth:`send_checkpoint` returns once receivers confirmed."""
+        """Nothing to wait for: :meth:`send_checkpoint` returns once joiners confirmed."""
 
     def shutdown(self, wait: bool = True) -> None:
         """Nothing to release: the transport holds no threads or sockets of its own."""

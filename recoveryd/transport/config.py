@@ -46,7 +46,7 @@ class TransferConfig:
     direct_bytes: int = field(default_factory=lambda: _bytes("RECOVERYD_DIRECT_BYTES", 1 * _MiB))
     """Spans of at least this many bytes skip the buckets (``RECOVERYD_DIRECT_BYTES``, default 1 MiB).
 
-    They travel straight from the sender's tensor memory into the receiver's, in
+    They travel straight from the donor's tensor memory into the joiner's, in
     messages of at most ``bucket_bytes``; smaller spans are packed. Below ~1 MiB
     a message's fixed cost outweighs the copy a bucket costs. Values above
     ``bucket_bytes`` act as ``bucket_bytes``.
@@ -64,23 +64,23 @@ class TransferConfig:
     fanout: Literal["chain", "star"] = field(
         default_factory=lambda: env_choice("RECOVERYD_FANOUT", "chain", _FANOUTS)
     )
-    """How one sender reaches several receivers (``RECOVERYD_FANOUT``).
+    """How one donor reaches several joiners (``RECOVERYD_FANOUT``).
 
-    ``"chain"`` (default): the sender sends each message once; every receiver
-    forwards it to the next, so the sender's link carries the state once
-    whatever the number of receivers. ``"star"``: the sender sends every message
-    to every receiver itself.
+    ``"chain"`` (default): the donor sends each message once; every joiner
+    forwards it to the next, so the donor's link carries the state once
+    whatever the number of joiners. ``"star"``: the donor sends every message
+    to every joiner itself.
     """
 
     max_manifest_bytes: int = field(
         default_factory=lambda: _bytes("RECOVERYD_MAX_MANIFEST_BYTES", 256 * _MiB)
     )
-    """Largest manifest a receiver accepts (``RECOVERYD_MAX_MANIFEST_BYTES``)."""
+    """Largest manifest a joiner accepts (``RECOVERYD_MAX_MANIFEST_BYTES``)."""
 
     max_state_bytes: int = field(
         default_factory=lambda: _bytes("RECOVERYD_MAX_STATE_BYTES", _physical_memory())
     )
-    """Largest state a receiver accepts (``RECOVERYD_MAX_STATE_BYTES``, default: physical memory).
+    """Largest state a joiner accepts (``RECOVERYD_MAX_STATE_BYTES``, default: physical memory).
 
     A manifest announcing more is refused before anything is allocated.
     """

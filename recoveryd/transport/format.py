@@ -4,8 +4,8 @@ Neutral ground: the sending side (:mod:`recoveryd.transport.sender`) and the
 receiving side (:mod:`recoveryd.transport.receiver`) both read these, so
 neither borrows from the other. A transfer is, in order: a header (magic,
 version, manifest size, flags), the manifest (``proto/recoveryd/v1/manifest.proto``),
-each receiver's answer, the sender's go or abort, the data messages, a
-trailer (with the checksums, when on), and each receiver's done.
+each joiner's answer, the donor's go or abort, the data messages, a
+trailer (with the checksums, when on), and each joiner's done.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ TAG_DONE = _TAG_BASE + 7
 MAGIC = 0x5245434F56455259  # "RECOVERY"
 TRAILER_MAGIC = 0x454E444F46535452  # "ENDOFSTR"
 
-# Answers a receiver gives after reading the manifest, and the sender's go/abort.
+# Answers a joiner gives after reading the manifest, and the donor's go/abort.
 ACK_OK = 0
 ACK_STEP_MISMATCH = 1
 ACK_STATE_MISMATCH = 2
@@ -40,7 +40,7 @@ ACK_OTHER = 4
 GO = 0
 ABORT = 1
 HEADER_SENDER_FAILED = 1
-"""Header flag: the sender failed before it could describe its state."""
+"""Header flag: the donor failed before it could describe its state."""
 
 ACK_REASONS = {
     ACK_STEP_MISMATCH: "its demanded step differs from the sent step",
@@ -53,12 +53,12 @@ SPAN_ALIGN = 16
 """Spans start on a 16-byte boundary (the largest itemsize, complex128), so every
 tensor's byte offset inside its span is a whole number of elements."""
 MAX_DEPTH = 256
-"""The deepest tree a receiver rebuilds."""
+"""The deepest tree a joiner rebuilds."""
 MAX_NUMEL = 1 << 60
 """torch counts elements in int64; beyond this a shape cannot be a real tensor."""
 MAX_MESSAGE_BYTES = 1 << 30
 """One message is never larger than this; bounds what a hostile manifest can make
-the receiver stage."""
+the joiner stage."""
 
 # Node and key kinds as plain ints, looked up once (not once per node).
 NODE_DICT = pb.NODE_KIND_DICT

@@ -1,9 +1,9 @@
 """Receiving a state_dict from a rank of a ProcessGroup, allocating or in place.
 
-The receive runs in the sender's phases, mirrored: read the offer (header
+The receive runs in the donor's phases, mirrored: read the offer (header
 and manifest) and prepare for it (validate; match the in-place state or
 allocate), answer, receive and relay the data, verify, confirm. Until the
-answer nothing is written, and a refusal is told to the sender.
+answer nothing is written, and a refusal is told to the donor.
 """
 
 from __future__ import annotations
@@ -81,37 +81,37 @@ def recv_state_dict(
     The manifest is validated before anything is allocated; in place, it is
     matched against ``into`` (every path, kind, shape and dtype) before any
     byte is written, and the bytes land straight in ``into``'s tensors when
-    their layout matches the sender's. Every message is checksummed when the
-    sender enabled it, and the result is returned only when all bytes arrived
+    their layout matches the donor's. Every message is checksummed when the
+    donor enabled it, and the result is returned only when all bytes arrived
     and verified.
 
     Args:
         pg: the group to receive on.
-        src_rank: group rank of the sender.
+        src_rank: group rank of the donor.
         timeout: deadline for the whole call.
-        into: the receiver's own state_dict to receive into, or ``None`` to
+        into: the joiner's own state_dict to receive into, or ``None`` to
             allocate fresh tensors.
-        step: if given, the step the sender must be at.
+        step: if given, the step the donor must be at.
         config: limits (manifest size, huge pages); defaults from the environment.
         device: the device message buffers live on; defaults to cuda for NCCL
             groups and cpu otherwise.
         alloc_device: where an allocating receive puts tensors (default cpu).
-        device_mesh: the receiver's DeviceMesh for DTensors received without
+        device_mesh: the joiner's DeviceMesh for DTensors received without
             ``into``.
         shard_group: the group ShardedTensors received without ``into`` are
             rebuilt on (default: the default group); this rank's rank in it
-            must be the sender's in its own.
+            must be the donor's in its own.
 
     Returns:
-        The state_dict, the sender's step and the counters.
+        The state_dict, the donor's step and the counters.
 
     Raises:
-        StepMismatchError: the sender is at another step (nothing written).
-        StateMismatchError: ``into`` does not match the sender's state (nothing written).
+        StepMismatchError: the donor is at another step (nothing written).
+        StateMismatchError: ``into`` does not match the donor's state (nothing written).
         ManifestError: the manifest is malformed or hostile.
         IntegrityError: a message failed its checksum.
         TransferTimeoutError: the deadline passed.
-        PeerLostError: the sender or the rank relaying to this one went away.
+        PeerLostError: the donor or the rank relaying to this one went away.
     """
     clock = PhaseClock()
     config = config or TransferConfig()
@@ -178,7 +178,7 @@ class _Into:
 
 @dataclass(slots=True)
 class _RecvPlan:
-    """What this receive does (the receiving side's twin of the sender's ``SendPlan``)."""
+    """What this receive does (the receiving side's twin of the donor's ``SendPlan``)."""
 
     manifest: pb.Manifest
     tensors: list[TensorSpec]
@@ -189,17 +189,17 @@ class _RecvPlan:
     landing: list[torch.Tensor | None]
     """Per message, the bytes it is received straight into (``None``: staged, then scattered)."""
     copies: list[tuple[torch.Tensor, int]]
-    """(receiver tensor, manifest tensor) pairs copied out of scratch after the data."""
+    """(joiner tensor, manifest tensor) pairs copied out of scratch after the data."""
     state: object
     sent_step: int | None
     pred: int
-    """The rank the data comes from (the sender, or the receiver before this one in the chain)."""
+    """The rank the data comes from (the donor, or the joiner before this one in the chain)."""
     succ: int | None
     """The rank this one relays to, if any."""
 
     def copy_out(self) -> None:
-        """Copies tensors laid out unlike the sender's out of scratch into the receiver's."""
-        with torch.no_grad():  # the receiver's tensors may be leaves that require grad
+        """Copies tensors laid out unlike the donor's out of scratch into the joiner's."""
+        with torch.no_grad():  # the joiner's tensors may be leaves that require grad
             for t, i in self.copies:
                 spec = self.tensors[i]
                 t.copy_(typed_view(self.targets[spec.storage], spec))
@@ -215,7 +215,7 @@ def _offered(
     prefaulter: Prefaulter,
     clock: PhaseClock,
 ) -> tuple[_RecvPlan, int]:
-    """Reads the sender's offer and prepares for it; a refusal is told to the sender.
+    """Reads the donor's offer and prepares for it; a refusal is told to the donor.
 
     Returns:
         The receive's plan, and the manifest's size.
@@ -224,8 +224,8 @@ def _offered(
         m, manifest_bytes = _recv_manifest(wire, src, config)
         clock.mark("manifest")
         plan = _prepare(m, src, me, wire.pg.size(), step, config, into, prefaulter)
-    except (TransferTimeoutError, PeerLostError, _SenderFailedError):
-        raise  # the sender is gone, silent or failed: nobody would read a refusal
+    except (TransferTimeoutError, PeerLostError, _DonorFailedError):
+        raise  # the donor is gone, silent or failed: nobody would read a refusal
     except BaseException as e:
         code = {
             StepMismatchError: f.ACK_STEP_MISMATCH,
@@ -260,7 +260,7 @@ def _prepare(
     total = sum(sizes)
     if total > config.max_state_bytes:
         raise ManifestError(
-            f"rank {src} announces {total} bytes of state, over this receiver's limit "
+            f"rank {src} announces {total} bytes of state, over this joiner's limit "
             f"of {config.max_state_bytes} (RECOVERYD_MAX_STATE_BYTES)"
         )
     messages = cut(sizes, list(m.message_nbytes))
@@ -274,7 +274,7 @@ def _prepare(
         # Fresh memory: populate it ahead of the wire, in stream order.
         prefaulter.start([b for b in landing if b is not None])
         # Built before any data arrives (views over the empty targets), so a
-        # malformed tree is refused before the sender streams anything.
+        # malformed tree is refused before the donor streams anything.
         state = rebuild_allocated(m, tensors, spans, into.mesh, into.shard_group)
     else:
         dst, state = match_in_place(m, tensors, into.state)
@@ -290,17 +290,17 @@ def _prepare(
 
 
 def _accept(wire: w.Wire, src: int) -> None:
-    """Tells the sender this receiver is ready; waits for its go (an abort: another refused)."""
+    """Tells the donor this joiner is ready; waits for its go (an abort: another refused)."""
     wire.send_ints([f.ACK_OK, 0], src, f.TAG_ACK)
     if wire.recv_ints(2, src, f.TAG_GO)[0] != f.GO:
         raise TransferError(
-            f"rank {src} aborted the transfer because another receiver refused it",
+            f"rank {src} aborted the transfer because another joiner refused it",
             peer_rank=src,
         )
 
 
-class _SenderFailedError(TransferError):
-    """The sender said it cannot send; it is not listening for an answer."""
+class _DonorFailedError(TransferError):
+    """The donor said it cannot send; it is not listening for an answer."""
 
 
 def _recv_manifest(wire: w.Wire, src: int, config: TransferConfig) -> tuple[pb.Manifest, int]:
@@ -308,7 +308,7 @@ def _recv_manifest(wire: w.Wire, src: int, config: TransferConfig) -> tuple[pb.M
     if magic != f.MAGIC:
         raise ManifestError(f"rank {src} did not send a recoveryd header (magic {magic:#x})")
     if flags == f.HEADER_SENDER_FAILED:
-        raise _SenderFailedError(
+        raise _DonorFailedError(
             f"rank {src} could not send its state (it failed while describing it; see its "
             "logs); nothing was received",
             peer_rank=src,
@@ -407,7 +407,7 @@ def _verify(wire: w.Wire, src: int, hashes: list[int], checksums: bool) -> None:
 
 
 def _best_effort(wire: w.Wire, values: list[int], dst: int, tag: int) -> None:
-    """Tells the sender we failed, if it listens within a second; a failure here adds nothing."""
+    """Tells the donor we failed, if it listens within a second; a failure here adds nothing."""
     try:
         t = torch.tensor(values, dtype=torch.int64, device=wire.device)
         wire.wait(wire.isend(t, dst, tag), dst, cap=timedelta(seconds=1))

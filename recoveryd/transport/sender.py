@@ -1,8 +1,8 @@
 """Sending a state_dict to one or more ranks of a ProcessGroup.
 
 The send runs in phases: plan (walk the state into a manifest and spans),
-offer (header and manifest to every receiver) and settle (their answers,
-then go or abort), stream the data, confirm (trailer out, every receiver's
+offer (header and manifest to every joiner) and settle (their answers,
+then go or abort), stream the data, confirm (trailer out, every joiner's
 done in). :mod:`recoveryd.transport.receiver` mirrors them.
 """
 
@@ -46,29 +46,29 @@ def send_state_dict(
 
     The state is described by a schema'd manifest (no pickle), small tensors
     travel packed in buckets, each shared storage is sent once, and with
-    several receivers each message leaves this rank once and is relayed along
-    the receivers (``config.fanout``). Returns when every receiver has
+    several joiners each message leaves this rank once and is relayed along
+    the joiners (``config.fanout``). Returns when every joiner has
     confirmed the state complete and verified.
 
     Args:
         pg: the group to send on (Gloo for CPU tensors, NCCL for CUDA ones).
-        dst_ranks: group ranks of the receivers.
+        dst_ranks: group ranks of the joiners.
         state_dict: the state to send; it must not be mutated until this returns.
         timeout: deadline for the whole call.
-        step: the training step of this state, checked by receivers that demand one.
+        step: the training step of this state, checked by joiners that demand one.
         config: bucket size, checksums and fan-out; defaults from the environment.
         device: the device message buffers live on; defaults to cuda for NCCL
             groups and cpu otherwise.
 
     Returns:
-        The sender's counters.
+        The donor's counters.
 
     Raises:
         UnsupportedValueError: a leaf the manifest cannot carry (nothing was sent).
-        TransferError: a receiver refused the state (step or layout mismatch)
+        TransferError: a joiner refused the state (step or layout mismatch)
             or reported it broken.
         TransferTimeoutError: the deadline passed.
-        PeerLostError: a receiver went away.
+        PeerLostError: a joiner went away.
     """
     clock = PhaseClock()
     config = config or TransferConfig()
@@ -91,7 +91,7 @@ def send_state_dict(
             checksums=checksums,
         )
     except BaseException:
-        # Tell the receivers now, rather than leave them to their timeout.
+        # Tell the joiners now, rather than leave them to their timeout.
         _abort(wire, dst)
         raise
     plan.manifest.star = config.fanout == "star"
@@ -99,7 +99,7 @@ def send_state_dict(
     clock.mark("plan")
     streamer = _Streamer(wire, plan, checksums)
     offered = _offer(wire, dst, blob)
-    streamer.prepack()  # while the receivers validate the manifest
+    streamer.prepack()  # while the joiners validate the manifest
     _settle(wire, dst, offered)
     clock.mark("handshake")
     wire.stall = config.stall_timeout
@@ -133,7 +133,7 @@ _Pending = list[tuple[Any, int, torch.Tensor]]
 
 
 def _confirm(wire: w.Wire, dst: list[int], hashes: list[int]) -> None:
-    """Sends the trailer (the checksums) and waits for every receiver to confirm."""
+    """Sends the trailer (the checksums) and waits for every joiner to confirm."""
     dev = wire.device
     trailer = torch.tensor([f.TRAILER_MAGIC, len(hashes), *hashes], dtype=torch.int64, device=dev)
     works = [(wire.isend(trailer, d, f.TAG_TRAILER), d) for d in dst]
@@ -148,14 +148,14 @@ def _confirm(wire: w.Wire, dst: list[int], hashes: list[int]) -> None:
             failed.append(d)
     if failed:
         raise TransferError(
-            f"receiver rank(s) {failed} reported the state broken (checksum mismatch or a "
+            f"joiner rank(s) {failed} reported the state broken (checksum mismatch or a "
             "local failure; see their logs)",
             peer_rank=failed[0],
         )
 
 
 def _abort(wire: w.Wire, dst: list[int]) -> None:
-    """Sends receivers a header that says the state cannot be sent; gives up after a second."""
+    """Sends joiners a header that says the state cannot be sent; gives up after a second."""
     header = torch.tensor(
         [f.MAGIC, f.FORMAT_VERSION, 0, f.HEADER_SENDER_FAILED],
         dtype=torch.int64,
@@ -170,7 +170,7 @@ def _abort(wire: w.Wire, dst: list[int]) -> None:
 
 
 def _offer(wire: w.Wire, dst: list[int], blob: bytes) -> tuple[_Pending, _Pending]:
-    """Posts header and manifest to every receiver, and the receives of their verdicts."""
+    """Posts header and manifest to every joiner, and the receives of their verdicts."""
     dev = wire.device
     header = torch.tensor([f.MAGIC, f.FORMAT_VERSION, len(blob), 0], dtype=torch.int64, device=dev)
     body = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(dev)
@@ -185,7 +185,7 @@ def _offer(wire: w.Wire, dst: list[int], blob: bytes) -> tuple[_Pending, _Pendin
 
 
 def _settle(wire: w.Wire, dst: list[int], offered: tuple[_Pending, _Pending]) -> None:
-    """Waits for the receivers' verdicts and answers go, or abort if any refused."""
+    """Waits for the joiners' verdicts and answers go, or abort if any refused."""
     sends, acks = offered
     for work, d, _ in sends:
         wire.wait(work, d)
@@ -196,7 +196,7 @@ def _settle(wire: w.Wire, dst: list[int], offered: tuple[_Pending, _Pending]) ->
             refused.append((d, int(t[0])))
     verdict = f.ABORT if refused else f.GO
     refusers = {d for d, _ in refused}
-    # A refusing receiver has stopped listening: a message to it would never match.
+    # A refusing joiner has stopped listening: a message to it would never match.
     for d in dst:
         if d not in refusers:
             wire.send_ints([verdict, 0], d, f.TAG_GO)

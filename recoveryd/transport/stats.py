@@ -25,8 +25,8 @@ class TransferStats:
         seconds: wall time of the call.
         phases: seconds spent in each phase, in order. Donor: ``plan``
             (walk the state, build the manifest), ``handshake`` (manifest out,
-            receivers' verdicts in), ``data``, ``confirm`` (trailer out,
-            receivers' confirmations in). Joiner: ``manifest`` (wait for
+            joiners' verdicts in), ``data``, ``confirm`` (trailer out,
+            joiners' confirmations in). Joiner: ``manifest`` (wait for
             and parse it), ``prepare`` (validate, match or allocate),
             ``handshake``, ``data``, ``verify``.
     """
@@ -76,9 +76,9 @@ class ReceivedState:
 
     Attributes:
         state_dict: the received state_dict. In place, its tensors are the
-            receiver's own tensor objects, now holding the sender's values; its
-            containers and non-tensor values are the sender's.
-        step: the step the sender sent, or ``None`` if it sent none.
+            joiner's own tensor objects, now holding the donor's values; its
+            containers and non-tensor values are the donor's.
+        step: the step the donor sent, or ``None`` if it sent none.
         stats: the receive's counters.
     """
 

@@ -94,7 +94,7 @@ def _mismatch(rank: int, ws: int, pg: object, store: object) -> str:
         "a: shape [5] here, [4] sent",
         "b: dtype torch.float64",
         "c: missing",
-        "d: not in the sender",
+        "d: not in the donor",
     ):
         assert needle in text, text
     assert len(e.value.paths) == 4
@@ -313,7 +313,7 @@ def _too_big(rank: int, ws: int, pg: object, store: object) -> None:
         return
     from recoveryd.errors import ManifestError
 
-    with pytest.raises(ManifestError, match="over this receiver's limit"):
+    with pytest.raises(ManifestError, match="over this joiner's limit"):
         recv_state_dict(pg, 0, timeout=T, config=TransferConfig(max_state_bytes=1 << 20))  # type: ignore[arg-type]
 
 

@@ -7,10 +7,12 @@ import os
 import socket
 import struct
 import time
+from datetime import timedelta
 
 import pytest
 import torch
 
+from recoveryd._time import Deadline
 from recoveryd.errors import ManifestError, UnsupportedValueError
 from recoveryd.sidecar import wire
 from recoveryd.sidecar.share import Exporter, SharedState, signature
@@ -32,7 +34,7 @@ def test_a_frame_carries_more_descriptors_than_one_message_can() -> None:
         wire.send(a, {"op": "attach", "x": 1}, b"payload", fds)
         for fd in fds:
             os.close(fd)
-        got = wire.recv(b, deadline=time.monotonic() + 5)
+        got = wire.recv(b, deadline=Deadline(timedelta(seconds=5)))
         assert (got.op, got.header["x"], got.payload, len(got.fds)) == (
             "attach",
             1,
@@ -41,7 +43,7 @@ def test_a_frame_carries_more_descriptors_than_one_message_can() -> None:
         )
         os.write(w, b"!")
         assert os.read(got.fds[-1], 1) == b"!"  # real descriptors of the pipe
-        wire._close_all(got.fds)
+        wire.close_all(got.fds)
     finally:
         os.close(r)
         os.close(w)
@@ -54,19 +56,19 @@ def test_bad_frames_and_a_silent_peer_are_wire_errors_that_leak_nothing() -> Non
     before = _open_fds()
     a.sendall(struct.pack("!II", 1 << 30, 0))  # a header larger than allowed
     with pytest.raises(wire.WireError, match="too large"):
-        wire.recv(b, deadline=time.monotonic() + 5)
+        wire.recv(b, deadline=Deadline(timedelta(seconds=5)))
     a.sendall(struct.pack("!II", 5, 0) + b"{nope")
     with pytest.raises(wire.WireError, match="malformed"):
-        wire.recv(b, deadline=time.monotonic() + 5)
+        wire.recv(b, deadline=Deadline(timedelta(seconds=5)))
     t0 = time.monotonic()
     with pytest.raises(wire.WireError, match="deadline"):
-        wire.recv(b, deadline=time.monotonic() + 0.3)
+        wire.recv(b, deadline=Deadline(timedelta(seconds=0.3)))
     assert time.monotonic() - t0 < 2
     r, w = os.pipe()
     socket.send_fds(a, [struct.pack("!II", 100, 0)], [r, w])  # dies mid-frame, with fds
     a.close()
     with pytest.raises(wire.WireError, match="closed"):
-        wire.recv(b, deadline=time.monotonic() + 5)
+        wire.recv(b, deadline=Deadline(timedelta(seconds=5)))
     os.close(r)
     os.close(w)
     b.close()
@@ -94,9 +96,9 @@ def test_the_sidecar_side_aliases_the_trainers_bytes() -> None:
     state = _state()
     ex, shared = Exporter(), SharedState()
     exp = ex.export(state)
-    assert exp.release == []
-    shared.add(exp.handles, _dup(exp.fds))  # as the kernel duplicates them
-    got = shared.state(exp.manifest, exp.spans)
+    assert exp.layout.release == ()
+    shared.add(exp.layout.handles, _dup(exp.fds))  # as the kernel duplicates them
+    got = shared.state(exp.manifest, exp.layout.spans)
     assert isinstance(got, dict)
     assert got["values"] == state["values"]
     for key in ("w", "tied", "t", "step", "empty"):
@@ -111,29 +113,29 @@ def test_a_replaced_tensor_is_shared_anew_and_the_old_one_released() -> None:
     state = _state()
     ex, shared = Exporter(), SharedState()
     first = ex.export(state)
-    shared.add(first.handles, _dup(first.fds))
+    shared.add(first.layout.handles, _dup(first.fds))
     sig = signature(state)
-    old_ids = {h["id"] for h in first.handles}
+    old_ids = {h.id for h in first.layout.handles}
     for _ in range(5):  # freed memory is often reused at the same address
         state["w"] = torch.full((12,), 2.0)
         state["tied"] = state["w"][2:6]
         gc.collect()
         exp = ex.export(state)
         assert signature(state) != sig
-        assert len(exp.handles) == 1  # the new storage, never mistaken for the old
-        assert exp.handles[0]["id"] not in old_ids
-        shared.add(exp.handles, _dup(exp.fds))
-        shared.release(exp.release)
-        got = shared.state(exp.manifest, exp.spans)
+        assert len(exp.layout.handles) == 1  # the new storage, never mistaken for the old
+        assert exp.layout.handles[0].id not in old_ids
+        shared.add(exp.layout.handles, _dup(exp.fds))
+        shared.release(exp.layout.release)
+        got = shared.state(exp.manifest, exp.layout.spans)
         assert isinstance(got, dict)
         state["w"][0] = 5.0
         assert got["w"][0] == 5.0  # the sidecar reads the live tensor
-        old_ids |= {h["id"] for h in exp.handles}
+        old_ids |= {h.id for h in exp.layout.handles}
         sig = signature(state)
-    assert len(first.release) == 0
-    assert exp.release  # the previous w went away
+    assert len(first.layout.release) == 0
+    assert exp.layout.release  # the previous w went away
     with pytest.raises(ManifestError, match="released"):
-        shared.state(first.manifest, first.spans)
+        shared.state(first.manifest, first.layout.spans)
 
 
 def test_sharded_state_is_refused_by_path() -> None:

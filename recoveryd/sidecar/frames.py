@@ -1,0 +1,302 @@
+"""The requests and replies between a trainer and its sidecar, typed, with one codec.
+
+Every frame's header is one of the frozen dataclasses below, named by its
+``op``; :func:`encode` turns one into the header's JSON object and
+:func:`decode_request` / :func:`decode_reply` turn a header back, checking
+every field against its type (an unknown op or field, a missing one, a
+value of the wrong type is a :class:`~recoveryd.sidecar.wire.WireError`).
+Manifests travel as the frame's payload and descriptors alongside (see
+:mod:`recoveryd.sidecar.wire`); errors as :func:`recoveryd.errors.error_to_fields`
+describes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal, TypeAlias, Union
+
+from recoveryd.agent.interface import RecoveryRecord
+from recoveryd.protocol import Report
+from recoveryd.sidecar.wire import WireError
+
+# ---- what a trainer shares ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class StorageHandle:
+    """One storage the trainer shares: a CPU segment (its descriptor travels
+    alongside, in handle order) or a CUDA IPC handle (base64 fields)."""
+
+    id: int
+    kind: Literal["cpu", "cuda"]
+    size: int
+    device: int = 0
+    handle: str = ""
+    offset: int = 0
+    ref_counter: str = ""
+    ref_counter_offset: int = 0
+    event: str = ""
+    event_sync: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class SpanRef:
+    """Where one span of the manifest lives: bytes ``[start, start + nbytes)`` of
+    storage ``handle`` (-1: an empty span, in no storage)."""
+
+    handle: int
+    start: int
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class SharedLayout:
+    """A state's storages as shared: the new ones, every span, and the released ones."""
+
+    handles: tuple[StorageHandle, ...] = ()
+    """Storages not shared before (the sidecar maps them)."""
+    spans: tuple[SpanRef, ...] = ()
+    """One per span of the manifest, in its order."""
+    release: tuple[int, ...] = ()
+    """Ids of storages the state no longer uses (the sidecar unmaps them)."""
+
+
+# ---- requests (trainer -> sidecar) -----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Attach:
+    """Serve this rank: its identity and its state (manifest as payload)."""
+
+    OP: ClassVar[str] = "attach"
+    replica_id: str
+    group_rank: int
+    group_world_size: int
+    labels: Mapping[str, str]
+    pid: int
+    layout: SharedLayout
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Refresh:
+    """The state as it is now (manifest as payload)."""
+
+    OP: ClassVar[str] = "refresh"
+    layout: SharedLayout
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Recover:
+    """Recover this rank's state in place within ``timeout_s``."""
+
+    OP: ClassVar[str] = "recover"
+    timeout_s: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Step:
+    """A step boundary; ``fresh``: the state was just refreshed, send if due."""
+
+    OP: ClassVar[str] = "step"
+    step: int
+    fresh: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Park:
+    """Serve plans at the current step for ``timeout_s``."""
+
+    OP: ClassVar[str] = "park"
+    timeout_s: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Close:
+    """The trainer detaches on purpose: the rank leaves."""
+
+    OP: ClassVar[str] = "close"
+
+
+Request: TypeAlias = Attach | Refresh | Recover | Step | Park | Close
+
+# ---- replies (sidecar -> trainer) --------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Attached:
+    """The rank is served by this agent."""
+
+    OP: ClassVar[str] = "attached"
+    agent_id: str
+    rendezvous: str
+    metrics_address: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Done:
+    """The request is done (``refresh``, ``close``)."""
+
+    OP: ClassVar[str] = "done"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Recovered:
+    """How the recovery went; the received plain values come as the payload's manifest."""
+
+    OP: ClassVar[str] = "recovered"
+    step: int | None
+    record: RecoveryRecord
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Stepped:
+    """``due``: a send is due, refresh and ask again with ``fresh``; ``sends``: sends made."""
+
+    OP: ClassVar[str] = "stepped"
+    due: bool
+    sends: tuple[Report, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Parked:
+    """The park ended; ``sends``: sends made while parked."""
+
+    OP: ClassVar[str] = "parked"
+    sends: tuple[Report, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Failed:
+    """The request failed with this error (see :func:`recoveryd.errors.error_to_fields`)."""
+
+    OP: ClassVar[str] = "failed"
+    error: Mapping[str, object]
+
+
+Reply: TypeAlias = Attached | Done | Recovered | Stepped | Parked | Failed
+
+_REQUESTS: dict[str, type[Any]] = {c.OP: c for c in (Attach, Refresh, Recover, Step, Park, Close)}
+_REPLIES: dict[str, type[Any]] = {
+    c.OP: c for c in (Attached, Done, Recovered, Stepped, Parked, Failed)
+}
+
+
+# ---- the codec -----------------------------------------------------------------------------
+
+
+def encode(msg: Request | Reply) -> dict[str, Any]:
+    """The frame header of ``msg``: its ``op`` and its fields as JSON values."""
+    return {"op": msg.OP, **_to_json(msg)}
+
+
+def decode_request(header: Mapping[str, Any]) -> Request:
+    """The request a frame header describes.
+
+    Raises:
+        WireError: not a well-formed request.
+    """
+    msg: Request = _decode(header, _REQUESTS)
+    return msg
+
+
+def decode_reply(header: Mapping[str, Any]) -> Reply:
+    """The reply a frame header describes.
+
+    Raises:
+        WireError: not a well-formed reply.
+    """
+    msg: Reply = _decode(header, _REPLIES)
+    return msg
+
+
+def _decode(header: Mapping[str, Any], kinds: Mapping[str, type[Any]]) -> Any:
+    fields = dict(header)
+    op = fields.pop("op", None)
+    cls = kinds.get(op) if isinstance(op, str) else None
+    if cls is None:
+        raise WireError(f"malformed frame: unknown op {op!r}")
+    return _from_json(cls, fields, op)
+
+
+def _to_json(value: object) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [_to_json(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    return value
+
+
+@functools.cache
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _from_json(tp: Any, value: Any, where: str) -> Any:
+    """``value`` checked against the annotation ``tp`` (and built, for dataclasses)."""
+    origin = typing.get_origin(tp)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise WireError(f"malformed frame: {where} is not an object")
+        hints = _hints(tp)
+        known = {f.name for f in dataclasses.fields(tp)}
+        extra = set(value) - known
+        if extra:
+            raise WireError(f"malformed frame: {where} has unknown fields {sorted(extra)}")
+        args = {}
+        for f in dataclasses.fields(tp):
+            if f.name in value:
+                args[f.name] = _from_json(hints[f.name], value[f.name], f"{where}.{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise WireError(f"malformed frame: {where} lacks {f.name!r}")
+        return tp(**args)
+    if origin in (Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _from_json(arm, value, where)
+            except WireError:
+                continue
+        raise WireError(f"malformed frame: {where} is none of {tp}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise WireError(f"malformed frame: {where} is {value!r}, not one of {typing.get_args(tp)}")
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise WireError(f"malformed frame: {where} is not a list")
+        (arm, _) = typing.get_args(tp)
+        return tuple(_from_json(arm, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, Mapping):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise WireError(f"malformed frame: {where} is not an object")
+        _, arm = typing.get_args(tp)
+        return {k: _from_json(arm, v, f"{where}.{k}") for k, v in value.items()}
+    return _scalar(tp, value, where)
+
+
+def _scalar(tp: Any, value: Any, where: str) -> Any:
+    if tp is object or tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise WireError(f"malformed frame: {where} has a type the codec does not know ({tp})")
+    raise WireError(f"malformed frame: {where} is {type(value).__name__}, not {tp.__name__}")
