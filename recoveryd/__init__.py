@@ -1,7 +1,19 @@
 """recoveryd: a restarted replica gets its state from a live peer, in seconds.
 
-The public API is what ``__all__`` lists; everything else may change. Every
-error is a :class:`RecoverydError`; the specific ones live in
+The public API is what ``__all__`` lists; everything else may change:
+
+- a trainer rank talks to a :class:`RankAgent`: an :class:`Agent` in its own
+  process (configured by :class:`AgentConfig`), or an :class:`Attachment` to
+  a sidecar (``recoveryd agent``) from :func:`attach`; either tells how its
+  recovery went in a :class:`RecoveryRecord`;
+- :class:`Coordinator` (with :class:`CoordinatorConfig`) runs the coordinator
+  in a process of one's own;
+- :func:`send_state_dict` / :func:`recv_state_dict` (with
+  :class:`TransferConfig`, :class:`TransferStats`, :class:`ReceivedState`)
+  are the data plane on any ProcessGroup; :mod:`recoveryd.transport` also has
+  the drop-ins for PyTorch's and torchft's checkpoint transports.
+
+Every error is a :class:`RecoverydError`; the specific ones live in
 :mod:`recoveryd.errors`. Names are imported on first use, so the coordinator
 and the command line start without importing torch.
 """
@@ -20,7 +32,7 @@ from recoveryd.errors import (
 )
 
 if TYPE_CHECKING:
-    from recoveryd.agent import Agent, AgentConfig, RecoveryRecord
+    from recoveryd.agent import Agent, AgentConfig, RankAgent, RecoveryRecord
     from recoveryd.coordinator.config import CoordinatorConfig
     from recoveryd.coordinator.server import Coordinator
     from recoveryd.sidecar.client import Attachment, attach
@@ -38,6 +50,7 @@ _LAZY = {
     "AgentConfig": "recoveryd.agent",
     "Attachment": "recoveryd.sidecar.client",
     "attach": "recoveryd.sidecar.client",
+    "RankAgent": "recoveryd.agent",
     "RecoveryRecord": "recoveryd.agent",
     "Coordinator": "recoveryd.coordinator.server",
     "CoordinatorConfig": "recoveryd.coordinator.config",
@@ -63,6 +76,7 @@ __all__ = [
     "Coordinator",
     "CoordinatorConfig",
     "CoordinatorUnavailableError",
+    "RankAgent",
     "ReceivedState",
     "RecoveryRecord",
     "RecoverydError",

@@ -30,6 +30,10 @@ BACKOFF_MAX = timedelta(seconds=2)
 least this often, and the coordinator's warm-up counts on it."""
 
 
+MIN_WAIT = timedelta(milliseconds=1)
+"""The shortest timeout handed to a backend or a peer: some read 0 as "wait forever"."""
+
+
 class Deadline:
     """A point on the monotonic clock, ``timeout`` from when it was made.
 

@@ -1,4 +1,10 @@
-"""The ``recoveryd`` command: ``coordinator``, ``status`` and ``demo``."""
+"""The ``recoveryd`` command.
+
+``coordinator`` (serve the coordinator until SIGTERM), ``status`` (print the
+cluster as the coordinator sees it), ``agent`` (the sidecar agent trainers
+attach to), ``demo`` (kill and recover a replica of a small job on this
+machine), ``example-trainer`` (the trainer the Kubernetes manifests run).
+"""
 
 from __future__ import annotations
 
@@ -116,7 +122,9 @@ def _example_trainer(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``recoveryd`` command."""
-    parser = argparse.ArgumentParser(prog="recoveryd", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="recoveryd", description="Live-peer state recovery for large PyTorch training jobs."
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 

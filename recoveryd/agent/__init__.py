@@ -1,10 +1,23 @@
 """The per-rank agent: talks to the coordinator, forms transfer groups, runs transfers.
 
-:class:`Agent` is the trainer-facing part (``recover`` / ``step`` / ``park``).
-The link to the coordinator (``link``), the donor side (``donor``), the
-joiner side (``joiner``), the client, the rendezvous and the layout
-fingerprint are separate modules, so a sidecar process can reuse them.
-Names here are imported on first use (the client needs no torch).
+What a trainer calls is :class:`Agent` (``agent.py``: ``recover`` / ``step`` /
+``park`` / ``refresh`` / ``close``), one implementation of :class:`RankAgent`
+(``interface.py``, with the :class:`RecoveryRecord` both faces return; the
+sidecar's :class:`recoveryd.Attachment` is the other). Below it, one module
+per part, each usable by the sidecar too:
+
+- ``link.py``: registration, heartbeats, the order stream and reports, kept
+  alive by background threads (``client.py``: the gRPC client, proto types
+  stop there, converted by :mod:`recoveryd.codec`);
+- ``donor.py``: the donor side (orders in, groups formed ahead, sends at the fence);
+- ``joiner.py``: the joiner side (one :class:`~recoveryd.agent.joiner.JoinerRound`
+  per ``recover``, in named phases);
+- ``rendezvous.py`` (the store each agent hosts, the two-rank groups),
+  ``layout.py`` (the layout fingerprint), ``config.py`` (:class:`AgentConfig`,
+  the advertised address and its interface).
+
+The agent imports the transport, the protocol and the metrics, never the
+coordinator. Names here are imported on first use (the client needs no torch).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 
+from recoveryd._time import Deadline
 from recoveryd.agent.config import AgentConfig
 from recoveryd.agent.donor import Donor
 from recoveryd.agent.interface import RecoveryRecord
@@ -38,6 +39,9 @@ from recoveryd.metrics import AgentMetrics, MetricsServer
 from recoveryd.protocol import Report
 
 logger = logging.getLogger(__name__)
+
+_PARK_POLL = timedelta(milliseconds=10)
+"""How often a parked rank looks for a plan that is due."""
 
 
 class Agent:
@@ -249,14 +253,14 @@ class Agent:
             RecoverydError: a background thread of the agent failed.
         """
         self._raise_failure()
-        end = time.monotonic() + timeout.total_seconds()
+        deadline = Deadline(timeout)
         if self._step is None:
             return
         self._parked = True
         try:
-            while not self._link.closed and time.monotonic() < end:
+            while not self._link.closed and not deadline.expired:
                 self._donor.serve(self._step, self._state_fn, parked=True)
-                time.sleep(min(0.01, max(0.0, end - time.monotonic())))
+                deadline.sleep(_PARK_POLL)
         finally:
             self._parked = False
 

@@ -21,6 +21,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from recoveryd._format import rate
+from recoveryd._time import MIN_WAIT, Deadline
 from recoveryd.agent.config import AgentConfig
 from recoveryd.agent.link import CoordinatorLink, Position
 from recoveryd.agent.rendezvous import DONOR_RANK, JOINER_RANK, device_for, go_key, open_group
@@ -38,7 +39,7 @@ class _SendOrder:
     joiner: str
     prefix: str
     backend: str
-    deadline: float
+    deadline: Deadline
     fence: int | None = None
     group: dist.ProcessGroup | None = None
     cancelled: bool = False
@@ -92,7 +93,7 @@ class Donor:
                     joiner=order.joiner,
                     prefix=order.rendezvous_prefix,
                     backend=order.backend,
-                    deadline=time.monotonic() + order.timeout_s,
+                    deadline=Deadline(timedelta(seconds=order.timeout_s)),
                 )
                 self._orders[order.plan_id] = o
             threading.Thread(
@@ -166,7 +167,7 @@ class Donor:
                 o.group,
                 [JOINER_RANK],
                 state,
-                timeout=timedelta(seconds=max(0.001, o.deadline - t0)),
+                timeout=max(MIN_WAIT, o.deadline.remaining()),
                 step=step,
                 config=self._config.transfer,
                 device=device_for(o.backend),
@@ -229,7 +230,6 @@ class Donor:
     def _prepare(self, o: _SendOrder) -> None:
         assert self.link is not None
         t0 = time.monotonic()
-        limit = min(o.deadline - t0, self._config.rendezvous_timeout.total_seconds())
         try:
             group = open_group(
                 self._store,
@@ -237,7 +237,7 @@ class Donor:
                 DONOR_RANK,
                 backend=o.backend,
                 host=self._host,
-                timeout=timedelta(seconds=max(0.001, limit)),
+                timeout=max(MIN_WAIT, o.deadline.cap(self._config.rendezvous_timeout)),
             )
         except Exception as err:
             with self._lock:

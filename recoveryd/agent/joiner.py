@@ -23,7 +23,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from recoveryd._format import rate
-from recoveryd._time import Backoff, Deadline
+from recoveryd._time import MIN_WAIT, Backoff, Deadline
 from recoveryd.agent.interface import RecoveryRecord
 from recoveryd.agent.link import CoordinatorLink
 from recoveryd.agent.rendezvous import (
@@ -195,7 +195,7 @@ class JoinerRound:
             nap = self._backoff.next()
             if self._deadline.remaining() <= nap:
                 raise
-            time.sleep(nap.total_seconds())
+            self._deadline.sleep(nap)
             return None
         self._backoff.reset()
         self._last_answer = f"{ans.state} {ans.reason}".strip()
@@ -293,7 +293,7 @@ class JoinerRound:
             got = recv_state_dict(
                 joined.group,
                 DONOR_RANK,
-                timeout=max(timedelta(milliseconds=1), self._transfer_timeout(ans)),
+                timeout=max(MIN_WAIT, self._transfer_timeout(ans)),
                 into=self._state,
                 step=ans.step,
                 config=link.config.transfer,
@@ -386,7 +386,7 @@ class JoinerRound:
                         FenceWait.PLAN_ENDED,
                         f"the coordinator ended the plan ({now.state} {now.reason})".strip(),
                     )
-            time.sleep(nap.total_seconds())
+            self._deadline.sleep(nap)
             nap = min(2 * nap, _GO_POLL_MAX)
         return (
             FenceWait.OUT_OF_TIME,

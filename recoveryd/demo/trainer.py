@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from recoveryd._time import Deadline
 from recoveryd.agent import Agent, AgentConfig, RankAgent
 from recoveryd.sidecar.client import attach
 from recoveryd.testing.ranks import gloo_group
@@ -67,6 +68,9 @@ class TrainerSpec:
     """Serve the agent's ``/metrics`` on this port (0: any free one); ``None``: off."""
     sidecar_socket: str | None = None
     """Attach to the sidecar agent on this socket instead of running one in-process."""
+    join_together: tuple[str, int] | None = None
+    """``(key, ranks)``: call ``recover()`` only once that many ranks reached the
+    same key on the launcher's store (tests: replicas that join at once)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -209,6 +213,8 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
         )
     if agent.metrics_address is not None:
         emit("metrics", address=agent.metrics_address)
+    if spec.join_together is not None:
+        _barrier(store, *spec.join_together, timeout=timedelta(seconds=spec.recover_timeout_s))
     live = state()
     t0 = time.monotonic()
     got = agent.recover(live, timeout=timedelta(seconds=spec.recover_timeout_s))
@@ -273,6 +279,17 @@ def _emit_sends(agent: RankAgent, since: int, emit: Any, state: Any) -> None:
             seconds=report.seconds,
             digest=state_digest(state()) if report.result == "ok" else "",
         )
+
+
+def _barrier(store: dist.Store, key: str, ranks: int, *, timeout: timedelta) -> None:
+    """Waits until ``ranks`` ranks arrived at ``key`` (each adds itself once)."""
+    counter = f"join-together/{key}"
+    store.add(counter, 1)
+    deadline = Deadline(timeout)
+    while store.add(counter, 0) < ranks:
+        if deadline.expired:
+            raise TimeoutError(f"only {store.add(counter, 0)} of {ranks} ranks reached {key!r}")
+        deadline.sleep(timedelta(milliseconds=10))
 
 
 def _exit_when_orphaned(parent: int) -> None:

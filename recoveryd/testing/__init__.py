@@ -1,4 +1,10 @@
-"""Helpers to run ranks as real processes on loopback and to inject faults."""
+"""Helpers to run ranks as real processes (or threads) on loopback, inject faults, run Prometheus.
+
+``ranks.py`` runs a function on every rank of a real Gloo group in spawned
+processes (a crashed rank fails the run at once); ``threads.py`` the same in
+threads; ``faults.py`` wraps a group to kill, silence or corrupt a transfer's
+data messages; ``prometheus.py`` runs a real local Prometheus server.
+"""
 
 from recoveryd.testing.faults import FaultyGroup
 from recoveryd.testing.ranks import RankFailed, gloo_group, run_ranks

@@ -1,16 +1,25 @@
-"""TransferConfig validation and the error hierarchy."""
+"""TransferConfig validation, the error hierarchy, and errors crossing a process boundary."""
 
 from __future__ import annotations
+
+import json
+from datetime import timedelta
 
 import pytest
 
 import recoveryd
 from recoveryd.errors import (
     ConfigError,
+    CoordinatorUnavailableError,
     PeerLostError,
     RecoverydError,
+    SidecarLostError,
     StateMismatchError,
+    StepMismatchError,
     TransferTimeoutError,
+    UnknownMemberError,
+    error_from_fields,
+    error_to_fields,
 )
 from recoveryd.transport import TransferConfig
 
@@ -62,3 +71,59 @@ def test_public_api_is_small_and_importable() -> None:
     for name in recoveryd.__all__:
         assert hasattr(recoveryd, name), name
     assert len(recoveryd.__all__) < 20
+
+
+# ---- errors across a process boundary ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        ConfigError("bucket_bytes", 10, "must be at least 4096"),
+        StepMismatchError(12, 14, peer_rank=0),
+        StateMismatchError(["a: shape [5] here, [4] sent", "b: missing"]),
+        TransferTimeoutError("slow", peer_rank=1),
+        PeerLostError("gone", peer_rank=0),
+        CoordinatorUnavailableError("coord:29400", "UNAVAILABLE"),
+        UnknownMemberError("r1", 3),
+        SidecarLostError("/run/agent.sock", "closed"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_an_error_crosses_with_its_type_message_and_facts(err: RecoverydError) -> None:
+    fields = json.loads(json.dumps(error_to_fields(err)))  # as it travels
+    back = error_from_fields(fields)
+    assert type(back) is type(err)
+    assert str(back) == str(err)
+    for name in type(err).facts:
+        assert getattr(back, name) == getattr(err, name), name
+    for cls in type(err).__mro__[1:]:
+        assert isinstance(back, cls)  # TimeoutError, ConnectionError, KeyError... still hold
+
+
+def test_facts_that_are_not_plain_data_cross_as_their_repr() -> None:
+    back = error_from_fields(error_to_fields(ConfigError("timeout", timedelta(0), "positive")))
+    assert isinstance(back, ConfigError)
+    assert back.value == "datetime.timedelta(0)"
+
+
+def test_other_errors_cross_as_a_recoveryd_error_naming_their_type() -> None:
+    back = error_from_fields(error_to_fields(KeyError("x")))
+    assert type(back) is RecoverydError
+    assert str(back) == "KeyError: 'x'"
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({"type": "SystemExit", "message": "x", "facts": {}}, "not an error description"),
+        ({"type": "ConfigError", "message": 3, "facts": {}}, "not an error description"),
+        ({"type": "ConfigError", "message": "x", "facts": {"__class__": "y"}}, "carries no fact"),
+        ({"type": "ConfigError", "message": "x", "facts": {"value": {"a": 1}}}, "not plain data"),
+        ({"type": "ConfigError", "message": "x", "facts": []}, "not an error description"),
+    ],
+    ids=["unknown-type", "message-not-text", "unknown-fact", "fact-not-plain", "facts-not-a-map"],
+)
+def test_a_malformed_error_description_is_refused(fields: dict[str, object], why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        error_from_fields(fields)

@@ -1,9 +1,11 @@
-"""The sidecar's pieces in one process: socket frames, and sharing a state's storages."""
+"""The sidecar's pieces in one process: socket frames, typed requests and replies, sharing storages."""
 
 from __future__ import annotations
 
 import gc
+import json
 import os
+import re
 import socket
 import struct
 import time
@@ -13,8 +15,15 @@ import pytest
 import torch
 
 from recoveryd._time import Deadline
-from recoveryd.errors import ManifestError, UnsupportedValueError
-from recoveryd.sidecar import wire
+from recoveryd.agent.interface import RecoveryRecord
+from recoveryd.errors import (
+    ManifestError,
+    StepMismatchError,
+    UnsupportedValueError,
+    error_to_fields,
+)
+from recoveryd.protocol import Report
+from recoveryd.sidecar import frames, wire
 from recoveryd.sidecar.share import Exporter, SharedState, signature
 
 
@@ -144,3 +153,100 @@ def test_sharded_state_is_refused_by_path() -> None:
 
     with pytest.raises(UnsupportedValueError):
         Exporter().export({"x": torch.zeros(2).as_subclass(NotPlain)})
+
+
+# ---- typed frames ---------------------------------------------------------------------
+
+
+def _through_json(header: dict[str, object]) -> dict[str, object]:
+    out: dict[str, object] = json.loads(json.dumps(header))
+    return out
+
+
+def test_every_request_and_reply_survives_its_codec() -> None:
+    layout = frames.SharedLayout(
+        handles=(frames.StorageHandle(id=3, kind="cpu", size=4096),),
+        spans=(
+            frames.SpanRef(handle=3, start=16, nbytes=64),
+            frames.SpanRef(handle=-1, start=0, nbytes=0),
+        ),
+        release=(1, 2),
+    )
+    requests: list[frames.Request] = [
+        frames.Attach(
+            replica_id="r",
+            group_rank=1,
+            group_world_size=2,
+            labels={"zone": "a"},
+            pid=9,
+            layout=layout,
+        ),
+        frames.Refresh(layout=layout),
+        frames.Recover(timeout_s=60.0),
+        frames.Step(step=12, fresh=True),
+        frames.Park(timeout_s=0.2),
+        frames.Close(),
+    ]
+    for req in requests:
+        assert frames.decode_request(_through_json(frames.encode(req))) == req
+    sent = Report(
+        plan_id=7,
+        replica_id="r",
+        group_rank=1,
+        role="donor",
+        result="ok",
+        step=12,
+        phases={"data": 0.1},
+    )
+    record = RecoveryRecord(outcome="recovered", step=12, donor="a", phases={"data": 0.2})
+    replies: list[frames.Reply] = [
+        frames.Attached(agent_id="x", rendezvous="127.0.0.1:1", metrics_address=None),
+        frames.Done(),
+        frames.Recovered(step=12, record=record),
+        frames.Stepped(due=False, sends=(sent,)),
+        frames.Parked(sends=()),
+        frames.Failed(error=error_to_fields(StepMismatchError(12, 14, peer_rank=0))),
+    ]
+    for rep in replies:
+        assert frames.decode_reply(_through_json(frames.encode(rep))) == rep
+
+
+@pytest.mark.parametrize(
+    ("header", "why"),
+    [
+        ({"op": "exec", "cmd": "rm"}, "unknown op 'exec'"),
+        ({"step": 1}, "unknown op None"),
+        ({"op": "step"}, "lacks 'step'"),
+        ({"op": "step", "step": "12"}, "step.step is str, not int"),
+        ({"op": "step", "step": True}, "step.step is bool, not int"),
+        ({"op": "step", "step": 1, "extra": 1}, "unknown fields"),
+        ({"op": "recover", "timeout_s": None}, "recover.timeout_s is NoneType"),
+        ({"op": "refresh", "layout": {"spans": [{"handle": 1, "start": 0}]}}, "lacks 'nbytes'"),
+        (
+            {"op": "refresh", "layout": {"handles": [{"id": 1, "kind": "gpu", "size": 1}]}},
+            "not one of",
+        ),
+        (
+            {
+                "op": "attach",
+                "replica_id": "r",
+                "group_rank": 0,
+                "group_world_size": 1,
+                "labels": {"a": 1},
+                "pid": 1,
+                "layout": {},
+            },
+            "labels.a is int, not str",
+        ),
+    ],
+)
+def test_a_malformed_frame_is_a_wire_error_naming_what_is_wrong(
+    header: dict[str, object], why: str
+) -> None:
+    with pytest.raises(wire.WireError, match=re.escape(why)):
+        frames.decode_request(header)
+
+
+def test_a_reply_is_not_taken_for_a_request() -> None:
+    with pytest.raises(wire.WireError, match="unknown op 'done'"):
+        frames.decode_request(frames.encode(frames.Done()))

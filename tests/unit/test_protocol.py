@@ -1,0 +1,197 @@
+"""The protocol's one codec, the one replica-state rule, and the one agent face."""
+
+from __future__ import annotations
+
+import inspect
+from datetime import timedelta
+
+import pytest
+
+from recoveryd import codec
+from recoveryd.agent.agent import Agent
+from recoveryd.agent.interface import RankAgent
+from recoveryd.coordinator.census import replica_state
+from recoveryd.coordinator.membership import ReplicaView
+from recoveryd.errors import ConfigError
+from recoveryd.protocol import (
+    Answer,
+    Beat,
+    ClusterStatus,
+    MemberInfo,
+    Order,
+    PlanSnapshot,
+    RankStatus,
+    Registration,
+    ReplicaStatus,
+    Report,
+)
+from recoveryd.sidecar.client import Attachment
+from recoveryd.v1 import coordinator_pb2 as pb
+
+
+def _wire(msg: object) -> object:
+    """The message as the other end parses it."""
+    out = type(msg)()  # type: ignore[call-arg]
+    out.ParseFromString(msg.SerializeToString())  # type: ignore[attr-defined]
+    return out
+
+
+_SNAPSHOT = PlanSnapshot(
+    plan_id=7001,
+    joiner="j",
+    donor="d",
+    step=None,
+    state="preparing",
+    attempt=1,
+    age_s=0.5,
+    ranks_done=0,
+    reason="",
+    bytes=0,
+    transfer_s=0.0,
+    recovery_s=0.0,
+    phases={},
+    addresses=("10.0.0.1",),
+)
+
+
+def test_every_type_survives_the_codec_both_ways() -> None:
+    info = MemberInfo(
+        replica_id="r", group_rank=1, group_world_size=2, layout_fingerprint="L",
+        device_kind="cuda", rendezvous="10.0.0.1:5", labels={"zone": "a"}, agent_id="x",
+        interface="eth0",
+    )  # fmt: skip
+    for step in (None, 0, 41):
+        assert codec.member_from_pb(_wire(codec.member_to_pb(info, step=step))) == (info, step)  # type: ignore[arg-type]
+    reg = Registration(coordinator_id="c", heartbeat_interval=timedelta(seconds=2))
+    assert codec.registration_from_pb(_wire(codec.registration_to_pb(reg))) == reg  # type: ignore[arg-type]
+    beats = [
+        Beat(replica_id="r", group_rank=0, step=None),
+        Beat(replica_id="r", group_rank=1, step=3, healthy=False),
+    ]
+    assert codec.beats_from_pb(_wire(codec.beats_to_pb(beats))) == beats  # type: ignore[arg-type]
+    for order in (
+        Order(
+            kind="prepare",
+            plan_id=1,
+            joiner="j",
+            timeout_s=60,
+            rendezvous_prefix="p",
+            backend="nccl",
+        ),
+        Order(kind="arm", plan_id=1, joiner="j", step=0, timeout_s=60, rendezvous_prefix="p"),
+        Order(kind="cancel", plan_id=1, joiner="j"),
+    ):
+        assert codec.order_from_pb(_wire(codec.order_to_pb(order))) == order  # type: ignore[arg-type]
+    for answer in (
+        Answer(state="no_donor", reason="why", fresh=True),
+        Answer(state="transfer", plan_id=2, donor="d", step=None, rendezvous="h:1", timeout_s=5),
+        Answer(state="done", plan_id=2, donor="d", step=0),
+    ):
+        assert codec.answer_from_pb(_wire(codec.answer_to_pb(answer))) == answer  # type: ignore[arg-type]
+    report = Report(
+        plan_id=2, replica_id="j", group_rank=0, role="joiner", result="step_mismatch",
+        message="m", step=12, bytes=10, seconds=0.5, phases={"data": 0.25}, address="10.0.0.2",
+    )  # fmt: skip
+    assert codec.report_from_pb(_wire(codec.report_to_pb(report))) == report  # type: ignore[arg-type]
+    status = ClusterStatus(
+        coordinator_id="c",
+        uptime_s=3.0,
+        replicas=[
+            ReplicaStatus(
+                replica_id="r",
+                world_size=1,
+                step=None,
+                healthy=False,
+                state="unhealthy",
+                ranks=[
+                    RankStatus(
+                        group_rank=0,
+                        step=None,
+                        healthy=False,
+                        last_seen_s=1.0,
+                        rendezvous="h:1",
+                        device_kind="cpu",
+                        labels={},
+                        interface="lo",
+                    )
+                ],
+            )
+        ],
+        active=[_SNAPSHOT],
+        recent=[],
+    )
+    assert codec.status_from_pb(_wire(codec.status_to_pb(status))) == status  # type: ignore[arg-type]
+
+
+def test_a_report_message_is_cut_before_it_is_sent() -> None:
+    long = Report(
+        plan_id=1, replica_id="r", group_rank=0, role="donor", result="error", message="x" * 5000
+    )
+    assert len(codec.report_to_pb(long).message) == codec.MAX_MESSAGE_CHARS
+
+
+@pytest.mark.parametrize(
+    ("report", "field"),
+    [
+        (pb.TransferReport(plan_id=1, replica_id="r", result="ok"), "role"),
+        (
+            pb.TransferReport(
+                plan_id=1, replica_id="r", role=pb.TransferReport.DONOR, result="great"
+            ),
+            "result",
+        ),
+    ],
+)
+def test_a_report_with_an_unknown_role_or_result_is_refused(
+    report: pb.TransferReport, field: str
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        codec.report_from_pb(report)
+    assert e.value.field == field
+
+
+def test_what_this_version_does_not_know_reads_as_the_safest_meaning() -> None:
+    assert codec.order_from_pb(pb.Order(kind=99, plan_id=3)).kind == "cancel"  # type: ignore[arg-type]
+    assert codec.answer_from_pb(pb.RecoverResponse(state=99)).state == "wait"  # type: ignore[arg-type]
+
+
+def _view(*, healthy: bool) -> ReplicaView:
+    return ReplicaView(
+        replica_id="r", world_size=1, ranks={}, step=3, healthy=healthy, fingerprint="L", labels={}
+    )
+
+
+def test_one_rule_says_a_replica_s_state() -> None:
+    assert replica_state(_view(healthy=True), set()) == "healthy"
+    assert replica_state(_view(healthy=True), {"r"}) == "recovering"
+    # A joiner that died during its recovery is unhealthy, not recovering.
+    assert replica_state(_view(healthy=False), {"r"}) == "unhealthy"
+
+
+@pytest.mark.parametrize("cls", [Agent, Attachment])
+def test_both_faces_have_every_call_of_the_rank_agent(cls: type) -> None:
+    for name, member in inspect.getmembers(RankAgent):
+        if name.startswith("_"):
+            continue
+        assert hasattr(cls, name) or name in _instance_attributes(cls), name
+        if inspect.isfunction(member):
+            want = inspect.signature(member)
+            have = inspect.signature(getattr(cls, name))
+            extra = [p for p in have.parameters if p not in want.parameters]
+            assert list(want.parameters) == [p for p in have.parameters if p in want.parameters]
+            # Beyond the protocol's parameters only keyword-only ones with defaults.
+            for p in extra:
+                param = have.parameters[p]
+                assert param.kind is inspect.Parameter.KEYWORD_ONLY, (name, p)
+                assert param.default is not inspect.Parameter.empty, (name, p)
+            assert str(have.return_annotation) == str(want.return_annotation), name
+
+
+def _instance_attributes(cls: type) -> set[str]:
+    """Attributes ``__init__`` sets (``self.name = ...`` or ``self.name: T = ...``)."""
+    src = inspect.getsource(cls.__init__)  # type: ignore[misc]
+    return {
+        line.split("self.", 1)[1].split("=")[0].split(":")[0].strip()
+        for line in src.splitlines()
+        if line.strip().startswith("self.")
+    }
