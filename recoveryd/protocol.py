@@ -60,6 +60,20 @@ def result_of(err: BaseException) -> str:
 # ---- membership ----------------------------------------------------------------
 
 
+def check_identity(replica_id: str, group_rank: int, group_world_size: int) -> None:
+    """Checks a rank's identity: a replica id, and a rank within the replica's size.
+
+    Raises:
+        ConfigError: naming the field that is wrong.
+    """
+    if not replica_id:
+        raise ConfigError("replica_id", replica_id, "must not be empty")
+    if group_world_size < 1:
+        raise ConfigError("group_world_size", group_world_size, "must be >= 1")
+    if not 0 <= group_rank < group_world_size:
+        raise ConfigError("group_rank", group_rank, f"must be in [0, {group_world_size})")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MemberInfo:
     """What a rank's agent says about itself when it registers."""
@@ -84,14 +98,7 @@ class MemberInfo:
     """The network interface the rendezvous address is on (``eth0``), as the agent saw it."""
 
     def __post_init__(self) -> None:
-        if not self.replica_id:
-            raise ConfigError("replica_id", self.replica_id, "must not be empty")
-        if self.group_world_size < 1:
-            raise ConfigError("group_world_size", self.group_world_size, "must be >= 1")
-        if not 0 <= self.group_rank < self.group_world_size:
-            raise ConfigError(
-                "group_rank", self.group_rank, f"must be in [0, {self.group_world_size})"
-            )
+        check_identity(self.replica_id, self.group_rank, self.group_world_size)
         if not self.layout_fingerprint:
             raise ConfigError("layout_fingerprint", self.layout_fingerprint, "must not be empty")
 

@@ -11,6 +11,7 @@ from datetime import timedelta
 
 from recoveryd._time import env_int, env_str
 from recoveryd.errors import ConfigError
+from recoveryd.protocol import check_identity
 from recoveryd.transport.config import TransferConfig
 
 
@@ -160,14 +161,7 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         _address(self.coordinator, "coordinator")
-        if not self.replica_id:
-            raise ConfigError("replica_id", self.replica_id, "must not be empty")
-        if self.group_world_size < 1:
-            raise ConfigError("group_world_size", self.group_world_size, "must be >= 1")
-        if not 0 <= self.group_rank < self.group_world_size:
-            raise ConfigError(
-                "group_rank", self.group_rank, f"must be in [0, {self.group_world_size})"
-            )
+        check_identity(self.replica_id, self.group_rank, self.group_world_size)
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ConfigError("metrics_port", self.metrics_port, "must be a port number or None")
         if not 0 <= self.rendezvous_port < 65536:

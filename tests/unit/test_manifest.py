@@ -1,12 +1,15 @@
-"""The manifest on plain data: what the sender plans and what the receiver accepts."""
+"""The manifest on plain data: what the donor plans and what the joiner accepts."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from recoveryd.errors import ManifestError, UnsupportedValueError
+from recoveryd.errors import ManifestError, StateMismatchError, UnsupportedValueError
+from recoveryd.transport._allocating import allocate_targets, rebuild_allocated
 from recoveryd.transport._flatten import build_plan, cut_messages
+from recoveryd.transport._memory import Arena
+from recoveryd.transport._pieces import cut
 from recoveryd.transport._validate import check_manifest
 from recoveryd.transport.tree import TreeBuilder, decode_tensors
 from recoveryd.v1 import manifest_pb2 as pb
@@ -135,3 +138,25 @@ def test_absurd_element_counts_are_rejected() -> None:
     m = _tensor_manifest(tensor_ndim=[2], tensor_shape=[1 << 62, 4], tensor_stride=[0, 1])
     with pytest.raises(ManifestError, match="elements"):
         decode_tensors(m)
+
+
+def test_an_allocating_receive_names_the_dtensor_it_cannot_place() -> None:
+    # What a donor holding model.layers.0.w as a DTensor over a 2-rank mesh sends,
+    # built by hand (a real DTensor needs a process group).
+    m = _plan({"model": {"layers": [{"w": torch.zeros(4)}]}})
+    at = list(m.node_kind).index(pb.NODE_KIND_TENSOR)
+    m.node_kind[at] = pb.NODE_KIND_DTENSOR
+    m.node_arg[at] = 0
+    meta = m.dtensors.add(local_tensor=0, device_type="cpu")
+    meta.global_shape.extend([8])
+    meta.global_stride.extend([1])
+    meta.mesh_shape.extend([2])
+    meta.placements.add(kind=pb.Placement.KIND_SHARD, dim=0)
+    tensors = decode_tensors(m)
+    check_manifest(m, tensors)
+    sizes = list(m.storage_nbytes)
+    targets, _ = allocate_targets(
+        sizes, cut(sizes, list(m.message_nbytes)), torch.device("cpu"), Arena(hugepages=False)
+    )
+    with pytest.raises(StateMismatchError, match=r"model\.layers\.0\.w: a DTensor was sent"):
+        rebuild_allocated(m, tensors, targets, None, None)
