@@ -193,6 +193,11 @@ class SidecarLostError(RecoverydError, ConnectionError):
 
 
 _PLAIN = (str, int, float, bool, type(None))
+MAX_FACT_ITEMS = 1000
+"""A list fact crosses with at most this many items (a mismatch can name every
+tensor of a state; the message lists the first 50 anyway)."""
+MAX_TEXT_CHARS = 16384
+"""A message or text fact crosses cut to this many characters."""
 _KNOWN: dict[str, type[RecoverydError]] = {
     c.__name__: c
     for c in (
@@ -223,28 +228,36 @@ def _facts_of(cls: type[RecoverydError]) -> tuple[str, ...]:
 
 
 def _plain(value: object) -> object:
+    if isinstance(value, str):
+        return value[:MAX_TEXT_CHARS]
     if isinstance(value, _PLAIN):
         return value
     if isinstance(value, list | tuple) and all(isinstance(v, _PLAIN) for v in value):
-        return list(value)
-    return repr(value)
+        return [_plain(v) for v in value[:MAX_FACT_ITEMS]]
+    return repr(value)[:MAX_TEXT_CHARS]
 
 
 def error_to_fields(err: BaseException) -> dict[str, object]:
     """An error as plain data: its type (the nearest one of this module), message and facts.
 
     An error that is not a :class:`RecoverydError` becomes one whose message
-    names its type.
+    names its type. Facts that are not plain data cross as their ``repr``;
+    texts are cut to :data:`MAX_TEXT_CHARS`, lists to :data:`MAX_FACT_ITEMS`,
+    so a description stays small enough for any frame.
     """
     cls = next((c for c in type(err).__mro__ if _KNOWN.get(c.__name__) is c), None)
     if cls is None:
         return {"type": "RecoverydError", "message": f"{type(err).__name__}: {err}", "facts": {}}
     facts = {name: _plain(getattr(err, name, None)) for name in _facts_of(cls)}
-    return {"type": cls.__name__, "message": str(err), "facts": facts}
+    return {"type": cls.__name__, "message": str(err)[:MAX_TEXT_CHARS], "facts": facts}
 
 
 def error_from_fields(fields: Mapping[str, object]) -> RecoverydError:
     """The error :func:`error_to_fields` described: the same type, message and facts.
+
+    Only this module's types are built, only with the facts each declares; a
+    fact left out is ``None``. Values are checked to be plain data, not to be
+    of the type the fact has where it is raised.
 
     Raises:
         ValueError: ``fields`` is not such a description (an unknown type, a

@@ -23,14 +23,20 @@ from recoveryd.protocol import (
 
 
 def replica_state(view: ReplicaView, recovering: Collection[str]) -> ReplicaState:
-    """A replica's state: ``unhealthy``, else ``recovering`` while in a round, else ``healthy``.
+    """A replica's state, by one rule.
 
-    A joiner that died during its recovery is unhealthy, not recovering: its
-    round stays open until it is forgotten.
+    ``unhealthy`` when a registered rank is (it said so, or went silent): a
+    joiner that died during its recovery is unhealthy, not recovering (its
+    round stays open until it is forgotten). Else ``recovering`` while in a
+    round, even before all its ranks registered (they start one by one).
+    Else ``healthy`` when every rank is registered, ``unhealthy`` when some
+    are missing.
     """
-    if not view.healthy:
+    if not view.ranks_healthy:
         return "unhealthy"
-    return "recovering" if view.replica_id in recovering else "healthy"
+    if view.replica_id in recovering:
+        return "recovering"
+    return "healthy" if view.healthy else "unhealthy"
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,8 @@ class ReplicaView:
         ranks: the registered ranks' infos, by group rank.
         step: the lowest step its ranks reported (``None`` until all reported).
         healthy: every rank registered, self-reported healthy and heard from in time.
+        ranks_healthy: every registered rank self-reported healthy and heard
+            from in time (some may not have registered yet).
         fingerprint: the layout fingerprint its ranks share, or ``None`` if they disagree.
         labels: rank 0's locality labels (a replica's ranks usually share a zone).
     """
@@ -48,6 +50,7 @@ class ReplicaView:
     healthy: bool
     fingerprint: str | None
     labels: Mapping[str, str]
+    ranks_healthy: bool = True
 
 
 class Membership:
@@ -194,7 +197,7 @@ class Membership:
         first = next(iter(ranks.values()))
         world = first.info.group_world_size
         complete = len(ranks) == world
-        healthy = complete
+        ranks_healthy = True
         lowest: int | None = None
         stepless = False
         fingerprint: str | None = first.info.layout_fingerprint
@@ -206,16 +209,17 @@ class Membership:
                 stepless = True
             elif lowest is None or s < lowest:
                 lowest = s
-            if healthy and (not r.healthy or now - r.seen > self._timeout):
-                healthy = False
+            if ranks_healthy and (not r.healthy or now - r.seen > self._timeout):
+                ranks_healthy = False
         return ReplicaView(
             replica_id=rid,
             world_size=world,
             ranks=_Infos(ranks),
             step=lowest if complete and not stepless else None,
-            healthy=healthy,
+            healthy=complete and ranks_healthy,
             fingerprint=fingerprint,
             labels=ranks[0].info.labels if 0 in ranks else {},
+            ranks_healthy=ranks_healthy,
         )
 
 

@@ -63,6 +63,8 @@ def _mapped(
     async def handler(self: _Self, request: _Req, context: _Context) -> _Resp:
         try:
             return await rpc(self, request, context)
+        except grpc.aio.AbortError:
+            raise  # the handler chose its status itself
         except Exception as err:
             code, message = _status_for(err)
             if code is grpc.StatusCode.INTERNAL:

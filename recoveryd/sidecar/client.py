@@ -127,6 +127,7 @@ class Attachment:
         self._sock = self._connect()
         reply, _ = self._call(
             frames.Attach(
+                version=frames.FRAMES_VERSION,
                 replica_id=identity.replica_id,
                 group_rank=identity.group_rank,
                 group_world_size=identity.group_world_size,
@@ -164,6 +165,7 @@ class Attachment:
         self._check()
         self._refresh(state_dict)
         self._sync()  # the sidecar writes into these tensors on its own streams
+        self.last_recovery = RecoveryRecord(outcome="recovering")
         reply, payload = self._call(
             frames.Recover(timeout_s=timeout.total_seconds()),
             frames.Recovered,
@@ -224,10 +226,20 @@ class Attachment:
         self._refresh(self._state_fn())
 
     def close(self, timeout: timedelta = timedelta(seconds=5)) -> None:
-        """Detaches (the sidecar stops serving this rank's state; the rank leaves)."""
+        """Detaches: the sidecar stops serving this rank's state, the rank leaves.
+
+        Args:
+            timeout: how long the sidecar's agent gets to stop (as for
+                :meth:`recoveryd.Agent.close`); the answer is awaited that
+                long plus the attach timeout.
+        """
         if self._lost is None:
             with contextlib.suppress(SidecarLostError):
-                self._call(frames.Close(), frames.Done, deadline=timeout)
+                self._call(
+                    frames.Close(timeout_s=timeout.total_seconds()),
+                    frames.Done,
+                    deadline=timeout + self._timeout,
+                )
         self._lost = self._lost or SidecarLostError(self.path, "closed")
         self._sock.close()
 
@@ -283,7 +295,13 @@ class Attachment:
         try:
             wire.send(self._sock, frames.encode(request), payload, fds or [])
             frame = wire.recv(self._sock, deadline=Deadline(deadline or self._timeout))
-            reply = frames.decode_reply(frame.header)
+            try:
+                reply = frames.decode_reply(frame.header)
+            except wire.WireError as err:
+                raise wire.WireError(
+                    f"its answer to {request.OP} is not one this trainer reads ({err}): run the "
+                    "same recoveryd version in the trainer and in its sidecar"
+                ) from err
         except wire.WireError as err:
             self._lost = SidecarLostError(self.path, str(err))
             logger.error("%s", self._lost)
@@ -293,6 +311,8 @@ class Attachment:
                 self._sock.close()
             raise self._lost from err
         if isinstance(reply, frames.Failed):
+            if reply.record is not None:
+                self.last_recovery = reply.record
             try:
                 error = error_from_fields(reply.error)
             except ValueError as err:

@@ -23,6 +23,10 @@ from recoveryd.agent.interface import RecoveryRecord
 from recoveryd.protocol import Report
 from recoveryd.sidecar.wire import WireError
 
+FRAMES_VERSION = 1
+"""The version of these frames; a trainer and its sidecar must speak the same
+(the attach says which, and a sidecar of another version refuses it)."""
+
 # ---- what a trainer shares ----------------------------------------------------------
 
 
@@ -73,6 +77,8 @@ class Attach:
     """Serve this rank: its identity and its state (manifest as payload)."""
 
     OP: ClassVar[str] = "attach"
+    version: int
+    """:data:`FRAMES_VERSION` of the trainer's recoveryd."""
     replica_id: str
     group_rank: int
     group_world_size: int
@@ -116,9 +122,10 @@ class Park:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Close:
-    """The trainer detaches on purpose: the rank leaves."""
+    """The trainer detaches on purpose: the rank leaves, its agent stops within ``timeout_s``."""
 
     OP: ClassVar[str] = "close"
+    timeout_s: float
 
 
 Request: TypeAlias = Attach | Refresh | Recover | Step | Park | Close
@@ -171,10 +178,12 @@ class Parked:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Failed:
-    """The request failed with this error (see :func:`recoveryd.errors.error_to_fields`)."""
+    """The request failed with this error (see :func:`recoveryd.errors.error_to_fields`);
+    a failed recovery also says how far it went (``state_written`` above all)."""
 
     OP: ClassVar[str] = "failed"
     error: Mapping[str, object]
+    record: RecoveryRecord | None = None
 
 
 Reply: TypeAlias = Attached | Done | Recovered | Stepped | Parked | Failed

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from recoveryd._time import Deadline, env_str
 from recoveryd.agent.agent import Agent
-from recoveryd.agent.config import AgentConfig, route_to
+from recoveryd.agent.config import AgentConfig
 from recoveryd.errors import ConfigError, RecoverydError, error_to_fields
 from recoveryd.metrics import AgentMetrics, MetricsServer
 from recoveryd.protocol import Report
@@ -80,8 +80,6 @@ class Sidecar:
 
     def __init__(self, config: SidecarConfig) -> None:
         self.config = config
-        self.host = config.host or route_to(config.coordinator)
-        """The address peers reach this sidecar's transfers (and ``/metrics``) at."""
         self.registry = CollectorRegistry()
         self.metrics = AgentMetrics(
             self.registry, backends=("gloo", "nccl") if torch.cuda.is_available() else ("gloo",)
@@ -108,11 +106,9 @@ class Sidecar:
         )
 
     @property
-    def metrics_address(self) -> str | None:
-        """``host:port`` of ``/metrics`` (every attached rank's transfers), or ``None``."""
-        if self._metrics_server is None:
-            return None
-        return f"{self.host}:{self._metrics_server.port}"
+    def metrics_port(self) -> int | None:
+        """The port ``/metrics`` (every attached rank's transfers) is served on, or ``None``."""
+        return self._metrics_server.port if self._metrics_server is not None else None
 
     def attached(self) -> int:
         """How many trainer ranks are attached now."""
@@ -291,7 +287,13 @@ class _Session:
                 logger.exception("%s: %s failed", self.who, f.header.get("op"))
             if not isinstance(err, RecoverydError):
                 err = RecoverydError(f"sidecar: {type(err).__name__}: {err}")
-            return request, frames.Failed(error=error_to_fields(err)), b""
+            # A failed recovery says how far it went: plans may have written into the state.
+            record = (
+                self.agent.last_recovery
+                if isinstance(request, frames.Recover) and self.agent is not None
+                else None
+            )
+            return request, frames.Failed(error=error_to_fields(err), record=record), b""
         finally:
             wire.close_all(f.fds)  # those not taken over by the shared state
             f.fds = []
@@ -329,13 +331,21 @@ class _Session:
                     agent.park(timedelta(seconds=timeout_s))
                 self._sync()
                 return frames.Parked(sends=_since(agent, last)), b""
-            case frames.Close():
-                agent.close()  # the trainer detached on purpose: the rank leaves
+            case frames.Close(timeout_s=timeout_s):
+                # The trainer detached on purpose: the rank leaves.
+                agent.close(timedelta(seconds=timeout_s))
                 self.agent = None
                 return frames.Done(), b""
         raise ConfigError("op", request.OP, "not a request a sidecar serves")
 
     def _attach(self, request: frames.Attach, f: wire.Frame) -> frames.Attached:
+        if request.version != frames.FRAMES_VERSION:
+            raise ConfigError(
+                "frames version",
+                request.version,
+                f"this sidecar speaks version {frames.FRAMES_VERSION}: run the same recoveryd "
+                "version in the trainer and in its sidecar",
+            )
         if self.agent is not None:
             raise ConfigError("attach", request.replica_id, "this connection is attached")
         self.sidecar._replace(self, request.replica_id, request.group_rank)
@@ -359,10 +369,11 @@ class _Session:
         )
         self.who = f"{request.replica_id}/{request.group_rank}"
         logger.info("%s attached (pid %d)", self.who, request.pid)
+        port = self.sidecar.metrics_port
         return frames.Attached(
             agent_id=self.agent.agent_id,
             rendezvous=self.agent.rendezvous,
-            metrics_address=self.sidecar.metrics_address,
+            metrics_address=f"{self.agent.host}:{port}" if port is not None else None,
         )
 
     def _share(self, layout: frames.SharedLayout, f: wire.Frame) -> None:

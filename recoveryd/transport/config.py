@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
 
-from recoveryd._time import env_bool, env_choice, env_int, env_seconds
+from recoveryd._time import MIN_WAIT, env_bool, env_choice, env_int, env_seconds
 from recoveryd.errors import ConfigError
 
 _MiB = 1 << 20
@@ -111,8 +111,13 @@ class TransferConfig:
             raise ConfigError("direct_bytes", self.direct_bytes, "must be positive")
         if self.fanout not in ("chain", "star"):
             raise ConfigError("fanout", self.fanout, "must be 'chain' or 'star'")
-        if self.stall_timeout <= timedelta(0):
-            raise ConfigError("stall_timeout", self.stall_timeout, "must be positive")
+        if self.stall_timeout < MIN_WAIT:
+            raise ConfigError(
+                "stall_timeout",
+                self.stall_timeout,
+                f"must be at least {MIN_WAIT.total_seconds() * 1e3:g} ms (backends read shorter "
+                "waits as none)",
+            )
         if self.max_state_bytes <= 0:
             raise ConfigError("max_state_bytes", self.max_state_bytes, "must be positive")
         if self.max_manifest_bytes < 1024:

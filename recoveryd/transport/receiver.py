@@ -227,6 +227,7 @@ def _offered(
     except (TransferTimeoutError, PeerLostError, _DonorFailedError):
         raise  # the donor is gone, silent or failed: nobody would read a refusal
     except BaseException as e:
+        prefaulter.stop()  # the buffers it fills are dropped with the refusal
         code = {
             StepMismatchError: f.ACK_STEP_MISMATCH,
             StateMismatchError: f.ACK_STATE_MISMATCH,

@@ -107,6 +107,18 @@ def test_facts_that_are_not_plain_data_cross_as_their_repr() -> None:
     assert back.value == "datetime.timedelta(0)"
 
 
+def test_a_huge_mismatch_crosses_cut_to_a_bounded_size() -> None:
+    err = StateMismatchError(
+        [f"model.layers.{i}.weight: shape [4] here, [5] sent" for i in range(200_000)]
+    )
+    fields = error_to_fields(err)
+    assert len(json.dumps(fields)) < 200_000  # was 17 MB: past a sidecar frame's limit
+    back = error_from_fields(fields)
+    assert isinstance(back, StateMismatchError)
+    assert back.paths == err.paths[:1000]
+    assert str(back) == str(err)  # the message lists the first 50 and counts the rest
+
+
 def test_other_errors_cross_as_a_recoveryd_error_naming_their_type() -> None:
     back = error_from_fields(error_to_fields(KeyError("x")))
     assert type(back) is RecoverydError

@@ -155,17 +155,27 @@ def test_what_this_version_does_not_know_reads_as_the_safest_meaning() -> None:
     assert codec.answer_from_pb(pb.RecoverResponse(state=99)).state == "wait"  # type: ignore[arg-type]
 
 
-def _view(*, healthy: bool) -> ReplicaView:
+def _view(*, complete: bool, ranks_healthy: bool) -> ReplicaView:
     return ReplicaView(
-        replica_id="r", world_size=1, ranks={}, step=3, healthy=healthy, fingerprint="L", labels={}
+        replica_id="r",
+        world_size=2,
+        ranks={},
+        step=3,
+        healthy=complete and ranks_healthy,
+        fingerprint="L",
+        labels={},
+        ranks_healthy=ranks_healthy,
     )
 
 
 def test_one_rule_says_a_replica_s_state() -> None:
-    assert replica_state(_view(healthy=True), set()) == "healthy"
-    assert replica_state(_view(healthy=True), {"r"}) == "recovering"
-    # A joiner that died during its recovery is unhealthy, not recovering.
-    assert replica_state(_view(healthy=False), {"r"}) == "unhealthy"
+    assert replica_state(_view(complete=True, ranks_healthy=True), set()) == "healthy"
+    assert replica_state(_view(complete=True, ranks_healthy=True), {"r"}) == "recovering"
+    # A joiner whose ranks are still starting is recovering, not unhealthy...
+    assert replica_state(_view(complete=False, ranks_healthy=True), {"r"}) == "recovering"
+    # ...but one with a dead or silent rank is unhealthy, in a round or not.
+    assert replica_state(_view(complete=True, ranks_healthy=False), {"r"}) == "unhealthy"
+    assert replica_state(_view(complete=False, ranks_healthy=True), set()) == "unhealthy"
 
 
 @pytest.mark.parametrize("cls", [Agent, Attachment])

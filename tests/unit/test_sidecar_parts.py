@@ -8,8 +8,10 @@ import os
 import re
 import socket
 import struct
+import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +19,11 @@ import torch
 from recoveryd._time import Deadline
 from recoveryd.agent.interface import RecoveryRecord
 from recoveryd.errors import (
+    ConfigError,
     ManifestError,
     StepMismatchError,
     UnsupportedValueError,
+    error_from_fields,
     error_to_fields,
 )
 from recoveryd.protocol import Report
@@ -174,6 +178,7 @@ def test_every_request_and_reply_survives_its_codec() -> None:
     )
     requests: list[frames.Request] = [
         frames.Attach(
+            version=frames.FRAMES_VERSION,
             replica_id="r",
             group_rank=1,
             group_world_size=2,
@@ -185,7 +190,7 @@ def test_every_request_and_reply_survives_its_codec() -> None:
         frames.Recover(timeout_s=60.0),
         frames.Step(step=12, fresh=True),
         frames.Park(timeout_s=0.2),
-        frames.Close(),
+        frames.Close(timeout_s=5.0),
     ]
     for req in requests:
         assert frames.decode_request(_through_json(frames.encode(req))) == req
@@ -206,6 +211,10 @@ def test_every_request_and_reply_survives_its_codec() -> None:
         frames.Stepped(due=False, sends=(sent,)),
         frames.Parked(sends=()),
         frames.Failed(error=error_to_fields(StepMismatchError(12, 14, peer_rank=0))),
+        frames.Failed(
+            error=error_to_fields(StepMismatchError(12, 14, peer_rank=0)),
+            record=RecoveryRecord(outcome="recovering", attempts=2, state_written=True),
+        ),
     ]
     for rep in replies:
         assert frames.decode_reply(_through_json(frames.encode(rep))) == rep
@@ -229,6 +238,7 @@ def test_every_request_and_reply_survives_its_codec() -> None:
         (
             {
                 "op": "attach",
+                "version": 1,
                 "replica_id": "r",
                 "group_rank": 0,
                 "group_world_size": 1,
@@ -250,3 +260,45 @@ def test_a_malformed_frame_is_a_wire_error_naming_what_is_wrong(
 def test_a_reply_is_not_taken_for_a_request() -> None:
     with pytest.raises(wire.WireError, match="unknown op 'done'"):
         frames.decode_request(frames.encode(frames.Done()))
+
+
+def test_a_sidecar_refuses_a_trainer_of_another_frames_version(tmp_path: Path) -> None:
+    from recoveryd.sidecar.server import Sidecar, SidecarConfig
+
+    path = str(tmp_path / "agent.sock")
+    sidecar = Sidecar(SidecarConfig(coordinator="127.0.0.1:9", socket_path=path))
+    t = threading.Thread(target=sidecar.serve_forever, daemon=True)
+    t.start()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        attach = frames.Attach(
+            version=frames.FRAMES_VERSION + 1,
+            replica_id="r",
+            group_rank=0,
+            group_world_size=1,
+            labels={},
+            pid=os.getpid(),
+            layout=frames.SharedLayout(),
+        )
+        wire.send(sock, frames.encode(attach))
+        reply = frames.decode_reply(
+            wire.recv(sock, deadline=Deadline(timedelta(seconds=10))).header
+        )
+        assert isinstance(reply, frames.Failed)
+        err = error_from_fields(reply.error)
+        assert isinstance(err, ConfigError)
+        assert err.field == "frames version"
+        assert "run the same recoveryd version" in str(err)
+        # The session is still there: a malformed request gets an answer, not a hang-up.
+        wire.send(sock, {"op": "step", "step": "x"})
+        reply = frames.decode_reply(
+            wire.recv(sock, deadline=Deadline(timedelta(seconds=10))).header
+        )
+        assert isinstance(reply, frames.Failed)
+        assert "step.step is str" in str(error_from_fields(reply.error))
+    finally:
+        sock.close()
+        sidecar.close(timedelta(seconds=5))
+        t.join(5)
+    assert not os.path.exists(path)
