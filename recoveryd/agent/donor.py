@@ -183,7 +183,7 @@ class Donor:
                 )
             self.sends.append(
                 self.link.report(
-                    o.plan_id, "donor", result_of(err), started=t0, message=str(err), step=step
+                    o.plan_id, result_of(err), role="donor", started=t0, message=str(err), step=step
                 )
             )
             return
@@ -211,8 +211,8 @@ class Donor:
         self.sends.append(
             self.link.report(
                 o.plan_id,
-                "donor",
                 "ok",
+                role="donor",
                 started=t0,
                 step=step,
                 nbytes=stats.payload_bytes,
@@ -246,7 +246,7 @@ class Donor:
                 "%s: plan %d: joiner %r never joined: %s", self.link.who, o.plan_id, o.joiner, err
             )
             self.link.report(
-                o.plan_id, "donor", result_of(err), started=t0, message=f"rendezvous: {err}"
+                o.plan_id, result_of(err), role="donor", started=t0, message=f"rendezvous: {err}"
             )
             return
         o.group = group

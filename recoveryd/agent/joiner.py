@@ -14,6 +14,7 @@ asks for the next one.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import time
 from collections import deque
@@ -133,6 +134,8 @@ class JoinerRound:
         self._received_at = 0.0
         self._backoff = Backoff()
         self._last_answer: str | None = None
+        # Every report of this rank's side, made now and retried until the round's deadline.
+        self._report = functools.partial(link.report, role="joiner", until=self._deadline)
 
     @property
     def _joined_id(self) -> int:
@@ -391,28 +394,4 @@ class JoinerRound:
         return (
             FenceWait.OUT_OF_TIME,
             "the recovery's deadline passed before the donor reached the fence",
-        )
-
-    def _report(
-        self,
-        plan_id: int,
-        result: str,
-        *,
-        started: float,
-        message: str = "",
-        step: int | None = None,
-        nbytes: int = 0,
-        phases: dict[str, float] | None = None,
-    ) -> None:
-        """Reports this rank's side of a plan now (retried until the round's deadline)."""
-        self._link.report(
-            plan_id,
-            "joiner",
-            result,
-            started=started,
-            message=message,
-            step=step,
-            nbytes=nbytes,
-            phases=phases,
-            until=self._deadline,
         )

@@ -148,9 +148,9 @@ class CoordinatorLink:
     def report(
         self,
         plan_id: int,
-        role: Role,
         result: str,
         *,
+        role: Role,
         started: float,
         message: str = "",
         step: int | None = None,

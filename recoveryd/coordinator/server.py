@@ -123,7 +123,7 @@ class Coordinator:
         ticker = asyncio.create_task(self._service.tick_forever(_TICK_S))
         logger.info("coordinator %s serving on %s", self._service.coordinator_id, self.address)
         self._ready.set()
-        await self._stopped.wait()
+        await self._stopped.wait()  # serves until stop() or a signal: no deadline, by design
         ticker.cancel()
         # Handlers still unwinding (a held long poll) finish here, not in a closed loop.
         # Give them a moment to end on their own (server.stop cancelled their
