@@ -26,7 +26,7 @@ from recoveryd.errors import ManifestError, StateMismatchError
 from recoveryd.transport import _dtypes
 from recoveryd.transport._memory import Arena, SpanBuffers
 from recoveryd.transport._pieces import Message, landing_in_place
-from recoveryd.transport._placements import decode_placement
+from recoveryd.transport._sharding import decode_placement, find_group, rebuild_mesh
 from recoveryd.transport._validate import TensorSpec
 from recoveryd.transport.format import NODE_DTENSOR, NODE_TENSOR, Path, path_str
 from recoveryd.transport.tree import TreeBuilder, typed_view
@@ -40,9 +40,15 @@ def rebuild_allocated(
     mesh: Any | None,
     shard_group: Any | None,
 ) -> object:
-    """The donor's tree over freshly received span buffers (views keep their aliasing)."""
+    """The donor's tree over freshly received span buffers (views keep their aliasing).
+
+    DTensors go on ``mesh`` when given, else on the donor's mesh rebuilt here
+    (one mesh object per distinct mesh); ShardedTensors on ``shard_group``
+    when given, else on the existing group of the donor's sharding ranks.
+    """
     per_span = Counter(spec.storage for spec in tensors)
     parameters = list(m.tensor_is_parameter)
+    meshes: dict[bytes, Any] = {}
 
     def plain(i: int) -> torch.Tensor:
         spec = tensors[i]
@@ -68,38 +74,56 @@ def rebuild_allocated(
         if kind == NODE_DTENSOR:
             if arg >= len(m.dtensors):
                 raise ManifestError("DTensor index out of range")
-            return _dtensor(m.dtensors[arg], plain(m.dtensors[arg].local_tensor), mesh, path)
+            meta = m.dtensors[arg]
+            on = mesh if mesh is not None else rebuild_mesh(meta, path, meshes)
+            return _dtensor(meta, plain(meta.local_tensor), on, path)
         if arg >= len(m.sharded_tensors):
             raise ManifestError("ShardedTensor index out of range")
-        meta = m.sharded_tensors[arg]
-        return _sharded(meta, [plain(i) for i in meta.local_tensor], shard_group, path)
+        smeta = m.sharded_tensors[arg]
+        group = shard_group if shard_group is not None else _group_of(smeta, path)
+        return _sharded(smeta, [plain(i) for i in smeta.local_tensor], group, path)
 
     # Paths only name a DTensor or ShardedTensor in an error; a state without
     # them does not build them (a tuple per node saved).
     return TreeBuilder(m, leaf, paths=bool(m.dtensors) or bool(m.sharded_tensors)).build()
 
 
-def _dtensor(meta: pb.DTensorMeta, local: torch.Tensor, mesh: Any | None, path: Path) -> DTensor:
-    where = path_str(path)
-    if mesh is None:
-        raise StateMismatchError(
-            [
-                f"{where}: a DTensor was sent but the joiner has no DeviceMesh; pass "
-                "device_mesh= or receive in place into a state_dict holding this DTensor"
-            ]
-        )
+def _dtensor(meta: pb.DTensorMeta, local: torch.Tensor, mesh: Any, path: Path) -> DTensor:
     if list(mesh.mesh.shape) != list(meta.mesh_shape):
         raise StateMismatchError(
-            [f"{where}: mesh shape {list(mesh.mesh.shape)} here, {list(meta.mesh_shape)} sent"]
+            [
+                f"{path_str(path)}: mesh shape {list(mesh.mesh.shape)} here, "
+                f"{list(meta.mesh_shape)} sent"
+            ]
         )
-    return DTensor.from_local(
-        local,
-        mesh,
-        [decode_placement(p) for p in meta.placements],
-        run_check=False,
-        shape=torch.Size(meta.global_shape),
-        stride=tuple(meta.global_stride),
-    )
+    placements = [decode_placement(p) for p in meta.placements]
+    shape, stride = torch.Size(meta.global_shape), tuple(meta.global_stride)
+    if mesh.get_coordinate() is not None:
+        return DTensor.from_local(
+            local, mesh, placements, run_check=False, shape=shape, stride=stride
+        )
+    # This rank is outside the mesh: from_local would hand it an empty local
+    # tensor and drop what was sent; keep it, as torch's own PGTransport does.
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+    spec = DTensorSpec(mesh, tuple(placements), tensor_meta=TensorMeta(shape, stride, local.dtype))
+    return DTensor(local, spec, requires_grad=local.requires_grad)  # type: ignore[no-untyped-call]
+
+
+def _group_of(meta: pb.ShardedTensorMeta, path: Path) -> Any | None:
+    """The existing group of the donor's sharding ranks (``None``: the default group)."""
+    ranks = list(meta.group_ranks)
+    if not ranks or not dist.is_initialized():
+        return None  # an older donor, or no groups here: placements read as ranks of the default
+    group = find_group(ranks)
+    if group is None:
+        raise StateMismatchError(
+            [
+                f"{path_str(path)}: the ShardedTensor was sharded over ranks {ranks} and no "
+                "process group of those ranks exists here: pass shard_group= or receive in place"
+            ]
+        )
+    return group
 
 
 def _sharded(

@@ -13,14 +13,18 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
 from recoveryd.errors import UnsupportedValueError
 from recoveryd.transport import _dtypes
 from recoveryd.transport._pieces import byte_view
-from recoveryd.transport._placements import encode_placement
+from recoveryd.transport._sharding import (
+    LocalDTensor,
+    LocalShardedTensor,
+    dtensor_meta,
+    sharded_meta,
+)
 from recoveryd.transport.format import (
     FORMAT_VERSION,
     KEY_INT,
@@ -135,11 +139,11 @@ class _Walker:
                 path.append(i)
                 self.walk(v, path)
                 path.pop()
-        elif isinstance(obj, DTensor):
+        elif isinstance(obj, DTensor | LocalDTensor):
             self.kinds.append(NODE_DTENSOR)
             self.args.append(len(self.m.dtensors))
             self._dtensor(obj, path)
-        elif isinstance(obj, ShardedTensor):
+        elif isinstance(obj, ShardedTensor | LocalShardedTensor):
             self.kinds.append(NODE_SHARDED_TENSOR)
             self.args.append(len(self.m.sharded_tensors))
             self._sharded(obj, path)
@@ -194,44 +198,23 @@ class _Walker:
         self.is_parameter.append(is_parameter)
         return index
 
-    def _dtensor(self, t: DTensor, path: list[object]) -> None:
+    def _dtensor(self, t: DTensor | LocalDTensor, path: list[object]) -> None:
         meta = self.m.dtensors.add()
-        meta.local_tensor = self._tensor(t._local_tensor, [*path, "<local>"])
-        meta.global_shape.extend(t.shape)
-        meta.global_stride.extend(t.stride())
-        mesh = t.device_mesh
-        meta.device_type = mesh.device_type
-        meta.mesh_shape.extend(mesh.mesh.shape)
-        if mesh.mesh_dim_names:
-            meta.mesh_dim_names.extend(mesh.mesh_dim_names)
-        for p in t.placements:
-            encode_placement(p, meta.placements.add(), tuple(path))
+        meta.CopyFrom(dtensor_meta(t, tuple(path)))
+        local = t.local if isinstance(t, LocalDTensor) else t._local_tensor
+        meta.local_tensor = self._tensor(local, [*path, "<local>"])
 
-    def _sharded(self, t: ShardedTensor, path: list[object]) -> None:
+    def _sharded(self, t: ShardedTensor | LocalShardedTensor, path: list[object]) -> None:
         meta = self.m.sharded_tensors.add()
-        md = t.metadata()
-        meta.global_size.extend(md.size)
-        code = _dtypes.TO_PB.get(md.tensor_properties.dtype)
-        if code is None:
-            raise UnsupportedValueError(path_str(path), t)
-        meta.dtype = code  # type: ignore[assignment]
-        meta.requires_grad = bool(md.tensor_properties.requires_grad)
-        where: dict[tuple[int, ...], int] = {}
-        group = getattr(t, "_process_group", None)
-        for i, sm in enumerate(md.shards_metadata):
-            out = meta.shards.add()
-            out.offsets.extend(sm.shard_offsets)
-            out.sizes.extend(sm.shard_sizes)
-            # Placements name global ranks; the joiner's global ranks differ from
-            # the donor's, its ranks within the sharding group do not.
-            rank = (sm.placement.rank() if sm.placement is not None else None) or 0
-            if group is not None and dist.is_initialized():
-                rank = dist.get_group_rank(group, rank) or 0
-            out.group_rank = rank
-            where[tuple(sm.shard_offsets)] = i
-        for j, shard in enumerate(t.local_shards()):
-            meta.local_shard.append(where[tuple(shard.metadata.shard_offsets)])
-            meta.local_tensor.append(self._tensor(shard.tensor, [*path, f"<shard {j}>"]))
+        meta.CopyFrom(sharded_meta(t, tuple(path)))
+        if isinstance(t, LocalShardedTensor):
+            locals_ = t.locals
+        else:
+            locals_ = [s.tensor for s in t.local_shards()]
+        if len(locals_) != len(meta.local_shard):
+            raise UnsupportedValueError(path_str([*path, "<local shards>"]), t)
+        for j, local in enumerate(locals_):
+            meta.local_tensor.append(self._tensor(local, [*path, f"<shard {j}>"]))
 
 
 def _value(out: pb.Value, v: object, path: list[object]) -> None:

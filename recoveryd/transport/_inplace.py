@@ -16,7 +16,13 @@ from torch.distributed.tensor import DTensor
 from recoveryd.errors import ManifestError, StateMismatchError
 from recoveryd.transport._memory import Arena
 from recoveryd.transport._pieces import byte_view
-from recoveryd.transport._placements import placements_of
+from recoveryd.transport._sharding import (
+    LocalDTensor,
+    LocalShardedTensor,
+    decode_placement,
+    dtensor_meta,
+    sharded_meta,
+)
 from recoveryd.transport._validate import TensorSpec
 from recoveryd.transport.format import (
     NODE_DTENSOR,
@@ -72,47 +78,59 @@ def match_in_place(
         elif kind == NODE_DTENSOR:
             if arg >= len(m.dtensors):
                 raise ManifestError("DTensor index out of range")
-            if not isinstance(mine, DTensor):
+            if not isinstance(mine, DTensor | LocalDTensor):
                 problems.append(f"{where}: {type(mine).__name__} here, a DTensor sent")
             else:
-                dmeta = m.dtensors[arg]
-                here = placements_of(mine, path)
-                if list(mine.shape) != list(dmeta.global_shape):
-                    problems.append(
-                        f"{where}: global shape {list(mine.shape)} here, "
-                        f"{list(dmeta.global_shape)} sent"
-                    )
-                elif here != list(dmeta.placements):
-                    problems.append(
-                        f"{where}: placements {list(mine.placements)} here, differ from the sent"
-                    )
-                elif list(mine.device_mesh.mesh.shape) != list(dmeta.mesh_shape):
-                    problems.append(
-                        f"{where}: mesh shape {list(mine.device_mesh.mesh.shape)} here, "
-                        f"{list(dmeta.mesh_shape)} sent"
-                    )
+                sent_meta = m.dtensors[arg]
+                why = _dtensor_differs(dtensor_meta(mine, path), sent_meta)
+                if why:
+                    problems.append(f"{where}: {why}")
                 else:
-                    check(dmeta.local_tensor, mine._local_tensor, path)
+                    local = mine.local if isinstance(mine, LocalDTensor) else mine._local_tensor
+                    check(sent_meta.local_tensor, local, path)
         else:
             if arg >= len(m.sharded_tensors):
                 raise ManifestError("ShardedTensor index out of range")
-            if not isinstance(mine, ShardedTensor):
+            if not isinstance(mine, ShardedTensor | LocalShardedTensor):
                 problems.append(f"{where}: {type(mine).__name__} here, a ShardedTensor sent")
             else:
-                meta = m.sharded_tensors[arg]
-                shards = mine.local_shards()
-                if len(shards) != len(meta.local_tensor):
+                sent_st = m.sharded_tensors[arg]
+                here = sharded_meta(mine, path)
+                if isinstance(mine, LocalShardedTensor):
+                    locals_ = mine.locals
+                else:
+                    locals_ = [s.tensor for s in mine.local_shards()]
+                if list(here.global_size) != list(sent_st.global_size):
                     problems.append(
-                        f"{where}: {len(shards)} local shards here, {len(meta.local_tensor)} sent"
+                        f"{where}: global size {list(here.global_size)} here, "
+                        f"{list(sent_st.global_size)} sent"
+                    )
+                elif len(locals_) != len(sent_st.local_tensor):
+                    problems.append(
+                        f"{where}: {len(locals_)} local shards here, "
+                        f"{len(sent_st.local_tensor)} sent"
                     )
                 else:
-                    for j, (shard, ti, si) in enumerate(
-                        zip(shards, meta.local_tensor, meta.local_shard, strict=True)
+                    for j, (local, mine_si, ti, si) in enumerate(
+                        zip(
+                            locals_,
+                            here.local_shard,
+                            sent_st.local_tensor,
+                            sent_st.local_shard,
+                            strict=True,
+                        )
                     ):
-                        if list(shard.metadata.shard_offsets) != list(meta.shards[si].offsets):
-                            problems.append(f"{where}.<shard {j}>: offsets differ")
+                        ours, theirs = here.shards[mine_si], sent_st.shards[si]
+                        if list(ours.offsets) != list(theirs.offsets) or list(ours.sizes) != list(
+                            theirs.sizes
+                        ):
+                            problems.append(
+                                f"{where}.<shard {j}>: offsets {list(ours.offsets)} size "
+                                f"{list(ours.sizes)} here, offsets {list(theirs.offsets)} size "
+                                f"{list(theirs.sizes)} sent"
+                            )
                         else:
-                            check(ti, shard.tensor, path, f".<shard {j}>")
+                            check(ti, local, path, f".<shard {j}>")
         return mine
 
     state = TreeBuilder(m, leaf).build()
@@ -122,6 +140,21 @@ def match_in_place(
     if problems:
         raise StateMismatchError(problems)
     return dst, state
+
+
+def _dtensor_differs(here: pb.DTensorMeta, sent: pb.DTensorMeta) -> str:
+    """How a joiner's DTensor is sharded unlike the donor's, in words ("" if alike)."""
+    if list(here.global_shape) != list(sent.global_shape):
+        return f"global shape {list(here.global_shape)} here, {list(sent.global_shape)} sent"
+    if list(here.mesh_shape) != list(sent.mesh_shape):
+        return f"mesh shape {list(here.mesh_shape)} here, {list(sent.mesh_shape)} sent"
+    if list(here.placements) != list(sent.placements):
+        return f"placements {_placements_text(here)} here, {_placements_text(sent)} sent"
+    return ""
+
+
+def _placements_text(meta: pb.DTensorMeta) -> str:
+    return "[" + ", ".join(str(decode_placement(p)) for p in meta.placements) + "]"
 
 
 def place_in_place(

@@ -96,7 +96,8 @@ class Wire:
         if self.deadline.expired:
             self.abandon()
             raise TransferTimeoutError(
-                f"transfer did not finish within {self.deadline.timeout}", peer_rank=peer
+                f"timed out: the transfer did not finish within {self.deadline.timeout}",
+                peer_rank=peer,
             )
         left = self.deadline.remaining()
         if cap is not None:
@@ -116,14 +117,15 @@ class Wire:
             if stalled:
                 raise self._stalled(peer)
             raise TransferTimeoutError(
-                f"rank {peer} did not answer within {self.deadline.timeout}", peer_rank=peer
+                f"timed out: rank {peer} did not answer within {self.deadline.timeout}",
+                peer_rank=peer,
             )
         self._outstanding.pop(id(work), None)
 
     def _stalled(self, peer: int) -> TransferTimeoutError:
         return TransferTimeoutError(
-            f"no message from or to rank {peer} for {self.stall} while the bytes were flowing: "
-            "the peer died or hangs (RECOVERYD_STALL_TIMEOUT bounds this wait)",
+            f"timed out: no message from or to rank {peer} for {self.stall} while the bytes "
+            "were flowing: the peer died or hangs (RECOVERYD_STALL_TIMEOUT bounds this wait)",
             peer_rank=peer,
         )
 
@@ -166,7 +168,8 @@ def _translate(e: RuntimeError, peer: int, deadline: Deadline) -> Exception:
     text = str(e)
     if any(h in text.lower() for h in _TIMEOUT_HINTS):
         return TransferTimeoutError(
-            f"rank {peer} did not answer within {deadline.timeout}: {text.strip()[:300]}",
+            f"timed out: rank {peer} did not answer within {deadline.timeout}: "
+            f"{text.strip()[:300]}",
             peer_rank=peer,
         )
     return PeerLostError(

@@ -16,6 +16,8 @@ written, where the originals silently allocate or write past the mismatch.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Generic, TypeVar
@@ -29,6 +31,7 @@ from recoveryd.transport.receiver import recv_state_dict
 from recoveryd.transport.sender import send_state_dict
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class _OnGroup:
@@ -93,42 +96,77 @@ class TorchftTransport(_OnGroup, CheckpointTransport[T], Generic[T]):  # type: i
     """A torchft ``CheckpointTransport`` that heals through recoveryd.
 
     Pass it as ``torchft.Manager(checkpoint_transport=TorchftTransport(pg, ...))``.
-    Sends are synchronous, so ``disallow_checkpoint`` has nothing to wait for.
+    As torchft's contract allows, a send runs in the background:
+    :meth:`send_checkpoint` returns once it started, and
+    :meth:`disallow_checkpoint` (which torchft calls before the state may
+    change) waits for it to end. A send that fails is logged; the joiners see
+    the failure themselves.
 
     Args:
         pg: the group to transfer on (for torchft, a ``torchft.process_group``
             group the Manager configures).
-        timeout: default deadline (torchft passes its own on each call).
+        timeout: the deadline of a call torchft gives none (``timeout=None``).
         device: the device message buffers live on (``cpu`` for Gloo).
         state_dict: if given, called on receive to get the state_dict to
             receive into in place.
         config: recoveryd's knobs; defaults from the environment.
     """
 
+    def __init__(
+        self,
+        pg: Group,
+        timeout: timedelta,
+        device: torch.device,
+        state_dict: Callable[[], Any] | None = None,
+        *,
+        config: TransferConfig | None = None,
+    ) -> None:
+        super().__init__(pg, timeout, device, state_dict, config=config)
+        self._sending: threading.Thread | None = None
+
     def metadata(self) -> str:
         """Nothing: the joiner finds the donor through the group."""
         return "<n/a>"
 
     def send_checkpoint(
-        self, dst_ranks: list[int], step: int, state_dict: T, timeout: timedelta
+        self, dst_ranks: list[int], step: int, state_dict: T, timeout: timedelta | None = None
     ) -> None:
-        """Sends ``state_dict`` at ``step`` to ``dst_ranks`` within ``timeout``."""
-        send_state_dict(
-            self._pg,
-            dst_ranks,
-            state_dict,
-            step=step,
-            timeout=timeout,
-            config=self._config,
-            device=self._device,
-        )
+        """Starts sending ``state_dict`` at ``step`` to ``dst_ranks`` within ``timeout``.
 
-    def recv_checkpoint(self, src_rank: int, metadata: str, step: int, timeout: timedelta) -> T:
+        One send at a time: a send still running is waited for first.
+        """
+        self.disallow_checkpoint()
+        deadline = timeout or self._timeout
+        self._sending = threading.Thread(
+            target=self._send,
+            args=(list(dst_ranks), step, state_dict, deadline),
+            name="recoveryd-torchft-send",
+            daemon=True,
+        )
+        self._sending.start()
+
+    def _send(self, dst_ranks: list[int], step: int, state_dict: T, timeout: timedelta) -> None:
+        try:
+            send_state_dict(
+                self._pg,
+                dst_ranks,
+                state_dict,
+                step=step,
+                timeout=timeout,
+                config=self._config,
+                device=self._device,
+            )
+        except Exception as err:  # the joiners fail their receive and torchft heals again
+            logger.warning("sending step %d to ranks %s failed: %s", step, dst_ranks, err)
+
+    def recv_checkpoint(
+        self, src_rank: int, metadata: str, step: int, timeout: timedelta | None = None
+    ) -> T:
         """Receives the state at ``step`` from ``src_rank`` within ``timeout``."""
         got = recv_state_dict(
             self._pg,
             src_rank,
-            timeout=timeout,
+            timeout=timeout or self._timeout,
             into=self._into(),
             step=step,
             config=self._config,
@@ -137,7 +175,12 @@ class TorchftTransport(_OnGroup, CheckpointTransport[T], Generic[T]):  # type: i
         return got.state_dict  # type: ignore[return-value]
 
     def disallow_checkpoint(self) -> None:
-        """Nothing to wait for: :meth:`send_checkpoint` returns once joiners confirmed."""
+        """Waits for a send under way to end (its own deadline bounds it)."""
+        sending, self._sending = self._sending, None
+        if sending is not None:
+            sending.join()
 
     def shutdown(self, wait: bool = True) -> None:
-        """Nothing to release: the transport holds no threads or sockets of its own."""
+        """Waits for a send under way when ``wait`` (else leaves it to its deadline)."""
+        if wait:
+            self.disallow_checkpoint()

@@ -4,8 +4,11 @@ Building (:func:`describe`: a state's manifest and spans, as a send would
 cut them), decoding (:func:`decode_tensors`, :class:`TreeBuilder`,
 :func:`decode_value`), typed views over span bytes (:func:`typed_view`),
 flattening a state into its leaves (:func:`flatten_leaves`,
-:func:`local_tensors`), and merging received plain values into a live state
-(:func:`merge_values`). The transfer itself lives in
+:func:`local_tensors`, :func:`sharding_of`), DTensors and ShardedTensors held
+as their local shards and sharding facts without a mesh or group
+(:class:`LocalDTensor`, :class:`LocalShardedTensor`: what a sidecar holds;
+they are sent and received in place like what they stand for), and merging
+received plain values into a live state (:func:`merge_values`). The transfer itself lives in
 :mod:`recoveryd.transport.sender` and :mod:`recoveryd.transport.receiver`.
 """
 
@@ -22,6 +25,12 @@ from torch.distributed.tensor import DTensor
 from recoveryd.errors import ManifestError
 from recoveryd.transport import _dtypes
 from recoveryd.transport._flatten import SendPlan, Span, build_plan
+from recoveryd.transport._sharding import (
+    LocalDTensor,
+    LocalShardedTensor,
+    dtensor_meta,
+    sharded_meta,
+)
 from recoveryd.transport._validate import TensorSpec, decode_tensors
 from recoveryd.transport.format import (
     KEY_INT,
@@ -39,6 +48,8 @@ from recoveryd.transport.format import (
 from recoveryd.v1 import manifest_pb2 as pb
 
 __all__ = [
+    "LocalDTensor",
+    "LocalShardedTensor",
     "Path",
     "SendPlan",
     "Span",
@@ -51,6 +62,7 @@ __all__ = [
     "local_tensors",
     "merge_values",
     "path_str",
+    "sharding_of",
     "typed_view",
 ]
 
@@ -213,11 +225,28 @@ def local_tensors(leaf: object) -> list[torch.Tensor]:
     """The plain tensors that hold a leaf's local data."""
     if isinstance(leaf, DTensor):
         return [leaf._local_tensor]
+    if isinstance(leaf, LocalDTensor):
+        return [leaf.local]
     if isinstance(leaf, ShardedTensor):
         return [s.tensor for s in leaf.local_shards()]
+    if isinstance(leaf, LocalShardedTensor):
+        return list(leaf.locals)
     if isinstance(leaf, torch.Tensor):
         return [leaf]
     return []
+
+
+def sharding_of(leaf: object, path: Path = ()) -> pb.DTensorMeta | pb.ShardedTensorMeta | None:
+    """A DTensor's or ShardedTensor's sharding facts (its stand-in's too), or ``None`` for others.
+
+    Raises:
+        UnsupportedValueError: a placement or dtype the manifest cannot carry.
+    """
+    if isinstance(leaf, DTensor | LocalDTensor):
+        return dtensor_meta(leaf, path)
+    if isinstance(leaf, ShardedTensor | LocalShardedTensor):
+        return sharded_meta(leaf, path)
+    return None
 
 
 def typed_view(buf: torch.Tensor, spec: TensorSpec) -> torch.Tensor:

@@ -149,7 +149,7 @@ class Placement(_message.Message):
     def __init__(self, kind: _Optional[_Union[Placement.Kind, str]] = ..., dim: _Optional[int] = ..., reduce_op: _Optional[str] = ..., split_factor: _Optional[int] = ...) -> None: ...
 
 class DTensorMeta(_message.Message):
-    __slots__ = ("local_tensor", "global_shape", "global_stride", "device_type", "mesh_shape", "mesh_dim_names", "placements")
+    __slots__ = ("local_tensor", "global_shape", "global_stride", "device_type", "mesh_shape", "mesh_dim_names", "placements", "mesh_ranks")
     LOCAL_TENSOR_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_SHAPE_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_STRIDE_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,7 @@ class DTensorMeta(_message.Message):
     MESH_SHAPE_FIELD_NUMBER: _ClassVar[int]
     MESH_DIM_NAMES_FIELD_NUMBER: _ClassVar[int]
     PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    MESH_RANKS_FIELD_NUMBER: _ClassVar[int]
     local_tensor: int
     global_shape: _containers.RepeatedScalarFieldContainer[int]
     global_stride: _containers.RepeatedScalarFieldContainer[int]
@@ -164,7 +165,8 @@ class DTensorMeta(_message.Message):
     mesh_shape: _containers.RepeatedScalarFieldContainer[int]
     mesh_dim_names: _containers.RepeatedScalarFieldContainer[str]
     placements: _containers.RepeatedCompositeFieldContainer[Placement]
-    def __init__(self, local_tensor: _Optional[int] = ..., global_shape: _Optional[_Iterable[int]] = ..., global_stride: _Optional[_Iterable[int]] = ..., device_type: _Optional[str] = ..., mesh_shape: _Optional[_Iterable[int]] = ..., mesh_dim_names: _Optional[_Iterable[str]] = ..., placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ...) -> None: ...
+    mesh_ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, local_tensor: _Optional[int] = ..., global_shape: _Optional[_Iterable[int]] = ..., global_stride: _Optional[_Iterable[int]] = ..., device_type: _Optional[str] = ..., mesh_shape: _Optional[_Iterable[int]] = ..., mesh_dim_names: _Optional[_Iterable[str]] = ..., placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., mesh_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ShardMeta(_message.Message):
     __slots__ = ("offsets", "sizes", "group_rank")
@@ -177,20 +179,22 @@ class ShardMeta(_message.Message):
     def __init__(self, offsets: _Optional[_Iterable[int]] = ..., sizes: _Optional[_Iterable[int]] = ..., group_rank: _Optional[int] = ...) -> None: ...
 
 class ShardedTensorMeta(_message.Message):
-    __slots__ = ("global_size", "dtype", "requires_grad", "shards", "local_shard", "local_tensor")
+    __slots__ = ("global_size", "dtype", "requires_grad", "shards", "local_shard", "local_tensor", "group_ranks")
     GLOBAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     REQUIRES_GRAD_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_SHARD_FIELD_NUMBER: _ClassVar[int]
     LOCAL_TENSOR_FIELD_NUMBER: _ClassVar[int]
+    GROUP_RANKS_FIELD_NUMBER: _ClassVar[int]
     global_size: _containers.RepeatedScalarFieldContainer[int]
     dtype: DType
     requires_grad: bool
     shards: _containers.RepeatedCompositeFieldContainer[ShardMeta]
     local_shard: _containers.RepeatedScalarFieldContainer[int]
     local_tensor: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, global_size: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., requires_grad: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardMeta, _Mapping]]] = ..., local_shard: _Optional[_Iterable[int]] = ..., local_tensor: _Optional[_Iterable[int]] = ...) -> None: ...
+    group_ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, global_size: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., requires_grad: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardMeta, _Mapping]]] = ..., local_shard: _Optional[_Iterable[int]] = ..., local_tensor: _Optional[_Iterable[int]] = ..., group_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Manifest(_message.Message):
     __slots__ = ("format_version", "step", "node_kind", "node_arg", "key_kind", "key_str", "key_int", "values", "tensor_dtype", "tensor_ndim", "tensor_shape", "tensor_stride", "tensor_storage", "tensor_byte_offset", "tensor_requires_grad", "storage_nbytes", "message_nbytes", "dtensors", "sharded_tensors", "chain", "checksums", "star", "tensor_is_parameter")
