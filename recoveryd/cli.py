@@ -65,6 +65,7 @@ def _demo(args: argparse.Namespace) -> int:
             prometheus_sd=args.prometheus_sd,
             linger_s=args.linger,
             sidecars=args.sidecar,
+            model=args.model,
         ),
         as_json=args.json,
     )
@@ -186,6 +187,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="FILE",
         help="serve /metrics on the coordinator and every rank and write their addresses to "
         "FILE as Prometheus file_sd_configs targets",
+    )
+    p.add_argument(
+        "--model",
+        choices=("mlp", "fsdp2"),
+        default="mlp",
+        help="mlp: data parallel, plain tensors (default); fsdp2: each replica shards the MLP "
+        "over its ranks with FSDP2 and AdamW, so the state is DTensors",
     )
     p.add_argument(
         "--sidecar",

@@ -2,9 +2,13 @@
 
 Two states have the same fingerprint when they have the same tree (container
 kinds and keys), and at every tensor the same kind, dtype and shape (for a
-DTensor also its global shape and placements, for a ShardedTensor its local
-shards' offsets and sizes); values are compared by type only. Two replicas
-with equal fingerprints can stream rank r's state into rank r in place.
+DTensor also its global shape, placements, mesh shape, mesh dim names and
+device type; for a ShardedTensor its global size and its local shards'
+offsets and sizes); values are compared by type only. A sidecar's stand-ins
+for DTensors and ShardedTensors print as what they stand for, so a replica
+served by a sidecar and one with its agent in process match. Two replicas
+with equal fingerprints can stream rank r's state into rank r in place. The
+mesh's global ranks are left out: every replica's differ.
 """
 
 from __future__ import annotations
@@ -13,26 +17,36 @@ import hashlib
 from collections.abc import Mapping
 
 import torch
-from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torch.distributed.tensor import DTensor
+
+from recoveryd.transport.tree import local_tensors, sharding_of
+from recoveryd.v1 import manifest_pb2 as pb
+
+
+def _placement(p: object) -> str:
+    kind, dim, split, op = (getattr(p, a) for a in ("kind", "dim", "split_factor", "reduce_op"))
+    return f"{kind}:{dim}:{split}:{op}"
 
 
 def _describe(obj: object, out: list[str], devices: set[str]) -> None:
-    if isinstance(obj, DTensor):
-        local = obj.to_local()
-        devices.add(local.device.type)
-        out.append(
-            f"D{obj.dtype}{tuple(obj.shape)}{tuple(str(p) for p in obj.placements)}"
-            f"{tuple(local.shape)}"
-        )
-    elif isinstance(obj, ShardedTensor):
-        shards = sorted(
-            (tuple(s.metadata.shard_offsets), tuple(s.metadata.shard_sizes))
-            for s in obj.local_shards()
-        )
-        for s in obj.local_shards():
-            devices.add(s.tensor.device.type)
-        out.append(f"S{obj.dtype}{tuple(obj.size())}{shards}")
+    meta = sharding_of(obj)
+    if meta is not None:  # a DTensor or a ShardedTensor, or a sidecar's stand-in for one
+        locals_ = local_tensors(obj)
+        for t in locals_:
+            devices.add(t.device.type)
+        if isinstance(meta, pb.DTensorMeta):
+            local = locals_[0]
+            out.append(
+                f"D{local.dtype}{tuple(meta.global_shape)}"
+                f"{tuple(_placement(p) for p in meta.placements)}"
+                f"{tuple(meta.mesh_shape)}{tuple(meta.mesh_dim_names)}{meta.device_type}"
+                f"{tuple(local.shape)}"
+            )
+        else:
+            shards = sorted(
+                (tuple(meta.shards[i].offsets), tuple(meta.shards[i].sizes))
+                for i in meta.local_shard
+            )
+            out.append(f"S{meta.dtype}{tuple(meta.global_size)}{shards}")
     elif isinstance(obj, torch.Tensor):
         devices.add(obj.device.type)
         out.append(f"T{obj.dtype}{tuple(obj.shape)}")

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 from recoveryd._format import human_bytes, phases_line
 from recoveryd.agent.client import CoordinatorClient
 from recoveryd.demo.cluster import LocalCluster
+from recoveryd.demo.jobs import MODELS, Model
 from recoveryd.demo.trainer import Event
 from recoveryd.errors import ConfigError
 from recoveryd.status import render
@@ -46,6 +47,9 @@ class DemoConfig:
     this file as Prometheus ``file_sd_configs`` targets."""
     linger_s: float = 0.0
     """Keep everything running this long after training ends (for scrapes)."""
+    model: Model = "mlp"
+    """``mlp`` (data parallel, plain tensors) or ``fsdp2`` (each replica shards
+    the MLP over its ranks with FSDP2 and AdamW: DTensor state)."""
     sidecars: bool = False
     """Run each rank's agent as a sidecar process (``recoveryd agent``) that
     survives the kill; the restarted ranks attach to it again."""
@@ -65,6 +69,8 @@ class DemoConfig:
             raise ConfigError("layers", self.layers, "must be >= 1")
         if self.extra_bytes < 0:
             raise ConfigError("extra_bytes", self.extra_bytes, "must be >= 0")
+        if self.model not in MODELS:
+            raise ConfigError("model", self.model, f"must be one of {MODELS}")
         if self.linger_s < 0:
             raise ConfigError("linger_s", self.linger_s, "must be >= 0")
 
@@ -116,11 +122,13 @@ def run_demo(config: DemoConfig, *, out: TextIO = sys.stdout, as_json: bool = Fa
         step_delay_s=config.step_delay_s,
         prometheus_sd=config.prometheus_sd,
         sidecars=config.sidecars,
+        model=config.model,
     ) as cluster:
         t0 = cluster.t0
         say(
             f"recoveryd demo: coordinator on {cluster.address}; {config.replicas} replicas x "
-            f"{config.ranks} ranks training an MLP ({config.layers}x{config.hidden}) for "
+            f"{config.ranks} ranks training an MLP ({config.layers}x{config.hidden}"
+            f"{', sharded with FSDP2' if config.model == 'fsdp2' else ''}) for "
             f"{config.steps} steps; {victim} is killed at step {config.kill_at} and restarted\n"
         )
         if config.sidecars:

@@ -1,7 +1,8 @@
 """One rank of a small real training job, with an embedded recoveryd agent.
 
-Each replica is a data-parallel group of ``group_world_size`` ranks (an MLP,
-Adam, gradients averaged over the replica's own Gloo group). Replicas train
+Each replica is a group of ``group_world_size`` ranks training one of the
+jobs of :mod:`recoveryd.demo.jobs`: a data-parallel MLP with Adam (plain
+tensors), or the same MLP sharded with FSDP2 and AdamW (DTensors). Replicas train
 the same seeded model on the same data, so a replica that recovers from a
 donor and trains on is bit-identical to the donor at every later step: the
 demo and the end-to-end tests check exactly that.
@@ -26,11 +27,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from recoveryd._time import Deadline
 from recoveryd.agent import Agent, AgentConfig, RankAgent
+from recoveryd.demo import jobs
+from recoveryd.demo.jobs import Model
 from recoveryd.sidecar.client import attach
-from recoveryd.testing.ranks import gloo_group
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ class TrainerSpec:
     """How many times this replica was started before (keys its training group)."""
     steps: int
     """Train up to this step, then park (serve plans) until told to stop."""
+    model: Model = "mlp"
+    """``mlp`` (plain tensors, data parallel) or ``fsdp2`` (DTensors: FSDP2 over the replica)."""
     hidden: int = 512
     layers: int = 4
     batch: int = 32
@@ -92,7 +97,9 @@ def state_digest(state: object) -> str:
     h = hashlib.blake2b(digest_size=16)
 
     def walk(obj: object) -> None:
-        if isinstance(obj, torch.Tensor):
+        if isinstance(obj, DTensor):  # this rank's shard: every rank digests its own
+            walk(obj.to_local())
+        elif isinstance(obj, torch.Tensor):
             t = obj.detach().contiguous().cpu()
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -108,15 +115,6 @@ def state_digest(state: object) -> str:
 
     walk(state)
     return h.hexdigest()
-
-
-def _model(spec: TrainerSpec) -> torch.nn.Module:
-    torch.manual_seed(spec.seed)
-    layers: list[torch.nn.Module] = []
-    for _ in range(spec.layers):
-        layers += [torch.nn.Linear(spec.hidden, spec.hidden), torch.nn.ReLU()]
-    layers.append(torch.nn.Linear(spec.hidden, 1))
-    return torch.nn.Sequential(*layers)
 
 
 def _batch(spec: TrainerSpec, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,16 +162,17 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
     store = dist.TCPStore("127.0.0.1", spec.store_port, None, False, timedelta(seconds=60))
     train_store = dist.PrefixStore(f"train/{spec.replica_id}/{spec.incarnation}", store)
-    pg = gloo_group(train_store, spec.group_rank, spec.group_world_size, timedelta(seconds=60))
-
-    model = _model(spec)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    # Create Adam's moments now (a zero-gradient step leaves the weights as
-    # they are), so a joiner's state has the donors' layout before it recovers.
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    job = jobs.build(
+        spec.model,
+        train_store,
+        spec.group_rank,
+        spec.group_world_size,
+        hidden=spec.hidden,
+        layers=spec.layers,
+        seed=spec.seed,
+        timeout=timedelta(seconds=spec.recover_timeout_s),
+    )
+    model, opt = job.model, job.opt
     progress: dict[str, Any] = {"step": 0, "samples": 0}
     extra = {"blob": torch.zeros(spec.extra_bytes // 4)} if spec.extra_bytes else {}
 
@@ -233,20 +232,7 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
     for step in range(start + 1, spec.steps + 1):
         if spec.hold_at is not None and step > spec.hold_at:
             break
-        x, y = _batch(spec, step)
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()  # type: ignore[no-untyped-call]
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        # As long as recover() may take: a sibling rank may still be recovering.
-        pg.allreduce([flat]).wait(timedelta(seconds=spec.recover_timeout_s))
-        flat /= spec.group_world_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = job.train_step(*_batch(spec, step))
         progress["step"] = step
         progress["samples"] += spec.batch * spec.group_world_size
         sent_before = len(agent.sends)
@@ -255,7 +241,7 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
         agent.step(step)
         _emit_sends(agent, sent_before, emit, state)
         if step % 10 == 0 or step == spec.steps:
-            emit("progress", step=step, loss=float(loss.detach()))
+            emit("progress", step=step, loss=loss)
         if spec.step_delay_s:
             time.sleep(spec.step_delay_s)
     final = progress["step"]

@@ -1,17 +1,21 @@
 """Sharing a trainer's live tensors with its sidecar, without copies.
 
-Trainer side (:class:`Exporter`): every CPU tensor's storage is moved into
-shared memory in place (``share_memory_()``: the storage keeps its identity,
-so every view of it, the optimizer's references included, follows), and
-each storage is described once by a handle: a file descriptor for CPU
-memory, a CUDA IPC handle for GPU memory. The state's tree, dtypes, shapes
-and plain values travel as the transport's manifest (protobuf, never
-pickle).
+Trainer side (:class:`Exporter`): the storage of every CPU tensor (a plain
+tensor, a DTensor's local shard, a ShardedTensor's local shards) is moved
+into shared memory in place (``share_memory_()``: the storage keeps its
+identity, so every view of it, the optimizer's and FSDP's references
+included, follows), and each storage is described once by a handle: a file
+descriptor for CPU memory, a CUDA IPC handle for GPU memory. The state's
+tree, dtypes, shapes, sharding facts (meshes, placements, shards) and plain
+values travel as the transport's manifest (protobuf, never pickle).
 
 Sidecar side (:class:`SharedState`): maps the handles and rebuilds the same
-tree over them. A byte the trainer writes is a byte the sidecar reads, and
-the other way round: the sidecar receives a recovery straight into the
-trainer's tensors.
+tree over them, a DTensor as a :class:`~recoveryd.transport.tree.LocalDTensor`
+and a ShardedTensor as a :class:`~recoveryd.transport.tree.LocalShardedTensor`
+(their local shards and facts: the sidecar has neither the trainer's mesh
+nor its groups, and needs neither to send or receive them in place). A byte
+the trainer writes is a byte the sidecar reads, and the other way round: the
+sidecar receives a recovery straight into the trainer's tensors.
 """
 
 from __future__ import annotations
@@ -23,20 +27,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torch.distributed.tensor import DTensor
+from google.protobuf.message import DecodeError
 
 from recoveryd.errors import ConfigError, ManifestError, UnsupportedValueError
 from recoveryd.sidecar.frames import SharedLayout, SpanRef, StorageHandle
-from recoveryd.transport.format import NODE_TENSOR
+from recoveryd.transport.format import NODE_DTENSOR, NODE_TENSOR
 from recoveryd.transport.tree import (
+    LocalDTensor,
+    LocalShardedTensor,
     TensorSpec,
     TreeBuilder,
+    check_manifest,
     decode_tensors,
     describe,
     flatten_leaves,
     local_tensors,
-    path_str,
     typed_view,
 )
 from recoveryd.v1 import manifest_pb2 as pb
@@ -55,22 +60,14 @@ class Exported:
     """Whether any tensor is on a GPU (the two processes then synchronise)."""
 
 
-def _plain_tensors(state: object) -> list[torch.Tensor]:
-    out = []
-    for path, leaf in flatten_leaves(state).items():
-        if isinstance(leaf, DTensor | ShardedTensor):
-            raise UnsupportedValueError(
-                path_str(path) + " (a DTensor/ShardedTensor: the sidecar shares plain tensors; "
-                "use the in-process agent for sharded state)",
-                leaf,
-            )
-        out += local_tensors(leaf)
-    return out
+def _local_tensors(state: object) -> list[torch.Tensor]:
+    """Every tensor that holds ``state``'s bytes (DTensors' and ShardedTensors' local shards too)."""
+    return [t for leaf in flatten_leaves(state).values() for t in local_tensors(leaf)]
 
 
 def signature(state: object) -> tuple[tuple[int, tuple[int, ...]], ...]:
     """Where every tensor of ``state`` lives: changes when tensors are added or replaced."""
-    return tuple((t.data_ptr(), tuple(t.shape)) for t in _plain_tensors(state))
+    return tuple((t.data_ptr(), tuple(t.shape)) for t in _local_tensors(state))
 
 
 class Exporter:
@@ -94,11 +91,11 @@ class Exporter:
         """Moves ``state``'s CPU tensors to shared memory (in place) and describes it.
 
         Raises:
-            UnsupportedValueError: a leaf that cannot be shared (DTensor,
-                ShardedTensor, a tensor on another device kind, a strided
-                view the manifest would copy).
+            UnsupportedValueError: a leaf that cannot be shared (a tensor
+                on another device kind, a strided view the manifest would
+                copy, a placement the manifest cannot carry).
         """
-        tensors = _plain_tensors(state)
+        tensors = _local_tensors(state)
         for t in tensors:
             if t.device.type == "cpu":
                 if not t.is_shared():  # type: ignore[no-untyped-call]
@@ -239,8 +236,12 @@ class SharedState:
             ManifestError: the description does not fit the mapped storages.
         """
         m = pb.Manifest()
-        m.ParseFromString(manifest)
+        try:
+            m.ParseFromString(manifest)
+        except DecodeError as err:
+            raise ManifestError(f"the trainer's description does not parse: {err}") from err
         tensors = decode_tensors(m)
+        check_manifest(m, tensors)
         if len(spans) != len(m.storage_nbytes):
             raise ManifestError(f"{len(spans)} spans for {len(m.storage_nbytes)} storages")
         bufs = [
@@ -249,12 +250,19 @@ class SharedState:
         ]
         params = list(m.tensor_is_parameter)
 
-        def leaf(kind: int, arg: int, path: tuple[object, ...]) -> object:
-            if kind != NODE_TENSOR:
-                raise ManifestError(f"{path_str(path)}: only plain tensors are shared")
-            spec: TensorSpec = tensors[arg]
+        def tensor(i: int) -> torch.Tensor:
+            spec: TensorSpec = tensors[i]
             t = typed_view(bufs[spec.storage], spec)
-            return torch.nn.Parameter(t, requires_grad=False) if params[arg] else t
+            return torch.nn.Parameter(t, requires_grad=False) if params[i] else t
+
+        def leaf(kind: int, arg: int, path: tuple[object, ...]) -> object:
+            if kind == NODE_TENSOR:
+                return tensor(arg)
+            if kind == NODE_DTENSOR:
+                dmeta = m.dtensors[arg]
+                return LocalDTensor(local=tensor(dmeta.local_tensor), meta=dmeta)
+            smeta = m.sharded_tensors[arg]
+            return LocalShardedTensor(locals=[tensor(i) for i in smeta.local_tensor], meta=smeta)
 
         return TreeBuilder(m, leaf).build()
 

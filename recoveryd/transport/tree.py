@@ -31,12 +31,13 @@ from recoveryd.transport._sharding import (
     dtensor_meta,
     sharded_meta,
 )
-from recoveryd.transport._validate import TensorSpec, decode_tensors
+from recoveryd.transport._validate import TensorSpec, check_manifest, decode_tensors
 from recoveryd.transport.format import (
     KEY_INT,
     KEY_STR,
     LEAF_KINDS,
     MAX_DEPTH,
+    MAX_MESSAGE_BYTES,
     NODE_DICT,
     NODE_LIST,
     NODE_ORDERED_DICT,
@@ -55,6 +56,7 @@ __all__ = [
     "Span",
     "TensorSpec",
     "TreeBuilder",
+    "check_manifest",
     "decode_tensors",
     "decode_value",
     "describe",
@@ -77,7 +79,12 @@ def describe(state: object) -> SendPlan:
         UnsupportedValueError: a leaf the manifest cannot carry, naming its path.
     """
     return build_plan(
-        state, step=None, chain=[], bucket_bytes=1 << 40, direct_bytes=1, checksums=False
+        state,
+        step=None,
+        chain=[],
+        bucket_bytes=MAX_MESSAGE_BYTES,  # the largest message a joiner accepts
+        direct_bytes=1,
+        checksums=False,
     )
 
 
