@@ -47,7 +47,7 @@ def mlp(hidden: int, layers: int, seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(*mods)
 
 
-def _create_state(opt: torch.optim.Optimizer) -> None:
+def create_optimizer_state(opt: torch.optim.Optimizer) -> None:
     """Makes the optimizer's state exist now, leaving the weights as they are."""
     for group in opt.param_groups:
         for p in group["params"]:
@@ -80,7 +80,7 @@ class DataParallelMLP:
         self._timeout = timeout
         self.model = mlp(hidden, layers, seed)
         self.opt: torch.optim.Optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-        _create_state(self.opt)
+        create_optimizer_state(self.opt)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         loss = torch.nn.functional.mse_loss(self.model(x), y)
@@ -126,7 +126,7 @@ class ShardedMLP:
                 fully_shard(layer, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
         self.opt: torch.optim.Optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
-        _create_state(self.opt)
+        create_optimizer_state(self.opt)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         loss = torch.nn.functional.mse_loss(self.model(x), y)

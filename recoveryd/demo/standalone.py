@@ -24,8 +24,10 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from recoveryd.agent import Agent, AgentConfig, RankAgent
+from recoveryd.demo.jobs import MODELS, Model, create_optimizer_state, mlp
 from recoveryd.errors import ConfigError, CoordinatorUnavailableError, SidecarLostError
 from recoveryd.sidecar.client import Attachment, attach
 
@@ -65,6 +67,9 @@ class ExampleTrainerConfig:
     sidecar_socket: str = ""
     """Attach to the sidecar agent on this socket (``RECOVERYD_SIDECAR_SOCKET``);
     empty: run the agent in this process."""
+    model: Model = "mlp"
+    """``mlp`` (plain tensors, Adam) or ``fsdp2`` (the MLP under FSDP2 with AdamW,
+    over the pod's own rank: DTensor state) (``RECOVERYD_MODEL``)."""
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -79,6 +84,8 @@ class ExampleTrainerConfig:
             raise ConfigError("hidden/layers", (self.hidden, self.layers), "must be >= 8 / >= 1")
         if self.step_delay_s < 0:
             raise ConfigError("step_delay_s", self.step_delay_s, "must be >= 0")
+        if self.model not in MODELS:
+            raise ConfigError("model", self.model, f"must be one of {MODELS}")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ExampleTrainerConfig:
@@ -107,7 +114,23 @@ class ExampleTrainerConfig:
             step_delay_s=num("RECOVERYD_STEP_DELAY", 0.5),
             labels=_labels(e.get("RECOVERYD_LABELS", "")),
             sidecar_socket=e.get("RECOVERYD_SIDECAR_SOCKET", ""),
+            model=e.get("RECOVERYD_MODEL", "mlp"),  # type: ignore[arg-type]  # checked
         )
+
+
+def _sharded_over_this_rank(model: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
+    """The model under FSDP2 over this pod's own one-rank world: its state is DTensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(dev.type, (1,), mesh_dim_names=("shard",))
+    for layer in model.children():
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def run_example_trainer(
@@ -122,17 +145,15 @@ def run_example_trainer(
         0 (a clean stop).
     """
     dev = torch.device(config.device)
-    torch.manual_seed(0)
-    layers: list[torch.nn.Module] = []
-    for _ in range(config.layers):
-        layers += [torch.nn.Linear(config.hidden, config.hidden), torch.nn.ReLU()]
-    model = torch.nn.Sequential(*layers, torch.nn.Linear(config.hidden, 1)).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    # Adam's moments exist before recovery, so the layout matches the donors'.
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    model = mlp(config.hidden, config.layers, seed=0).to(dev)
+    opt: torch.optim.Optimizer
+    if config.model == "fsdp2":
+        model = _sharded_over_this_rank(model, dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    # The optimizer's state exists before recovery, so the layout matches the donors'.
+    create_optimizer_state(opt)
     progress: dict[str, Any] = {"step": 0}
 
     def state() -> dict[str, Any]:

@@ -154,7 +154,7 @@ def _dtensor_differs(here: pb.DTensorMeta, sent: pb.DTensorMeta) -> str:
 
 
 def _placements_text(meta: pb.DTensorMeta) -> str:
-    return "[" + ", ".join(str(decode_placement(p)) for p in meta.placements) + "]"
+    return "[" + ", ".join(repr(decode_placement(p)) for p in meta.placements) + "]"
 
 
 def place_in_place(

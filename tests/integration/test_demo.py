@@ -52,9 +52,7 @@ def test_demo_with_fsdp2_recovers_every_dtensor_shard_bit_for_bit(sidecars: bool
     out = io.StringIO()
 
     rc = run_demo(
-        DemoConfig(
-            replicas=2, steps=150, kill_at=30, hidden=128, model="fsdp2", sidecars=sidecars
-        ),
+        DemoConfig(replicas=2, steps=150, kill_at=30, hidden=128, model="fsdp2", sidecars=sidecars),
         out=out,
         as_json=True,
     )

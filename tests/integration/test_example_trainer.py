@@ -44,7 +44,7 @@ def coordinator() -> Iterator[Coordinator]:
 
 
 def _pod(
-    name: str, coordinator: str, log: Path, sidecar: str | None = None
+    name: str, coordinator: str, log: Path, sidecar: str | None = None, model: str = "mlp"
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -55,6 +55,7 @@ def _pod(
         "RECOVERYD_STEP_DELAY": "0.01",
         "RECOVERYD_LABELS": "node=n1,zone=z1",
         "RECOVERYD_METRICS_PORT": "0",
+        "RECOVERYD_MODEL": model,
     }
     if sidecar is not None:
         env["RECOVERYD_SIDECAR_SOCKET"] = sidecar
@@ -88,27 +89,28 @@ def _sidecar(coordinator: str, path: Path, log: Path) -> subprocess.Popen[bytes]
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("mode", ["in-process", "sidecar"])
+@pytest.mark.parametrize("mode", ["in-process", "sidecar", "sidecar-fsdp2"])
 def test_a_second_pod_recovers_from_the_first_and_both_stop_on_sigterm(
     coordinator: Coordinator, tmp_path: Path, mode: str
 ) -> None:
+    model = "fsdp2" if mode.endswith("fsdp2") else "mlp"
     a_log, b_log = tmp_path / "a.log", tmp_path / "b.log"
     sidecars: list[subprocess.Popen[bytes]] = []
     socks: list[str | None] = [None, None]
-    if mode == "sidecar":  # what deploy/k8s/overlays/sidecar runs in each pod
+    if mode.startswith("sidecar"):  # what deploy/k8s/overlays/sidecar runs in each pod
         for i in range(2):
             socks[i] = str(tmp_path / f"agent-{i}.sock")
             sidecars.append(
                 _sidecar(coordinator.address, Path(socks[i]), tmp_path / f"sidecar-{i}.log")
             )
     # The transfer line comes from whoever runs the agent.
-    b_agent_log = tmp_path / "sidecar-1.log" if mode == "sidecar" else b_log
-    a = _pod("trainer-0", coordinator.address, a_log, socks[0])
+    b_agent_log = tmp_path / "sidecar-1.log" if mode.startswith("sidecar") else b_log
+    a = _pod("trainer-0", coordinator.address, a_log, socks[0], model)
     b: subprocess.Popen[bytes] | None = None
     try:
         assert "fresh" in _wait_for(a_log, r"trainer-0: (fresh[^\n]*) at step 0", a, 60)
         _wait_for(a_log, r"step (100) loss", a, 60)
-        b = _pod("trainer-1", coordinator.address, b_log, socks[1])
+        b = _pod("trainer-1", coordinator.address, b_log, socks[1], model)
         step = int(_wait_for(b_log, r"trainer-1: recovered at step (\d+)", b, 90))
         assert step >= 100
         # The log names the peer, the interface and the rate of the transfer.

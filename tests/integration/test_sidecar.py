@@ -4,7 +4,8 @@ Each "pod" is a sidecar process and a trainer process attached to it over a
 Unix socket; the coordinator runs in the test. The trainers train a small
 seeded MLP with Adam whose moments are created lazily by the first step (so
 the attachment must pick up new tensors after attaching), plus a large
-tensor that makes a copy show in the sidecar's memory.
+tensor that makes a copy show in the sidecar's memory; sharded, the MLP is
+FSDP2 over the trainer's own one-rank world (DTensor state).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from recoveryd.agent.client import CoordinatorClient
 from recoveryd.coordinator.config import CoordinatorConfig
 from recoveryd.coordinator.server import Coordinator
 from recoveryd.demo.trainer import state_digest
+from recoveryd.testing import run_ranks
 
 pytestmark = pytest.mark.integration
 
@@ -38,12 +41,23 @@ BIG = 64 << 20  # bytes of the extra tensor: a copy of it would show in the side
 class Job:
     """The training: deterministic, so any two replicas agree at every step."""
 
-    def __init__(self, *, lazy_adam: bool, device: str = "cpu") -> None:
+    def __init__(self, *, lazy_adam: bool, device: str = "cpu", sharded: bool = False) -> None:
         torch.manual_seed(0)
         self.device = torch.device(device)
         self.model = torch.nn.Sequential(
             torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)
         ).to(self.device)
+        if sharded:  # FSDP2 over a world of this one rank: the state is DTensors
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            mesh = init_device_mesh(device, (1,))
+            for layer in self.model.children():
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         if not lazy_adam:  # a joiner's layout must be the donors' before it recovers
             for p in self.model.parameters():
@@ -80,11 +94,12 @@ def trainer(
     lazy_adam: bool,
     die_in_send: bool,
     device: str,
+    sharded: bool = False,
 ) -> None:
     """One trainer rank attached to its sidecar; reports what happens on ``events``."""
     import recoveryd
 
-    job = Job(lazy_adam=lazy_adam, device=device)
+    job = Job(lazy_adam=lazy_adam, device=device, sharded=sharded)
     opt, progress, big, state = job.opt, job.progress, job.big, job.state
 
     try:
@@ -158,12 +173,26 @@ class Pod:
         self.trainer: Any = None
 
     def start_trainer(
-        self, *, lazy_adam: bool, die_in_send: bool = False, device: str = "cpu"
+        self,
+        *,
+        lazy_adam: bool,
+        die_in_send: bool = False,
+        device: str = "cpu",
+        sharded: bool = False,
     ) -> None:
         self.stop = self.ctx.Event()
         self.trainer = self.ctx.Process(
             target=trainer,
-            args=(self.socket, self.name, self.events, self.stop, lazy_adam, die_in_send, device),
+            args=(
+                self.socket,
+                self.name,
+                self.events,
+                self.stop,
+                lazy_adam,
+                die_in_send,
+                device,
+                sharded,
+            ),
             daemon=True,
         )
         self.trainer.start()
@@ -319,26 +348,33 @@ def test_a_killed_sidecar_is_one_clear_error_then_training_goes_on(
     assert [e for e in ev.seen if e[0] == "lost"] == [("lost", "a", lost)]  # raised once
 
 
+def _reference_digest(rank: int, world: int, pg: Any, store: Any, steps: int, sharded: bool) -> str:
+    """The state a replica holds after ``steps``, trained in a process of its own."""
+    job = Job(lazy_adam=False, sharded=sharded)
+    for step in range(1, steps + 1):
+        job.train(step)
+    return state_digest(job.state())
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "fsdp2"])
 def test_a_donor_trainer_killed_mid_send_never_leaves_a_corrupt_state(
-    cluster: tuple[Coordinator, Any, Events, list[Pod]], tmp_path: Path
+    cluster: tuple[Coordinator, Any, Events, list[Pod]], tmp_path: Path, sharded: bool
 ) -> None:
     _, _, ev, _ = cluster
     a, b = _pods(cluster, tmp_path, "a", "b")
-    a.start_trainer(lazy_adam=False, die_in_send=True)
+    a.start_trainer(lazy_adam=False, die_in_send=True, sharded=sharded)
     ev.wait("digest", "a", step=20)
-    b.start_trainer(lazy_adam=False)
+    b.start_trainer(lazy_adam=False, sharded=sharded)
     got = ev.wait("start", "b")
     a.trainer.join(30)
     assert a.trainer.exitcode == -signal.SIGKILL  # it did die in its send
     # Whatever b got (the sidecar finishing the send of the held, consistent
     # state, or a fresh start after a failed plan), b's state is exactly a
-    # replica's at every later step: compare with the same training here.
+    # replica's at every later step: compare with the same training elsewhere.
     at = ((got["step"] or 0) // 20 + 2) * 20
     seen = ev.wait("digest", "b", step=at)["digest"]
-    job = Job(lazy_adam=False)
-    for step in range(1, at + 1):
-        job.train(step)
-    assert seen == state_digest(job.state())
+    [want] = run_ranks(_reference_digest, 1, args=(at, sharded), timeout=timedelta(seconds=120))
+    assert seen == want
     assert "trainer gone" in a.log.read_text()
 
 

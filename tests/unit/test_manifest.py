@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from recoveryd.transport._allocating import allocate_targets, rebuild_allocated
 from recoveryd.transport._flatten import build_plan, cut_messages
 from recoveryd.transport._memory import Arena
 from recoveryd.transport._pieces import cut
+from recoveryd.transport._sharding import LocalDTensor, LocalShardedTensor
 from recoveryd.transport._validate import check_manifest
 from recoveryd.transport.tree import TreeBuilder, decode_tensors
 from recoveryd.v1 import manifest_pb2 as pb
@@ -160,3 +163,108 @@ def test_an_allocating_receive_names_the_dtensor_it_cannot_place() -> None:
     )
     with pytest.raises(StateMismatchError, match=r"model\.layers\.0\.w: a DTensor was sent"):
         rebuild_allocated(m, tensors, targets, None, None)
+
+
+# ---- sharding facts a donor (or a trainer, to its sidecar) cannot get past -------------
+
+
+def _sharded(
+    shards: list[tuple[list[int], list[int]]], local: list[int], size: list[int]
+) -> object:
+    meta = pb.ShardedTensorMeta(dtype=pb.DTYPE_FLOAT32, global_size=size, local_shard=local)
+    for offsets, sizes in shards:
+        meta.shards.add(offsets=offsets, sizes=sizes)
+    tensors = [torch.zeros(*shards[i][1]) for i in local]
+    return {"st": LocalShardedTensor(locals=tensors, meta=meta)}
+
+
+def _dtensor(local: torch.Tensor, **facts: object) -> object:
+    meta = pb.DTensorMeta(device_type="cpu", **facts)  # type: ignore[arg-type]
+    return {"dt": LocalDTensor(local=local, meta=meta)}
+
+
+_SHARD0 = pb.Placement(kind=pb.Placement.KIND_SHARD, dim=0)
+
+
+@pytest.mark.parametrize(
+    ("state", "needle"),
+    [
+        (_sharded([([0, 0], [2, 2]), ([1, 0], [2, 2])], [0], [4, 2]), "shards 0 and 1 overlap"),
+        (_sharded([([0, 0], [2, 2]), ([3, 0], [2, 2])], [0], [4, 2]), "leaves the global size"),
+        (_sharded([([0, 0], [2, 2]), ([2, 0], [2, 2])], [0, 0], [4, 2]), "local twice"),
+        (_sharded([([0, 0], [2, 2])], [0], [4, 2, 1]), "is not 3-d"),
+        (
+            _dtensor(torch.zeros(4, 2), global_shape=[8, 2], global_stride=[2, 1], mesh_shape=[2]),
+            "0 placements on a 1-d mesh",
+        ),
+        (
+            _dtensor(
+                torch.zeros(4, 2),
+                global_shape=[8, 2],
+                global_stride=[2, 1],
+                mesh_shape=[2],
+                placements=[pb.Placement(kind=pb.Placement.KIND_SHARD, dim=2)],
+            ),
+            "shards dim 2 of a 2-d tensor",
+        ),
+        (
+            _dtensor(
+                torch.zeros(9, 2),
+                global_shape=[8, 2],
+                global_stride=[2, 1],
+                mesh_shape=[2],
+                placements=[_SHARD0],
+            ),
+            "local shard of 9 > global 8",
+        ),
+        (
+            _dtensor(
+                torch.zeros(4, 2),
+                global_shape=[8, 2],
+                global_stride=[2, 1],
+                mesh_shape=[2],
+                mesh_ranks=[0, 1, 2],
+                placements=[_SHARD0],
+            ),
+            "3 mesh ranks for a mesh of shape [2]",
+        ),
+        (
+            _dtensor(torch.zeros(4, 2), global_shape=[8], global_stride=[1], mesh_shape=[2]),
+            "1-d global shape",
+        ),
+    ],
+    ids=[
+        "overlapping-shards",
+        "shard-out-of-range",
+        "shard-local-twice",
+        "shard-ndim",
+        "placements-per-mesh-dim",
+        "shard-dim-out-of-range",
+        "local-larger-than-global",
+        "mesh-ranks-count",
+        "local-ndim",
+    ],
+)
+def test_inconsistent_sharding_facts_are_refused(state: object, needle: str) -> None:
+    m = build_plan(
+        state, step=None, chain=[], bucket_bytes=1 << 20, direct_bytes=1, checksums=False
+    ).manifest
+    with pytest.raises(ManifestError, match=re.escape(needle)):
+        check_manifest(m, decode_tensors(m))
+
+
+def test_consistent_sharding_facts_pass_and_a_stand_in_prints_as_a_dtensor_would() -> None:
+    state = _dtensor(
+        torch.zeros(4, 2),
+        global_shape=[8, 2],
+        global_stride=[2, 1],
+        mesh_shape=[2],
+        mesh_ranks=[0, 1],
+        placements=[_SHARD0],
+    )
+    m = build_plan(
+        state, step=None, chain=[], bucket_bytes=1 << 20, direct_bytes=1, checksums=False
+    ).manifest
+    check_manifest(m, decode_tensors(m))
+    assert list(m.node_kind) == [pb.NODE_KIND_DICT, pb.NODE_KIND_DTENSOR]
+    assert list(m.dtensors[0].mesh_ranks) == [0, 1]
