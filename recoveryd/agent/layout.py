@@ -2,9 +2,11 @@
 
 Two states have the same fingerprint when they have the same tree (container
 kinds and keys), and at every tensor the same kind, dtype and shape (for a
-DTensor also its global shape, placements, mesh shape, mesh dim names and
-device type; for a ShardedTensor its global size and its local shards'
-offsets and sizes); values are compared by type only. A sidecar's stand-ins
+DTensor also its global shape, placements, mesh shape and mesh dim names;
+for a ShardedTensor its global size and its local shards' offsets and
+sizes); values are compared by type only. Devices are left out, as for plain
+tensors: a CPU replica and a GPU one of the same model exchange state (the
+transport stages what crosses devices). A sidecar's stand-ins
 for DTensors and ShardedTensors print as what they stand for, so a replica
 served by a sidecar and one with its agent in process match. Two replicas
 with equal fingerprints can stream rank r's state into rank r in place. The
@@ -38,7 +40,7 @@ def _describe(obj: object, out: list[str], devices: set[str]) -> None:
             out.append(
                 f"D{local.dtype}{tuple(meta.global_shape)}"
                 f"{tuple(_placement(p) for p in meta.placements)}"
-                f"{tuple(meta.mesh_shape)}{tuple(meta.mesh_dim_names)}{meta.device_type}"
+                f"{tuple(meta.mesh_shape)}{tuple(meta.mesh_dim_names)}"
                 f"{tuple(local.shape)}"
             )
         else:

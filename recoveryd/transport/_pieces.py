@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -60,13 +61,25 @@ def cut(span_sizes: list[int], message_sizes: list[int]) -> list[Message]:
 
 
 class Staging:
-    """At most two bucket-sized buffers on one device, reused as they come back."""
+    """At most two bucket-sized buffers on one device, reused as they come back.
 
-    def __init__(self, nbytes: int, device: torch.device) -> None:
+    Pinned (page-locked host memory) when bytes cross between a CPU wire and
+    a GPU: copies to and from the GPU then run asynchronously at the bus's
+    speed. A buffer handed back with the CUDA event of copies still reading
+    or writing it is only handed out again once those finished.
+    """
+
+    def __init__(self, nbytes: int, device: torch.device, *, pinned: bool = False) -> None:
         self._nbytes = nbytes
         self._device = device
-        self._free: list[torch.Tensor] = []
+        self._pinned = pinned and device.type == "cpu"
+        self._free: list[tuple[torch.Tensor, Any | None]] = []
         self._made = 0
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the buffers are page-locked host memory."""
+        return self._pinned
 
     def can_take(self) -> bool:
         """Whether :meth:`take` can hand out a buffer without exceeding two."""
@@ -75,13 +88,31 @@ class Staging:
     def take(self) -> torch.Tensor:
         """A whole buffer; slice it to the message's size."""
         if self._free:
-            return self._free.pop()
+            buf, pending = self._free.pop()
+            if pending is not None:
+                pending.synchronize()  # the GPU copies that used it are done
+            return buf
         self._made += 1
-        return torch.empty(self._nbytes, dtype=torch.uint8, device=self._device)
+        return torch.empty(
+            self._nbytes, dtype=torch.uint8, device=self._device, pin_memory=self._pinned
+        )
 
-    def give(self, buf: torch.Tensor) -> None:
-        """Returns a buffer :meth:`take` handed out."""
-        self._free.append(buf)
+    def give(self, buf: torch.Tensor, pending: Any | None = None) -> None:
+        """Returns a buffer :meth:`take` handed out (``pending``: the CUDA event of copies
+        still using it)."""
+        self._free.append((buf, pending))
+
+
+def needs_pinning(wire: torch.device, devices: Iterable[torch.device]) -> bool:
+    """Whether bytes of a CPU wire meet GPU memory (staging then wants pinned buffers)."""
+    return wire.type == "cpu" and any(d.type == "cuda" for d in devices)
+
+
+def copies_done() -> Any:
+    """A CUDA event recorded now on the current stream: the copies queued so far."""
+    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    event.record()
+    return event
 
 
 def landing_in_place(messages: list[Message], targets: Buffers) -> list[torch.Tensor | None]:
@@ -110,7 +141,10 @@ def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
     if n and dst.device.type == "cpu" and src.device.type == "cpu":
         ctypes.memmove(dst.data_ptr(), src.data_ptr(), n)
     elif n:
-        dst.copy_(src, non_blocking=dst.device.type == "cuda" and src.is_pinned())
+        # Asynchronous where pinned host memory meets the GPU; the caller
+        # waits for the copies (an event) before the host bytes are reused or sent.
+        asynchronous = (dst.is_cuda and src.is_pinned()) or (src.is_cuda and dst.is_pinned())
+        dst.copy_(src, non_blocking=asynchronous)
 
 
 def scatter(m: Message, buf: torch.Tensor, targets: Buffers) -> None:

@@ -42,6 +42,7 @@ from recoveryd.transport._pieces import (
     Buffers,
     Message,
     Staging,
+    copies_done,
     cut,
     landing_in_place,
     scatter,
@@ -196,6 +197,8 @@ class _RecvPlan:
     """The rank the data comes from (the donor, or the joiner before this one in the chain)."""
     succ: int | None
     """The rank this one relays to, if any."""
+    gpu_targets: bool
+    """Whether any bytes land in GPU memory."""
 
     def copy_out(self) -> None:
         """Copies tensors laid out unlike the donor's out of scratch into the joiner's."""
@@ -277,16 +280,18 @@ def _prepare(
         # Built before any data arrives (views over the empty targets), so a
         # malformed tree is refused before the donor streams anything.
         state = rebuild_allocated(m, tensors, spans, into.mesh, into.shard_group)
+        gpu = into.device.type == "cuda"
     else:
         dst, state = match_in_place(m, tensors, into.state)
         mine, copies = place_in_place(tensors, sizes, dst, arena)
         landing = landing_in_place(messages, mine)
         targets = mine
+        gpu = any(t.is_cuda for t in mine)
     pos = chain.index(me)
     pred = src if m.star else chain[pos - 1]
     succ = None if m.star or pos + 1 == len(chain) else chain[pos + 1]
     return _RecvPlan(
-        m, tensors, sizes, messages, targets, landing, copies, state, sent_step, pred, succ
+        m, tensors, sizes, messages, targets, landing, copies, state, sent_step, pred, succ, gpu
     )
 
 
@@ -346,28 +351,33 @@ def _stream(wire: w.Wire, plan: _RecvPlan) -> list[int]:
         return buf is not None and buf.device == dev
 
     staged = max((m.nbytes for i, m in enumerate(messages) if not zero_copy(i)), default=0)
-    staging = Staging(max(staged, 1), dev)
+    # A CPU wire landing in GPU memory stages through pinned buffers: the
+    # copies to the GPU run asynchronously, and a buffer is reused only after
+    # its copies finished (the event handed back with it).
+    staging = Staging(max(staged, 1), dev, pinned=plan.gpu_targets and dev.type == "cpu")
     hashes: list[int] = []
     pending: deque[tuple[Message, Any, torch.Tensor, torch.Tensor | None]] = deque()
-    relays: deque[tuple[Any, torch.Tensor, torch.Tensor | None]] = deque()
+    relays: deque[tuple[Any, torch.Tensor, torch.Tensor | None, Any]] = deque()
 
     def retire_relay() -> None:
-        work, _buf, pooled = relays.popleft()
+        work, _buf, pooled, copied = relays.popleft()
         wire.wait(work, succ if succ is not None else pred)
         if pooled is not None:
-            staging.give(pooled)
+            staging.give(pooled, copied)
 
     def land() -> None:
         m, work, buf, pooled = pending.popleft()
         wire.wait(work, pred)
         if checksums:
             hashes.append(checksum(buf))
-        if succ is not None:
-            relays.append((wire.isend(buf, succ, f.TAG_DATA), buf, pooled))
+        copied = None
         if pooled is not None:
             scatter(m, buf, targets)
-            if succ is None:
-                staging.give(pooled)
+            copied = copies_done() if staging.pinned else None
+        if succ is not None:
+            relays.append((wire.isend(buf, succ, f.TAG_DATA), buf, pooled, copied))
+        elif pooled is not None:
+            staging.give(pooled, copied)
         while len(relays) > WINDOW:
             retire_relay()
 
@@ -390,6 +400,8 @@ def _stream(wire: w.Wire, plan: _RecvPlan) -> list[int]:
         land()
     while relays:
         retire_relay()
+    if staging.pinned:
+        torch.cuda.synchronize()  # every byte is in GPU memory before this rank says done
     return hashes
 
 

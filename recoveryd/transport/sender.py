@@ -23,7 +23,15 @@ from recoveryd.transport import _wire as w
 from recoveryd.transport import format as f
 from recoveryd.transport._flatten import SendPlan, Span, build_plan
 from recoveryd.transport._gc import gc_paused
-from recoveryd.transport._pieces import WINDOW, Message, Staging, copy_bytes, cut
+from recoveryd.transport._pieces import (
+    WINDOW,
+    Message,
+    Staging,
+    copies_done,
+    copy_bytes,
+    cut,
+    needs_pinning,
+)
 from recoveryd.transport._wire import Group
 from recoveryd.transport.config import TransferConfig
 from recoveryd.transport.stats import PhaseClock, TransferStats, checksum
@@ -221,7 +229,10 @@ class _Streamer:
             (m.nbytes for m in self._messages if not self._zero_copy(m)),
             default=0,
         )
-        self._staging = Staging(max(staged, 1), wire.device)
+        # GPU memory leaving over a CPU wire stages through pinned buffers
+        # (copies at the bus's speed; each is waited for before its send).
+        pinned = needs_pinning(wire.device, (s.device for s in self._spans))
+        self._staging = Staging(max(staged, 1), wire.device, pinned=pinned)
         self._packed: dict[int, torch.Tensor] = {}
 
     def _zero_copy(self, m: Message) -> bool:
@@ -234,7 +245,7 @@ class _Streamer:
                 return
             if not self._zero_copy(m):
                 pooled = self._staging.take()
-                _pack(m, self._spans, pooled[: m.nbytes])
+                _pack(m, self._spans, pooled[: m.nbytes], self._staging.pinned)
                 self._packed[i] = pooled
 
     def run(self, targets: list[int]) -> list[int]:
@@ -263,7 +274,7 @@ class _Streamer:
                     retire()
                 pooled = staging.take()
                 buf = pooled[: m.nbytes]
-                _pack(m, self._spans, buf)
+                _pack(m, self._spans, buf, staging.pinned)
             works = [(wire.isend(buf, d, f.TAG_DATA), d) for d in targets]
             if self._checksums:
                 hashes.append(checksum(buf))
@@ -275,8 +286,12 @@ class _Streamer:
         return hashes
 
 
-def _pack(m: Message, spans: list[Span], buf: torch.Tensor) -> None:
-    """Copies the message's span pieces into the staging buffer ``buf``, in order."""
+def _pack(m: Message, spans: list[Span], buf: torch.Tensor, pinned: bool = False) -> None:
+    """Copies the message's span pieces into the staging buffer ``buf``, in order.
+
+    Copies from the GPU into a ``pinned`` buffer run asynchronously; they are
+    waited for here, before the buffer goes on the wire.
+    """
     if buf.device.type == "cpu" and all(spans[s].owner.is_cpu for s in m.span_ids):
         # The hot loop of a many-small-tensors state: one memmove per piece.
         move = ctypes.memmove
@@ -290,3 +305,5 @@ def _pack(m: Message, spans: list[Span], buf: torch.Tensor) -> None:
     for s, o, n in zip(m.span_ids, m.offsets, m.sizes, strict=True):
         copy_bytes(buf.narrow(0, pos, n), spans[s].view(o, n))
         pos += n
+    if pinned:
+        copies_done().synchronize()

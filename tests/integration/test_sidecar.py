@@ -52,7 +52,8 @@ class Job:
             from torch.distributed.fsdp import fully_shard
 
             if not dist.is_initialized():
-                dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+                backend = "nccl" if device == "cuda" else "gloo"
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
             mesh = init_device_mesh(device, (1,))
             for layer in self.model.children():
                 if isinstance(layer, torch.nn.Linear):
@@ -137,7 +138,8 @@ def trainer(
             step += 1
             job.train(step)
             try:
-                att.step(step)
+                if att.step(step):  # sent: the state as it went (the trainer was held)
+                    events.put(("sent", name, {"step": step, "digest": state_digest(state())}))
             except recoveryd.SidecarLostError as err:
                 events.put(("lost", name, {"step": step, "error": str(err)}))
             if step % 20 == 0:
@@ -410,7 +412,7 @@ def test_a_dev_shm_too_small_for_the_state_is_a_clear_error(tmp_path: Path) -> N
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (NCCL between two ranks)")
 def test_cuda_tensors_are_shared_by_ipc_and_recovered_over_nccl(
     cluster: tuple[Coordinator, Any, Events, list[Pod]], tmp_path: Path
 ) -> None:
@@ -427,6 +429,34 @@ def test_cuda_tensors_are_shared_by_ipc_and_recovered_over_nccl(
     client = CoordinatorClient(coord.address)
     try:
         assert {k.device_kind for r in client.status().replicas for k in r.ranks} == {"cuda"}
+    finally:
+        client.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "fsdp2"])
+def test_cuda_state_shared_by_ipc_recovers_in_place_from_a_cpu_donor(
+    cluster: tuple[Coordinator, Any, Events, list[Pod]], tmp_path: Path, sharded: bool
+) -> None:
+    # One GPU: the joiner's tensors (plain, or FSDP2's DTensor shards) are
+    # CUDA memory its sidecar maps by IPC; the donor trains on the CPU, so the
+    # plan runs over Gloo and the joiner's sidecar stages through pinned memory.
+    coord, _, ev, _ = cluster
+    a, b = _pods(cluster, tmp_path, "a", "b")
+    a.start_trainer(lazy_adam=False, sharded=sharded)
+    ev.wait("digest", "a", step=20)
+    b.start_trainer(lazy_adam=False, device="cuda", sharded=sharded)
+    got = ev.wait("start", "b")
+    assert got["step"] is not None
+    assert got["in_place"] is True
+    assert got["shared"] is True  # CUDA memory, shared by IPC
+    sent = ev.wait("sent", "a", step=got["step"])
+    assert got["digest"] == sent["digest"]  # every byte as the CPU donor sent it
+    client = CoordinatorClient(coord.address)
+    try:
+        kinds = {r.replica_id: {k.device_kind for k in r.ranks} for r in client.status().replicas}
+        assert kinds == {"a": {"cpu"}, "b": {"cuda"}}
     finally:
         client.close()
 
