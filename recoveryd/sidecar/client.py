@@ -125,20 +125,24 @@ class Attachment:
         self._cuda = exp.cuda
         self._sig = signature(state)
         self._sock = self._connect()
-        reply, _ = self._call(
-            frames.Attach(
-                version=frames.FRAMES_VERSION,
-                replica_id=identity.replica_id,
-                group_rank=identity.group_rank,
-                group_world_size=identity.group_world_size,
-                labels=identity.labels,
-                pid=os.getpid(),
-                layout=exp.layout,
-            ),
-            frames.Attached,
-            exp.manifest,
-            exp.fds,
-        )
+        try:
+            reply, _ = self._call(
+                frames.Attach(
+                    version=frames.FRAMES_VERSION,
+                    replica_id=identity.replica_id,
+                    group_rank=identity.group_rank,
+                    group_world_size=identity.group_world_size,
+                    labels=identity.labels,
+                    pid=os.getpid(),
+                    layout=exp.layout,
+                ),
+                frames.Attached,
+                exp.manifest,
+                exp.fds,
+            )
+        except BaseException:
+            self._sock.close()  # refused: the sidecar ends this session, not the others
+            raise
         self.agent_id = reply.agent_id
         self.rendezvous = reply.rendezvous
         self.metrics_address = reply.metrics_address

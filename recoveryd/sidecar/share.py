@@ -264,7 +264,7 @@ class SharedState:
             smeta = m.sharded_tensors[arg]
             return LocalShardedTensor(locals=[tensor(i) for i in smeta.local_tensor], meta=smeta)
 
-        return TreeBuilder(m, leaf).build()
+        return TreeBuilder(m, leaf, tensors=tensors).build()
 
     def _span(self, span: SpanRef, i: int, nbytes: int) -> torch.Tensor:
         h, lo, n = span.handle, span.start, span.nbytes

@@ -85,7 +85,8 @@ def rebuild_allocated(
 
     # Paths only name a DTensor or ShardedTensor in an error; a state without
     # them does not build them (a tuple per node saved).
-    return TreeBuilder(m, leaf, paths=bool(m.dtensors) or bool(m.sharded_tensors)).build()
+    sharded = bool(m.dtensors) or bool(m.sharded_tensors)
+    return TreeBuilder(m, leaf, paths=sharded, tensors=tensors).build()
 
 
 def _dtensor(meta: pb.DTensorMeta, local: torch.Tensor, mesh: Any, path: Path) -> DTensor:

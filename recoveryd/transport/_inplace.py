@@ -133,7 +133,7 @@ def match_in_place(
                             check(ti, local, path, f".<shard {j}>")
         return mine
 
-    state = TreeBuilder(m, leaf).build()
+    state = TreeBuilder(m, leaf, tensors=tensors).build()
     for path, obj in have.items():
         if path not in sent and local_tensors(obj):
             problems.append(f"{path_str(path)}: not in the donor's state_dict")

@@ -162,80 +162,84 @@ def check_manifest(m: pb.Manifest, tensors: list[TensorSpec]) -> None:
             t >= len(tensors) for t in st.local_tensor
         ):
             raise ManifestError("a ShardedTensor names a shard or tensor out of range")
-    for i, d in enumerate(m.dtensors):
-        _check_dtensor(i, d, tensors)
-    for i, st in enumerate(m.sharded_tensors):
-        _check_sharded(i, st, tensors)
 
 
-def _check_dtensor(i: int, d: pb.DTensorMeta, tensors: list[TensorSpec]) -> None:
-    """A DTensor's facts agree with each other and with its local shard."""
+def check_dtensor(d: pb.DTensorMeta, tensors: list[TensorSpec], where: str) -> None:
+    """A DTensor's facts agree with each other and with its local shard (``where``: its path).
+
+    Raises:
+        ManifestError: naming the path and what disagrees.
+    """
     local = tensors[d.local_tensor]
     nd = len(d.global_shape)
     if len(d.global_stride) != nd or len(local.shape) != nd:
         raise ManifestError(
-            f"DTensor {i}: {nd}-d global shape, {len(d.global_stride)}-d stride, "
+            f"{where}: {nd}-d global shape, {len(d.global_stride)}-d stride, "
             f"{len(local.shape)}-d local shard"
         )
     if any(n < 0 for n in d.global_shape) or any(n < 0 for n in d.mesh_shape):
-        raise ManifestError(f"DTensor {i}: a negative size")
+        raise ManifestError(f"{where}: a negative size")
     if len(d.mesh_shape) > 16 or math.prod(d.mesh_shape) > MAX_MESH_RANKS:
-        raise ManifestError(f"DTensor {i}: a mesh of shape {list(d.mesh_shape)}")
+        raise ManifestError(f"{where}: a mesh of shape {list(d.mesh_shape)}")
     if d.mesh_ranks and len(d.mesh_ranks) != math.prod(d.mesh_shape):
         raise ManifestError(
-            f"DTensor {i}: {len(d.mesh_ranks)} mesh ranks for a mesh of shape {list(d.mesh_shape)}"
+            f"{where}: {len(d.mesh_ranks)} mesh ranks for a mesh of shape {list(d.mesh_shape)}"
         )
     if d.mesh_dim_names and len(d.mesh_dim_names) != len(d.mesh_shape):
         raise ManifestError(
-            f"DTensor {i}: {len(d.mesh_dim_names)} names for a {len(d.mesh_shape)}-d mesh"
+            f"{where}: {len(d.mesh_dim_names)} names for a {len(d.mesh_shape)}-d mesh"
         )
     if len(d.placements) != len(d.mesh_shape):
         raise ManifestError(
-            f"DTensor {i}: {len(d.placements)} placements on a {len(d.mesh_shape)}-d mesh"
+            f"{where}: {len(d.placements)} placements on a {len(d.mesh_shape)}-d mesh"
         )
     for p in d.placements:
         sharded = p.kind in (pb.Placement.KIND_SHARD, pb.Placement.KIND_STRIDED_SHARD)
         if sharded and not 0 <= p.dim < nd:
-            raise ManifestError(f"DTensor {i}: shards dim {p.dim} of a {nd}-d tensor")
+            raise ManifestError(f"{where}: shards dim {p.dim} of a {nd}-d tensor")
     for dim, (n, g) in enumerate(zip(local.shape, d.global_shape, strict=True)):
         if n > g:
-            raise ManifestError(f"DTensor {i}: local shard of {n} > global {g} on dim {dim}")
+            raise ManifestError(f"{where}: local shard of {n} > global {g} on dim {dim}")
 
 
-def _check_sharded(i: int, st: pb.ShardedTensorMeta, tensors: list[TensorSpec]) -> None:
-    """A ShardedTensor's shards lie in its global size, do not overlap, and fit its local tensors."""
+def check_sharded(st: pb.ShardedTensorMeta, tensors: list[TensorSpec], where: str) -> None:
+    """A ShardedTensor's shards lie in its global size, do not overlap, and fit its local tensors.
+
+    Raises:
+        ManifestError: naming the path (``where``) and what is wrong.
+    """
     nd = len(st.global_size)
     size = list(st.global_size)
     if any(n < 0 for n in size):
-        raise ManifestError(f"ShardedTensor {i}: a negative global size {size}")
+        raise ManifestError(f"{where}: a negative global size {size}")
     if len(st.shards) > MAX_SHARDS:
-        raise ManifestError(f"ShardedTensor {i}: {len(st.shards)} shards (at most {MAX_SHARDS})")
+        raise ManifestError(f"{where}: {len(st.shards)} shards (at most {MAX_SHARDS})")
     boxes = []
     for j, sh in enumerate(st.shards):
         lo, n = list(sh.offsets), list(sh.sizes)
         if len(lo) != nd or len(n) != nd:
-            raise ManifestError(f"ShardedTensor {i}: shard {j} is not {nd}-d")
+            raise ManifestError(f"{where}: shard {j} is not {nd}-d")
         if any(o < 0 or k < 0 or o + k > g for o, k, g in zip(lo, n, size, strict=True)):
             raise ManifestError(
-                f"ShardedTensor {i}: shard {j} (offsets {lo}, sizes {n}) leaves the global size {size}"
+                f"{where}: shard {j} (offsets {lo}, sizes {n}) leaves the global size {size}"
             )
         if st.group_ranks and sh.group_rank >= len(st.group_ranks):
-            raise ManifestError(f"ShardedTensor {i}: shard {j} on group rank {sh.group_rank}")
+            raise ManifestError(f"{where}: shard {j} on group rank {sh.group_rank}")
         boxes.append((lo, [o + k for o, k in zip(lo, n, strict=True)], j))
-    _check_disjoint(i, boxes)
+    _check_disjoint(where, boxes)
     if len(set(st.local_shard)) != len(st.local_shard):
-        raise ManifestError(f"ShardedTensor {i}: a shard is local twice")
+        raise ManifestError(f"{where}: a shard is local twice")
     dtype = _dtypes.FROM_PB.get(st.dtype)
     for ti, si in zip(st.local_tensor, st.local_shard, strict=True):
         spec = tensors[ti]
         if list(spec.shape) != list(st.shards[si].sizes) or spec.dtype != dtype:
             raise ManifestError(
-                f"ShardedTensor {i}: local shard {si} is a {spec.dtype} {list(spec.shape)}, "
+                f"{where}: local shard {si} is a {spec.dtype} {list(spec.shape)}, "
                 f"its metadata says {dtype} {list(st.shards[si].sizes)}"
             )
 
 
-def _check_disjoint(i: int, boxes: list[tuple[list[int], list[int], int]]) -> None:
+def _check_disjoint(where: str, boxes: list[tuple[list[int], list[int], int]]) -> None:
     """No two shards share an element (a sweep on the first dim; empty shards overlap nothing)."""
     boxes = [b for b in boxes if all(h > lo for lo, h in zip(b[0], b[1], strict=True))]
     if not boxes or not boxes[0][0]:
@@ -248,12 +252,12 @@ def _check_disjoint(i: int, boxes: list[tuple[list[int], list[int], int]]) -> No
         for other in active:
             pairs += 1
             if pairs > MAX_SHARD_PAIRS:
-                raise ManifestError(f"ShardedTensor {i}: too many shards overlap on dim 0")
+                raise ManifestError(f"{where}: too many shards overlap on dim 0")
             if all(
                 lo1 < h2 and lo2 < h1
                 for lo1, h1, lo2, h2 in zip(box[0], box[1], other[0], other[1], strict=True)
             ):
-                raise ManifestError(f"ShardedTensor {i}: shards {other[2]} and {box[2]} overlap")
+                raise ManifestError(f"{where}: shards {other[2]} and {box[2]} overlap")
         active.append(box)
 
 

@@ -31,7 +31,13 @@ from recoveryd.transport._sharding import (
     dtensor_meta,
     sharded_meta,
 )
-from recoveryd.transport._validate import TensorSpec, check_manifest, decode_tensors
+from recoveryd.transport._validate import (
+    TensorSpec,
+    check_dtensor,
+    check_manifest,
+    check_sharded,
+    decode_tensors,
+)
 from recoveryd.transport.format import (
     KEY_INT,
     KEY_STR,
@@ -39,8 +45,10 @@ from recoveryd.transport.format import (
     MAX_DEPTH,
     MAX_MESSAGE_BYTES,
     NODE_DICT,
+    NODE_DTENSOR,
     NODE_LIST,
     NODE_ORDERED_DICT,
+    NODE_TENSOR,
     NODE_TUPLE,
     NODE_VALUE,
     Path,
@@ -101,9 +109,19 @@ class TreeBuilder:
             its return value stands at that place in the tree.
         paths: build each node's key path (``False`` passes ``()`` to ``leaf``:
             cheaper, for callers that never name a path).
+        tensors: the manifest's decoded tensors; when given, every DTensor's
+            and ShardedTensor's sharding facts are checked (naming its path)
+            before ``leaf`` sees it.
     """
 
-    def __init__(self, m: pb.Manifest, leaf: LeafFn, *, paths: bool = True) -> None:
+    def __init__(
+        self,
+        m: pb.Manifest,
+        leaf: LeafFn,
+        *,
+        paths: bool = True,
+        tensors: list[TensorSpec] | None = None,
+    ) -> None:
         self._kinds = list(m.node_kind)
         self._args = list(m.node_arg)
         self._key_kind = list(m.key_kind)
@@ -112,6 +130,9 @@ class TreeBuilder:
         self._values = m.values
         self._leaf = leaf
         self._paths = paths
+        self._tensors = tensors
+        self._dtensors = m.dtensors
+        self._sharded = m.sharded_tensors
         self._pos = 0
         self._key = 0
         self._str = 0
@@ -125,6 +146,17 @@ class TreeBuilder:
         if self._pos != len(self._kinds) or self._key != len(self._key_kind):
             raise ManifestError("tree has trailing nodes or keys")
         return root
+
+    def _check_sharding(self, kind: int, arg: int, path: Path) -> None:
+        assert self._tensors is not None
+        if kind == NODE_DTENSOR:
+            if arg >= len(self._dtensors):
+                raise ManifestError("DTensor index out of range")
+            check_dtensor(self._dtensors[arg], self._tensors, path_str(path))
+        else:
+            if arg >= len(self._sharded):
+                raise ManifestError("ShardedTensor index out of range")
+            check_sharded(self._sharded[arg], self._tensors, path_str(path))
 
     def _next_key(self) -> object:
         if self._key >= len(self._key_kind):
@@ -148,6 +180,8 @@ class TreeBuilder:
         kind, arg = self._kinds[pos], self._args[pos]
         self._pos = pos + 1
         if kind in LEAF_KINDS:
+            if self._tensors is not None and kind != NODE_TENSOR:
+                self._check_sharding(kind, arg, path)
             return self._leaf(kind, arg, path)
         if kind in (NODE_DICT, NODE_ORDERED_DICT):
             if arg > len(self._kinds):

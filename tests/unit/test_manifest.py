@@ -190,9 +190,12 @@ _SHARD0 = pb.Placement(kind=pb.Placement.KIND_SHARD, dim=0)
     ("state", "needle"),
     [
         (_sharded([([0, 0], [2, 2]), ([1, 0], [2, 2])], [0], [4, 2]), "shards 0 and 1 overlap"),
-        (_sharded([([0, 0], [2, 2]), ([3, 0], [2, 2])], [0], [4, 2]), "leaves the global size"),
-        (_sharded([([0, 0], [2, 2]), ([2, 0], [2, 2])], [0, 0], [4, 2]), "local twice"),
-        (_sharded([([0, 0], [2, 2])], [0], [4, 2, 1]), "is not 3-d"),
+        (
+            _sharded([([0, 0], [2, 2]), ([3, 0], [2, 2])], [0], [4, 2]),
+            "shard 1 (offsets [3, 0], sizes [2, 2]) leaves the global size [4, 2]",
+        ),
+        (_sharded([([0, 0], [2, 2]), ([2, 0], [2, 2])], [0, 0], [4, 2]), "a shard is local twice"),
+        (_sharded([([0, 0], [2, 2])], [0], [4, 2, 1]), "shard 0 is not 3-d"),
         (
             _dtensor(torch.zeros(4, 2), global_shape=[8, 2], global_stride=[2, 1], mesh_shape=[2]),
             "0 placements on a 1-d mesh",
@@ -245,12 +248,17 @@ _SHARD0 = pb.Placement(kind=pb.Placement.KIND_SHARD, dim=0)
         "local-ndim",
     ],
 )
-def test_inconsistent_sharding_facts_are_refused(state: object, needle: str) -> None:
+def test_inconsistent_sharding_facts_are_refused_naming_the_path(
+    state: object, needle: str
+) -> None:
     m = build_plan(
         state, step=None, chain=[], bucket_bytes=1 << 20, direct_bytes=1, checksums=False
     ).manifest
-    with pytest.raises(ManifestError, match=re.escape(needle)):
-        check_manifest(m, decode_tensors(m))
+    tensors = decode_tensors(m)
+    check_manifest(m, tensors)  # the columns are fine: the facts are not
+    path = "st" if "st" in state else "dt"  # type: ignore[operator]
+    with pytest.raises(ManifestError, match=re.escape(f"{path}: {needle}")):
+        TreeBuilder(m, lambda *a: None, tensors=tensors).build()
 
 
 def test_consistent_sharding_facts_pass_and_a_stand_in_prints_as_a_dtensor_would() -> None:
@@ -265,6 +273,9 @@ def test_consistent_sharding_facts_pass_and_a_stand_in_prints_as_a_dtensor_would
     m = build_plan(
         state, step=None, chain=[], bucket_bytes=1 << 20, direct_bytes=1, checksums=False
     ).manifest
-    check_manifest(m, decode_tensors(m))
+    tensors = decode_tensors(m)
+    check_manifest(m, tensors)
+    tree = TreeBuilder(m, lambda kind, arg, path: (kind, arg), tensors=tensors).build()
+    assert tree == {"dt": (pb.NODE_KIND_DTENSOR, 0)}
     assert list(m.node_kind) == [pb.NODE_KIND_DICT, pb.NODE_KIND_DTENSOR]
     assert list(m.dtensors[0].mesh_ranks) == [0, 1]

@@ -302,3 +302,32 @@ def test_a_sidecar_refuses_a_trainer_of_another_frames_version(tmp_path: Path) -
         sidecar.close(timedelta(seconds=5))
         t.join(5)
     assert not os.path.exists(path)
+
+
+def test_a_trainer_with_bad_sharding_facts_is_refused_and_the_sidecar_serves_on(
+    tmp_path: Path,
+) -> None:
+    from recoveryd.sidecar.client import attach
+    from recoveryd.sidecar.server import Sidecar, SidecarConfig
+    from recoveryd.transport.tree import LocalShardedTensor
+    from recoveryd.v1 import manifest_pb2 as mpb
+
+    meta = mpb.ShardedTensorMeta(dtype=mpb.DTYPE_FLOAT32, global_size=[4, 2], local_shard=[0])
+    meta.shards.add(offsets=[0, 0], sizes=[2, 2])
+    meta.shards.add(offsets=[1, 0], sizes=[2, 2])  # overlaps the first
+    bad = {"model": {"st": LocalShardedTensor(locals=[torch.ones(2, 2)], meta=meta)}}
+    good = {"w": torch.arange(4.0)}
+    path = str(tmp_path / "agent.sock")
+    sidecar = Sidecar(SidecarConfig(coordinator="127.0.0.1:9", socket_path=path))
+    t = threading.Thread(target=sidecar.serve_forever, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(ManifestError, match=re.escape("model.st: shards 0 and 1 overlap")):
+            attach(path, lambda: bad, replica_id="bad", timeout=timedelta(seconds=10))
+        assert bad["model"]["st"].locals[0].eq(1).all()  # nothing written
+        att = attach(path, lambda: good, replica_id="good", timeout=timedelta(seconds=10))
+        assert sidecar.attached() == 1
+        att.close(timedelta(seconds=2))
+    finally:
+        sidecar.close(timedelta(seconds=5))
+        t.join(5)
