@@ -26,7 +26,7 @@ from recoveryd.errors import ManifestError, StateMismatchError
 from recoveryd.transport import _dtypes
 from recoveryd.transport._memory import Arena, SpanBuffers
 from recoveryd.transport._pieces import Message, landing_in_place
-from recoveryd.transport._sharding import decode_placement, find_group, rebuild_mesh
+from recoveryd.transport._sharding import MeshKey, decode_placement, find_group, rebuild_mesh
 from recoveryd.transport._validate import TensorSpec
 from recoveryd.transport.format import NODE_DTENSOR, NODE_TENSOR, Path, path_str
 from recoveryd.transport.tree import TreeBuilder, typed_view
@@ -48,7 +48,7 @@ def rebuild_allocated(
     """
     per_span = Counter(spec.storage for spec in tensors)
     parameters = list(m.tensor_is_parameter)
-    meshes: dict[bytes, Any] = {}
+    meshes: dict[MeshKey, Any] = {}
 
     def plain(i: int) -> torch.Tensor:
         spec = tensors[i]
@@ -75,8 +75,11 @@ def rebuild_allocated(
             if arg >= len(m.dtensors):
                 raise ManifestError("DTensor index out of range")
             meta = m.dtensors[arg]
-            on = mesh if mesh is not None else rebuild_mesh(meta, path, meshes)
-            return _dtensor(meta, plain(meta.local_tensor), on, path)
+            local = plain(meta.local_tensor)
+            on = mesh
+            if on is None:  # the donor's mesh, on the device the shard lands on
+                on = rebuild_mesh(meta, path, meshes, device_type=local.device.type)
+            return _dtensor(meta, local, on, path)
         if arg >= len(m.sharded_tensors):
             raise ManifestError("ShardedTensor index out of range")
         smeta = m.sharded_tensors[arg]
@@ -97,12 +100,24 @@ def _dtensor(meta: pb.DTensorMeta, local: torch.Tensor, mesh: Any, path: Path) -
                 f"{list(meta.mesh_shape)} sent"
             ]
         )
+    if mesh.device_type != local.device.type:
+        # from_local would copy the shard to the mesh's device, and the bytes
+        # received into the buffer here would never reach the DTensor.
+        raise StateMismatchError(
+            [
+                f"{path_str(path)}: the mesh given is on {mesh.device_type}, the received "
+                f"shard lands on {local.device.type}: pass alloc_device= of the mesh's type"
+            ]
+        )
     placements = [decode_placement(p) for p in meta.placements]
     shape, stride = torch.Size(meta.global_shape), tuple(meta.global_stride)
     if mesh.get_coordinate() is not None:
-        return DTensor.from_local(
-            local, mesh, placements, run_check=False, shape=shape, stride=stride
-        )
+        try:
+            return DTensor.from_local(
+                local, mesh, placements, run_check=False, shape=shape, stride=stride
+            )
+        except (RuntimeError, ValueError, AssertionError) as e:
+            raise ManifestError(f"{path_str(path)}: a DTensor torch refuses to build: {e}") from e
     # This rank is outside the mesh: from_local would hand it an empty local
     # tensor and drop what was sent; keep it, as torch's own PGTransport does.
     from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -73,7 +73,7 @@ class Staging:
         self._nbytes = nbytes
         self._device = device
         self._pinned = pinned and device.type == "cpu"
-        self._free: list[tuple[torch.Tensor, Any | None]] = []
+        self._free: list[tuple[torch.Tensor, Sequence[Any]]] = []
         self._made = 0
 
     @property
@@ -89,30 +89,45 @@ class Staging:
         """A whole buffer; slice it to the message's size."""
         if self._free:
             buf, pending = self._free.pop()
-            if pending is not None:
-                pending.synchronize()  # the GPU copies that used it are done
+            for event in pending:
+                event.synchronize()  # the GPU copies that used it are done
             return buf
         self._made += 1
         return torch.empty(
             self._nbytes, dtype=torch.uint8, device=self._device, pin_memory=self._pinned
         )
 
-    def give(self, buf: torch.Tensor, pending: Any | None = None) -> None:
-        """Returns a buffer :meth:`take` handed out (``pending``: the CUDA event of copies
-        still using it)."""
+    def give(self, buf: torch.Tensor, pending: Sequence[Any] = ()) -> None:
+        """Returns a buffer :meth:`take` handed out (``pending``: the CUDA events of
+        copies still using it)."""
         self._free.append((buf, pending))
 
 
-def needs_pinning(wire: torch.device, devices: Iterable[torch.device]) -> bool:
-    """Whether bytes of a CPU wire meet GPU memory (staging then wants pinned buffers)."""
-    return wire.type == "cpu" and any(d.type == "cuda" for d in devices)
+def cuda_devices(devices: Iterable[torch.device]) -> tuple[torch.device, ...]:
+    """The distinct CUDA devices among ``devices``, in index order."""
+    found = {d for d in devices if d.type == "cuda"}
+    return tuple(sorted(found, key=lambda d: -1 if d.index is None else d.index))
 
 
-def copies_done() -> Any:
-    """A CUDA event recorded now on the current stream: the copies queued so far."""
-    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-    event.record()
-    return event
+def copies_done(devices: Sequence[torch.device]) -> list[Any]:
+    """CUDA events recorded now on each device's current stream: the copies queued so far.
+
+    An asynchronous copy between pinned host memory and a GPU runs on that
+    GPU's current stream, which is not the calling thread's current device's
+    when the tensor lives on another GPU; one event per device covers them all.
+    """
+    events = []
+    for d in devices:
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(torch.cuda.current_stream(d))
+        events.append(event)
+    return events
+
+
+def synchronize(devices: Sequence[torch.device]) -> None:
+    """Waits for the work queued on each device's current stream."""
+    for d in devices:
+        torch.cuda.current_stream(d).synchronize()
 
 
 def landing_in_place(messages: list[Message], targets: Buffers) -> list[torch.Tensor | None]:
@@ -131,24 +146,31 @@ def byte_view(t: torch.Tensor, start: int, nbytes: int) -> torch.Tensor:
     return view
 
 
-def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
+def copy_bytes(dst: torch.Tensor, src: torch.Tensor, *, asynchronous: bool = False) -> None:
     """Copies equal-sized 1-D uint8 tensors.
 
     On CPU a plain ``memmove`` (ctypes releases the GIL for it) runs ~3x faster
     here than ``torch.cat``/``copy_`` on many small uint8 pieces.
+
+    Args:
+        dst: where the bytes go.
+        src: where they come from.
+        asynchronous: a copy between pinned host memory and a GPU may return
+            before it ran; the caller then waits for it (:func:`copies_done`)
+            before the host bytes are reused or sent.
     """
     n = src.numel()
     if n and dst.device.type == "cpu" and src.device.type == "cpu":
         ctypes.memmove(dst.data_ptr(), src.data_ptr(), n)
     elif n:
-        # Asynchronous where pinned host memory meets the GPU; the caller
-        # waits for the copies (an event) before the host bytes are reused or sent.
-        asynchronous = (dst.is_cuda and src.is_pinned()) or (src.is_cuda and dst.is_pinned())
         dst.copy_(src, non_blocking=asynchronous)
 
 
-def scatter(m: Message, buf: torch.Tensor, targets: Buffers) -> None:
-    """Copies a received staging buffer out to the message's span pieces."""
+def scatter(m: Message, buf: torch.Tensor, targets: Buffers, *, asynchronous: bool = False) -> None:
+    """Copies a received staging buffer out to the message's span pieces.
+
+    ``asynchronous``: as in :func:`copy_bytes` (``buf`` is pinned).
+    """
     pos = 0
     cpu = buf.device.type == "cpu"
     src = buf.data_ptr()
@@ -157,5 +179,5 @@ def scatter(m: Message, buf: torch.Tensor, targets: Buffers) -> None:
         if cpu and t.device.type == "cpu":
             ctypes.memmove(t.data_ptr() + o, src + pos, n)
         else:
-            copy_bytes(t.narrow(0, o, n), buf.narrow(0, pos, n))
+            copy_bytes(t.narrow(0, o, n), buf.narrow(0, pos, n), asynchronous=asynchronous)
         pos += n

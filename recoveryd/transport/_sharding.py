@@ -11,6 +11,7 @@ name when it is given none. Nothing here runs a collective.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from recoveryd.errors import ManifestError, StateMismatchError, UnsupportedValue
 from recoveryd.transport import _dtypes
 from recoveryd.transport.format import Path, path_str
 from recoveryd.v1 import manifest_pb2 as pb
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False, slots=True)
@@ -180,24 +183,45 @@ def find_group(ranks: Sequence[int]) -> Any | None:
     return None
 
 
-def rebuild_mesh(meta: pb.DTensorMeta, path: Path, cache: dict[bytes, DeviceMesh]) -> DeviceMesh:
+MeshKey = tuple[str, tuple[int, ...], tuple[int, ...], tuple[str, ...]]
+"""What makes two rebuilt meshes the same: device type, shape, ranks, dim names."""
+
+
+def rebuild_mesh(
+    meta: pb.DTensorMeta,
+    path: Path,
+    cache: dict[MeshKey, DeviceMesh],
+    device_type: str | None = None,
+) -> DeviceMesh:
     """The donor's DeviceMesh, built here over this process's existing groups (no collective).
 
-    Meshes equal to the donor's come out of one description; ``cache`` makes
-    the DTensors of one receive share one mesh object.
+    ``cache`` makes the DTensors of one receive that name the same mesh
+    share one mesh object. A mesh this rank is not in is built, and warned
+    of once: its DTensors keep the local shards as sent, off this replica's
+    own mesh (a receive across replicas wants ``device_mesh=``).
+
+    Args:
+        meta: the donor's facts.
+        path: the DTensor's path, for errors.
+        cache: the meshes built so far in this receive.
+        device_type: the device type of the mesh here (that of the memory the
+            local shards land in); defaults to the donor's.
 
     Raises:
         StateMismatchError: no default group here, the donor did not say its
             mesh's ranks (an older recoveryd), or a group the mesh needs on
             this rank does not exist; the message says to pass ``device_mesh=``.
+        ManifestError: facts torch refuses to build a mesh of.
     """
-    key = meta.SerializeToString(deterministic=True)
+    device_type = device_type or meta.device_type or "cpu"
+    shape = list(meta.mesh_shape)
+    ranks = list(meta.mesh_ranks)
+    names = tuple(meta.mesh_dim_names) or None
+    key = (device_type, tuple(shape), tuple(ranks), names or ())
     hit = cache.get(key)
     if hit is not None:
         return hit
     where = path_str(path)
-    shape = list(meta.mesh_shape)
-    ranks = list(meta.mesh_ranks)
     if not ranks:
         raise StateMismatchError(
             [
@@ -214,17 +238,27 @@ def rebuild_mesh(meta: pb.DTensorMeta, path: Path, cache: dict[bytes, DeviceMesh
                 "default process group here (none is initialised): pass device_mesh="
             ]
         )
-    mesh = torch.tensor(ranks, dtype=torch.int).reshape(shape)
-    names = tuple(meta.mesh_dim_names) or None
     if names is not None and len(names) != len(shape):
         raise ManifestError(f"{where}: {len(names)} mesh dim names for {len(shape)} dims")
-    device_type = meta.device_type or "cpu"
+    mesh = torch.tensor(ranks, dtype=torch.int).reshape(shape)
     # Built without its groups (building them would run new_group, a
     # collective of the whole world), then given the existing ones this rank
     # needs, as DeviceMesh.from_group does.
-    out = DeviceMesh(device_type, mesh, mesh_dim_names=names, _init_backend=False)
+    try:
+        out = DeviceMesh(device_type, mesh, mesh_dim_names=names, _init_backend=False)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise ManifestError(f"{where}: the DTensor's mesh cannot be built here: {e}") from e
     coordinate = out.get_coordinate()
-    if coordinate is not None:
+    if coordinate is None:
+        logger.warning(
+            "%s: this rank (%d) is not in the donor's mesh of ranks %s: its DTensors keep "
+            "the local shards as sent, off this replica's mesh; pass device_mesh= to "
+            "receive them onto this replica's own mesh",
+            where,
+            dist.get_rank(),
+            mesh.tolist(),
+        )
+    else:
         groups = []
         for dim in range(mesh.ndim):
             index = list(coordinate)

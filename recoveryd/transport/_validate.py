@@ -44,9 +44,38 @@ class TensorSpec:
 MAX_SHARDS = 1 << 16
 """The most shards a ShardedTensor may have."""
 MAX_SHARD_PAIRS = 1 << 22
-"""The most shard pairs the overlap check compares (shards overlapping on their first dim)."""
+"""The most shard pairs the overlap checks of one manifest compare (shards that
+overlap on the dim swept)."""
 MAX_MESH_RANKS = 1 << 24
 """The most ranks a DTensor's mesh may have."""
+MAX_RANK = (1 << 31) - 1
+"""The largest global rank (torch's ranks are 32-bit ints)."""
+
+
+class PairBudget:
+    """The shard pairs the overlap checks of one manifest may still compare.
+
+    One budget spans the manifest, so many ShardedTensors each just under a
+    per-tensor bound cannot add up to a quadratic amount of work.
+    """
+
+    __slots__ = ("left",)
+
+    def __init__(self, pairs: int = MAX_SHARD_PAIRS) -> None:
+        self.left = pairs
+
+    def spend(self, where: str) -> None:
+        """Counts one comparison.
+
+        Raises:
+            ManifestError: the budget is spent.
+        """
+        self.left -= 1
+        if self.left < 0:
+            raise ManifestError(
+                f"{where}: the manifest's shards overlap in too many pairs on every dim "
+                f"(more than {MAX_SHARD_PAIRS} compared)"
+            )
 
 
 def decode_tensors(m: pb.Manifest) -> list[TensorSpec]:
@@ -177,14 +206,31 @@ def check_dtensor(d: pb.DTensorMeta, tensors: list[TensorSpec], where: str) -> N
             f"{where}: {nd}-d global shape, {len(d.global_stride)}-d stride, "
             f"{len(local.shape)}-d local shard"
         )
-    if any(n < 0 for n in d.global_shape) or any(n < 0 for n in d.mesh_shape):
+    if any(n < 0 for n in d.global_shape):
         raise ManifestError(f"{where}: a negative size")
-    if len(d.mesh_shape) > 16 or math.prod(d.mesh_shape) > MAX_MESH_RANKS:
-        raise ManifestError(f"{where}: a mesh of shape {list(d.mesh_shape)}")
-    if d.mesh_ranks and len(d.mesh_ranks) != math.prod(d.mesh_shape):
+    if math.prod(d.global_shape) > MAX_NUMEL or any(
+        not 0 <= s <= MAX_NUMEL for s in d.global_stride
+    ):
         raise ManifestError(
-            f"{where}: {len(d.mesh_ranks)} mesh ranks for a mesh of shape {list(d.mesh_shape)}"
+            f"{where}: global shape {list(d.global_shape)}, stride {list(d.global_stride)} "
+            f"(at most {MAX_NUMEL} elements, strides in [0, {MAX_NUMEL}])"
         )
+    _check_device_type(d.device_type, where)
+    if (
+        len(d.mesh_shape) > 16
+        or any(n < 1 for n in d.mesh_shape)
+        or math.prod(d.mesh_shape) > MAX_MESH_RANKS
+    ):
+        raise ManifestError(f"{where}: a mesh of shape {list(d.mesh_shape)}")
+    if d.mesh_ranks:
+        if len(d.mesh_ranks) != math.prod(d.mesh_shape):
+            raise ManifestError(
+                f"{where}: {len(d.mesh_ranks)} mesh ranks for a mesh of shape {list(d.mesh_shape)}"
+            )
+        if any(not 0 <= r <= MAX_RANK for r in d.mesh_ranks):
+            raise ManifestError(f"{where}: a mesh rank outside [0, {MAX_RANK}]")
+        if len(set(d.mesh_ranks)) != len(d.mesh_ranks):
+            raise ManifestError(f"{where}: a rank appears twice in the mesh")
     if d.mesh_dim_names and len(d.mesh_dim_names) != len(d.mesh_shape):
         raise ManifestError(
             f"{where}: {len(d.mesh_dim_names)} names for a {len(d.mesh_shape)}-d mesh"
@@ -193,25 +239,71 @@ def check_dtensor(d: pb.DTensorMeta, tensors: list[TensorSpec], where: str) -> N
         raise ManifestError(
             f"{where}: {len(d.placements)} placements on a {len(d.mesh_shape)}-d mesh"
         )
-    for p in d.placements:
-        sharded = p.kind in (pb.Placement.KIND_SHARD, pb.Placement.KIND_STRIDED_SHARD)
-        if sharded and not 0 <= p.dim < nd:
+    # Per tensor dim, how many ways plain Shard placements cut it (0: not
+    # sharded; None: a strided shard, whose pieces torch sizes itself).
+    ways: list[int | None] = [0] * nd
+    for p, n in zip(d.placements, d.mesh_shape, strict=True):
+        if p.kind not in (pb.Placement.KIND_SHARD, pb.Placement.KIND_STRIDED_SHARD):
+            continue
+        if not 0 <= p.dim < nd:
             raise ManifestError(f"{where}: shards dim {p.dim} of a {nd}-d tensor")
-    for dim, (n, g) in enumerate(zip(local.shape, d.global_shape, strict=True)):
+        if p.kind == pb.Placement.KIND_STRIDED_SHARD:
+            if p.split_factor < 1:
+                raise ManifestError(f"{where}: a strided shard of split factor {p.split_factor}")
+            ways[p.dim] = None
+        elif (w := ways[p.dim]) is not None:
+            ways[p.dim] = max(w, 1) * n
+    for dim, (n, g, w) in enumerate(zip(local.shape, d.global_shape, ways, strict=True)):
         if n > g:
             raise ManifestError(f"{where}: local shard of {n} > global {g} on dim {dim}")
+        if w == 0 and n != g:
+            raise ManifestError(
+                f"{where}: dim {dim} is not sharded, yet its local shard has {n} of {g}"
+            )
+        if w and n > -(-g // w):
+            raise ManifestError(
+                f"{where}: dim {dim} is cut {w} ways, yet its local shard has {n} of {g} "
+                f"(at most {-(-g // w)})"
+            )
 
 
-def check_sharded(st: pb.ShardedTensorMeta, tensors: list[TensorSpec], where: str) -> None:
+def _check_device_type(device_type: str, where: str) -> None:
+    """The mesh's device type names a torch device type (empty: an older donor, ``cpu``)."""
+    if not device_type:
+        return
+    try:
+        ok = len(device_type) <= 32 and torch.device(device_type).index is None
+    except (RuntimeError, ValueError):
+        ok = False
+    if not ok:
+        raise ManifestError(f"{where}: the mesh's device type {device_type[:32]!r} is not one")
+
+
+def check_sharded(
+    st: pb.ShardedTensorMeta,
+    tensors: list[TensorSpec],
+    where: str,
+    budget: PairBudget | None = None,
+) -> None:
     """A ShardedTensor's shards lie in its global size, do not overlap, and fit its local tensors.
+
+    An empty shard may sit past the end (torch's chunk sharding puts the
+    empty chunks of a short dim there); its offsets need only be in range.
+
+    Args:
+        st: the facts.
+        tensors: the manifest's tensors.
+        where: the path, for errors.
+        budget: the shard pairs the manifest's overlap checks may still
+            compare (a fresh one when not given).
 
     Raises:
         ManifestError: naming the path (``where``) and what is wrong.
     """
     nd = len(st.global_size)
     size = list(st.global_size)
-    if any(n < 0 for n in size):
-        raise ManifestError(f"{where}: a negative global size {size}")
+    if nd > 64 or any(n < 0 for n in size) or math.prod(size) > MAX_NUMEL:
+        raise ManifestError(f"{where}: a global size {size}")
     if len(st.shards) > MAX_SHARDS:
         raise ManifestError(f"{where}: {len(st.shards)} shards (at most {MAX_SHARDS})")
     boxes = []
@@ -219,14 +311,19 @@ def check_sharded(st: pb.ShardedTensorMeta, tensors: list[TensorSpec], where: st
         lo, n = list(sh.offsets), list(sh.sizes)
         if len(lo) != nd or len(n) != nd:
             raise ManifestError(f"{where}: shard {j} is not {nd}-d")
-        if any(o < 0 or k < 0 or o + k > g for o, k, g in zip(lo, n, size, strict=True)):
+        empty = 0 in n
+        if any(
+            o < 0 or k < 0 or o > MAX_NUMEL or (not empty and o + k > g)
+            for o, k, g in zip(lo, n, size, strict=True)
+        ):
             raise ManifestError(
                 f"{where}: shard {j} (offsets {lo}, sizes {n}) leaves the global size {size}"
             )
         if st.group_ranks and sh.group_rank >= len(st.group_ranks):
             raise ManifestError(f"{where}: shard {j} on group rank {sh.group_rank}")
-        boxes.append((lo, [o + k for o, k in zip(lo, n, strict=True)], j))
-    _check_disjoint(where, boxes)
+        if not empty:
+            boxes.append((lo, [o + k for o, k in zip(lo, n, strict=True)], j))
+    _check_disjoint(where, boxes, budget if budget is not None else PairBudget())
     if len(set(st.local_shard)) != len(st.local_shard):
         raise ManifestError(f"{where}: a shard is local twice")
     dtype = _dtypes.FROM_PB.get(st.dtype)
@@ -239,20 +336,24 @@ def check_sharded(st: pb.ShardedTensorMeta, tensors: list[TensorSpec], where: st
             )
 
 
-def _check_disjoint(where: str, boxes: list[tuple[list[int], list[int], int]]) -> None:
-    """No two shards share an element (a sweep on the first dim; empty shards overlap nothing)."""
-    boxes = [b for b in boxes if all(h > lo for lo, h in zip(b[0], b[1], strict=True))]
-    if not boxes or not boxes[0][0]:
+def _check_disjoint(
+    where: str, boxes: list[tuple[list[int], list[int], int]], budget: PairBudget
+) -> None:
+    """No two (non-empty) shards share an element.
+
+    A sweep along the dim whose shards start at the most distinct offsets
+    (the dim they are cut along): only shards overlapping on it are compared.
+    """
+    if len(boxes) < 2 or not boxes[0][0]:
         return
-    boxes.sort(key=lambda b: b[0][0])
+    nd = len(boxes[0][0])
+    dim = max(range(nd), key=lambda k: len({b[0][k] for b in boxes}))
+    boxes.sort(key=lambda b: b[0][dim])
     active: list[tuple[list[int], list[int], int]] = []
-    pairs = 0
     for box in boxes:
-        active = [a for a in active if a[1][0] > box[0][0]]
+        active = [a for a in active if a[1][dim] > box[0][dim]]
         for other in active:
-            pairs += 1
-            if pairs > MAX_SHARD_PAIRS:
-                raise ManifestError(f"{where}: too many shards overlap on dim 0")
+            budget.spend(where)
             if all(
                 lo1 < h2 and lo2 < h1
                 for lo1, h1, lo2, h2 in zip(box[0], box[1], other[0], other[1], strict=True)

@@ -16,9 +16,10 @@ written, where the originals silently allocate or write past the mismatch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, Generic, TypeVar
 
@@ -99,8 +100,11 @@ class TorchftTransport(_OnGroup, CheckpointTransport[T], Generic[T]):  # type: i
     As torchft's contract allows, a send runs in the background:
     :meth:`send_checkpoint` returns once it started, and
     :meth:`disallow_checkpoint` (which torchft calls before the state may
-    change) waits for it to end. A send that fails is logged; the joiners see
-    the failure themselves.
+    change) waits for it to end. The send runs on the caller's CUDA device and
+    stream (torchft's recovery stream), and its GPU work has finished when
+    :meth:`disallow_checkpoint` returns. A send that fails is logged and kept
+    in :attr:`last_send_error`; the joiners see the failure themselves, and
+    torchft heals again.
 
     Args:
         pg: the group to transfer on (for torchft, a ``torchft.process_group``
@@ -123,6 +127,8 @@ class TorchftTransport(_OnGroup, CheckpointTransport[T], Generic[T]):  # type: i
     ) -> None:
         super().__init__(pg, timeout, device, state_dict, config=config)
         self._sending: threading.Thread | None = None
+        self.last_send_error: Exception | None = None
+        """The error of the latest background send, or ``None`` if it succeeded."""
 
     def metadata(self) -> str:
         """Nothing: the joiner finds the donor through the group."""
@@ -136,37 +142,52 @@ class TorchftTransport(_OnGroup, CheckpointTransport[T], Generic[T]):  # type: i
         One send at a time: a send still running is waited for first.
         """
         self.disallow_checkpoint()
-        deadline = timeout or self._timeout
+        deadline = timeout if timeout is not None else self._timeout
         self._sending = threading.Thread(
             target=self._send,
-            args=(list(dst_ranks), step, state_dict, deadline),
+            args=(list(dst_ranks), step, state_dict, deadline, _caller_stream()),
             name="recoveryd-torchft-send",
             daemon=True,
         )
         self._sending.start()
 
-    def _send(self, dst_ranks: list[int], step: int, state_dict: T, timeout: timedelta) -> None:
+    def _send(
+        self,
+        dst_ranks: list[int],
+        step: int,
+        state_dict: T,
+        timeout: timedelta,
+        stream: torch.cuda.Stream | None,
+    ) -> None:
+        self.last_send_error = None
         try:
-            send_state_dict(
-                self._pg,
-                dst_ranks,
-                state_dict,
-                step=step,
-                timeout=timeout,
-                config=self._config,
-                device=self._device,
-            )
+            with _on_stream(stream):
+                send_state_dict(
+                    self._pg,
+                    dst_ranks,
+                    state_dict,
+                    step=step,
+                    timeout=timeout,
+                    config=self._config,
+                    device=self._device,
+                )
         except Exception as err:  # the joiners fail their receive and torchft heals again
+            self.last_send_error = err
             logger.warning("sending step %d to ranks %s failed: %s", step, dst_ranks, err)
 
     def recv_checkpoint(
         self, src_rank: int, metadata: str, step: int, timeout: timedelta | None = None
     ) -> T:
-        """Receives the state at ``step`` from ``src_rank`` within ``timeout``."""
+        """Receives the state at ``step`` from ``src_rank`` within ``timeout``.
+
+        A send of this replica still running is waited for first (the two
+        would share the group's tags).
+        """
+        self.disallow_checkpoint()
         got = recv_state_dict(
             self._pg,
             src_rank,
-            timeout=timeout or self._timeout,
+            timeout=timeout if timeout is not None else self._timeout,
             into=self._into(),
             step=step,
             config=self._config,
@@ -184,3 +205,28 @@ class TorchftTransport(_OnGroup, CheckpointTransport[T], Generic[T]):  # type: i
         """Waits for a send under way when ``wait`` (else leaves it to its deadline)."""
         if wait:
             self.disallow_checkpoint()
+
+
+def _caller_stream() -> torch.cuda.Stream | None:
+    """The calling thread's current CUDA stream, if this process uses CUDA."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):  # type: ignore[no-untyped-call]
+        return None
+    return torch.cuda.current_stream()
+
+
+@contextlib.contextmanager
+def _on_stream(stream: torch.cuda.Stream | None) -> Iterator[None]:
+    """Runs the block on ``stream`` and its device, then waits for the GPU work it queued.
+
+    A new thread starts on device 0's default stream; the background send
+    must order itself after the caller's work and finish before the state
+    may change.
+    """
+    if stream is None:
+        yield
+        return
+    with torch.cuda.device(stream.device), torch.cuda.stream(stream):
+        try:
+            yield
+        finally:
+            stream.synchronize()

@@ -43,9 +43,11 @@ from recoveryd.transport._pieces import (
     Message,
     Staging,
     copies_done,
+    cuda_devices,
     cut,
     landing_in_place,
     scatter,
+    synchronize,
 )
 from recoveryd.transport._validate import (
     TensorSpec,
@@ -197,8 +199,8 @@ class _RecvPlan:
     """The rank the data comes from (the donor, or the joiner before this one in the chain)."""
     succ: int | None
     """The rank this one relays to, if any."""
-    gpu_targets: bool
-    """Whether any bytes land in GPU memory."""
+    gpus: tuple[torch.device, ...]
+    """The GPUs bytes land on (none: all in host memory)."""
 
     def copy_out(self) -> None:
         """Copies tensors laid out unlike the donor's out of scratch into the joiner's."""
@@ -280,18 +282,18 @@ def _prepare(
         # Built before any data arrives (views over the empty targets), so a
         # malformed tree is refused before the donor streams anything.
         state = rebuild_allocated(m, tensors, spans, into.mesh, into.shard_group)
-        gpu = into.device.type == "cuda"
+        gpus = cuda_devices([into.device])
     else:
         dst, state = match_in_place(m, tensors, into.state)
         mine, copies = place_in_place(tensors, sizes, dst, arena)
         landing = landing_in_place(messages, mine)
         targets = mine
-        gpu = any(t.is_cuda for t in mine)
+        gpus = cuda_devices(t.device for t in mine)
     pos = chain.index(me)
     pred = src if m.star else chain[pos - 1]
     succ = None if m.star or pos + 1 == len(chain) else chain[pos + 1]
     return _RecvPlan(
-        m, tensors, sizes, messages, targets, landing, copies, state, sent_step, pred, succ, gpu
+        m, tensors, sizes, messages, targets, landing, copies, state, sent_step, pred, succ, gpus
     )
 
 
@@ -354,10 +356,10 @@ def _stream(wire: w.Wire, plan: _RecvPlan) -> list[int]:
     # A CPU wire landing in GPU memory stages through pinned buffers: the
     # copies to the GPU run asynchronously, and a buffer is reused only after
     # its copies finished (the event handed back with it).
-    staging = Staging(max(staged, 1), dev, pinned=plan.gpu_targets and dev.type == "cpu")
+    staging = Staging(max(staged, 1), dev, pinned=bool(plan.gpus) and dev.type == "cpu")
     hashes: list[int] = []
     pending: deque[tuple[Message, Any, torch.Tensor, torch.Tensor | None]] = deque()
-    relays: deque[tuple[Any, torch.Tensor, torch.Tensor | None, Any]] = deque()
+    relays: deque[tuple[Any, torch.Tensor, torch.Tensor | None, list[Any]]] = deque()
 
     def retire_relay() -> None:
         work, _buf, pooled, copied = relays.popleft()
@@ -370,10 +372,11 @@ def _stream(wire: w.Wire, plan: _RecvPlan) -> list[int]:
         wire.wait(work, pred)
         if checksums:
             hashes.append(checksum(buf))
-        copied = None
+        copied: list[Any] = []
         if pooled is not None:
-            scatter(m, buf, targets)
-            copied = copies_done() if staging.pinned else None
+            scatter(m, buf, targets, asynchronous=staging.pinned)
+            if staging.pinned:
+                copied = copies_done(plan.gpus)
         if succ is not None:
             relays.append((wire.isend(buf, succ, f.TAG_DATA), buf, pooled, copied))
         elif pooled is not None:
@@ -401,7 +404,7 @@ def _stream(wire: w.Wire, plan: _RecvPlan) -> list[int]:
     while relays:
         retire_relay()
     if staging.pinned:
-        torch.cuda.synchronize()  # every byte is in GPU memory before this rank says done
+        synchronize(plan.gpus)  # every byte is in GPU memory before this rank says done
     return hashes
 
 

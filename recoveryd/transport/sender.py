@@ -21,7 +21,7 @@ from recoveryd._time import Deadline
 from recoveryd.errors import ConfigError, RecoverydError, TransferError
 from recoveryd.transport import _wire as w
 from recoveryd.transport import format as f
-from recoveryd.transport._flatten import SendPlan, Span, build_plan
+from recoveryd.transport._flatten import SendPlan, build_plan
 from recoveryd.transport._gc import gc_paused
 from recoveryd.transport._pieces import (
     WINDOW,
@@ -29,8 +29,8 @@ from recoveryd.transport._pieces import (
     Staging,
     copies_done,
     copy_bytes,
+    cuda_devices,
     cut,
-    needs_pinning,
 )
 from recoveryd.transport._wire import Group
 from recoveryd.transport.config import TransferConfig
@@ -231,7 +231,8 @@ class _Streamer:
         )
         # GPU memory leaving over a CPU wire stages through pinned buffers
         # (copies at the bus's speed; each is waited for before its send).
-        pinned = needs_pinning(wire.device, (s.device for s in self._spans))
+        self._gpus = cuda_devices(s.device for s in self._spans)
+        pinned = wire.device.type == "cpu" and bool(self._gpus)
         self._staging = Staging(max(staged, 1), wire.device, pinned=pinned)
         self._packed: dict[int, torch.Tensor] = {}
 
@@ -245,8 +246,34 @@ class _Streamer:
                 return
             if not self._zero_copy(m):
                 pooled = self._staging.take()
-                _pack(m, self._spans, pooled[: m.nbytes], self._staging.pinned)
+                self._pack(m, pooled[: m.nbytes])
                 self._packed[i] = pooled
+
+    def _pack(self, m: Message, buf: torch.Tensor) -> None:
+        """Copies the message's span pieces into the staging buffer ``buf``, in order.
+
+        Copies from the GPU into a pinned buffer run asynchronously, on each
+        GPU's current stream; they are waited for here, before the buffer
+        goes on the wire.
+        """
+        spans = self._spans
+        if buf.device.type == "cpu" and all(spans[s].owner.is_cpu for s in m.span_ids):
+            # The hot loop of a many-small-tensors state: one memmove per piece.
+            move = ctypes.memmove
+            dst = buf.data_ptr()
+            for s, o, n in zip(m.span_ids, m.offsets, m.sizes, strict=True):
+                span = spans[s]
+                move(dst, span.base + span.lo + o, n)
+                dst += n
+            return
+        pinned = self._staging.pinned
+        pos = 0
+        for s, o, n in zip(m.span_ids, m.offsets, m.sizes, strict=True):
+            copy_bytes(buf.narrow(0, pos, n), spans[s].view(o, n), asynchronous=pinned)
+            pos += n
+        if pinned:
+            for event in copies_done(self._gpus):
+                event.synchronize()
 
     def run(self, targets: list[int]) -> list[int]:
         """Sends every message to ``targets``; returns their checksums (empty when off)."""
@@ -274,7 +301,7 @@ class _Streamer:
                     retire()
                 pooled = staging.take()
                 buf = pooled[: m.nbytes]
-                _pack(m, self._spans, buf, staging.pinned)
+                self._pack(m, buf)
             works = [(wire.isend(buf, d, f.TAG_DATA), d) for d in targets]
             if self._checksums:
                 hashes.append(checksum(buf))
@@ -284,26 +311,3 @@ class _Streamer:
         while inflight:
             retire()
         return hashes
-
-
-def _pack(m: Message, spans: list[Span], buf: torch.Tensor, pinned: bool = False) -> None:
-    """Copies the message's span pieces into the staging buffer ``buf``, in order.
-
-    Copies from the GPU into a ``pinned`` buffer run asynchronously; they are
-    waited for here, before the buffer goes on the wire.
-    """
-    if buf.device.type == "cpu" and all(spans[s].owner.is_cpu for s in m.span_ids):
-        # The hot loop of a many-small-tensors state: one memmove per piece.
-        move = ctypes.memmove
-        dst = buf.data_ptr()
-        for s, o, n in zip(m.span_ids, m.offsets, m.sizes, strict=True):
-            span = spans[s]
-            move(dst, span.base + span.lo + o, n)
-            dst += n
-        return
-    pos = 0
-    for s, o, n in zip(m.span_ids, m.offsets, m.sizes, strict=True):
-        copy_bytes(buf.narrow(0, pos, n), spans[s].view(o, n))
-        pos += n
-    if pinned:
-        copies_done().synchronize()

@@ -32,6 +32,7 @@ from recoveryd.transport._sharding import (
     sharded_meta,
 )
 from recoveryd.transport._validate import (
+    PairBudget,
     TensorSpec,
     check_dtensor,
     check_manifest,
@@ -133,6 +134,7 @@ class TreeBuilder:
         self._tensors = tensors
         self._dtensors = m.dtensors
         self._sharded = m.sharded_tensors
+        self._pairs = PairBudget()
         self._pos = 0
         self._key = 0
         self._str = 0
@@ -156,7 +158,7 @@ class TreeBuilder:
         else:
             if arg >= len(self._sharded):
                 raise ManifestError("ShardedTensor index out of range")
-            check_sharded(self._sharded[arg], self._tensors, path_str(path))
+            check_sharded(self._sharded[arg], self._tensors, path_str(path), self._pairs)
 
     def _next_key(self) -> object:
         if self._key >= len(self._key_kind):

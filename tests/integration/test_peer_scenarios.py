@@ -214,3 +214,28 @@ def test_a_mesh_that_cannot_be_rebuilt_is_named_with_what_to_pass() -> None:
     assert "model.w: a DTensor was sent without its mesh's ranks" in no_ranks
     assert "pass device_mesh=" in no_ranks
     assert world_mesh == "[0]"  # the world's own group serves a mesh of the world
+
+
+def _unanswered_send(rank: int, world: int, pg: Any, store: dist.Store) -> list[str]:
+    """A background send nobody receives: torchft's call returns, the failure is kept."""
+    from recoveryd.transport import TorchftTransport
+
+    said: list[str] = []
+    if rank == 0:
+        transport: TorchftTransport[dict[str, object]] = TorchftTransport(
+            pg, timeout=timedelta(seconds=1), device=torch.device("cpu")
+        )
+        transport.send_checkpoint([1], 3, {"w": torch.ones(4)}, timeout=None)
+        said.append(f"started, error {transport.last_send_error}")
+        transport.disallow_checkpoint()  # bounded by the transport's own deadline
+        said.append(f"{type(transport.last_send_error).__name__}: {transport.last_send_error}")
+        store.set("donor_done", "1")
+    else:
+        store.wait(["donor_done"], timedelta(seconds=60))  # never receives
+    return said
+
+
+def test_a_failed_background_send_is_kept_and_bounded_by_the_transport_deadline() -> None:
+    donor, _ = run_ranks(_unanswered_send, 2, timeout=timedelta(seconds=90))
+    assert donor[0] == "started, error None"
+    assert donor[1].startswith("TransferTimeoutError: timed out: rank 1 did not answer"), donor[1]

@@ -7,6 +7,7 @@ from rank r of its donor.
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 import pytest
@@ -36,7 +37,16 @@ def _sharded(group: dist.ProcessGroup, fill: float) -> ShardedTensor:
     return ShardedTensor._init_from_local_shards(shards, [8, 4], process_group=group)
 
 
-def _run(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store, in_place: bool) -> object:
+class _Said(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _run(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store, mode: str) -> object:
     dist.init_process_group(
         "gloo", store=dist.PrefixStore("default", store), rank=rank, world_size=ws
     )
@@ -56,19 +66,30 @@ def _run(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store, in_place:
     if donor:
         send_state_dict(pg, [rank + 2], sd, step=3, timeout=T)
         return None
-    if in_place:
+    said = _Said()
+    logging.getLogger("recoveryd").addHandler(said)
+    if mode == "in_place":
         got = recv_state_dict(pg, rank - 2, into=sd, step=3, timeout=T).state_dict
         assert got["dt_shard"] is sd["dt_shard"]  # type: ignore[index]
-    else:
+    elif mode == "allocating":
         got = recv_state_dict(
             pg, rank - 2, step=3, timeout=T, device_mesh=mesh, shard_group=group
         ).state_dict
+    else:  # no mesh given: the donor's is rebuilt, and this rank is not in it
+        got = recv_state_dict(pg, rank - 2, step=3, timeout=T, shard_group=group).state_dict
     assert isinstance(got, dict)
     dt = got["dt_shard"]
     assert isinstance(dt, DTensor)
     assert dt.placements == (ShardPlacement(0),)
     assert dt.shape == (8, 4)
-    assert dt.device_mesh == mesh
+    if mode == "rebuilt":
+        assert dt.device_mesh.mesh.tolist() == [rank - 2 - rank % 2, rank - 1 - rank % 2]
+        warned = [line for line in said.lines if "is not in the donor's mesh" in line]
+        assert len(warned) == 1, said.lines  # once for the two DTensors on that mesh
+        assert "pass device_mesh=" in warned[0]
+    else:
+        assert dt.device_mesh == mesh
+        assert said.lines == []
     want = (torch.arange(32, dtype=torch.float32).reshape(8, 4) + 100.0).chunk(2)[rank % 2]
     assert torch.equal(dt.to_local(), want)
     assert torch.equal(got["dt_rep"].to_local(), torch.full((3,), 100.0))
@@ -82,9 +103,9 @@ def _run(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store, in_place:
     return None
 
 
-@pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "allocating"])
-def test_dtensor_and_sharded_tensor_cross_replicas(in_place: bool) -> None:
-    run_ranks(_run, 4, args=(in_place,), timeout=timedelta(seconds=150))
+@pytest.mark.parametrize("mode", ["in_place", "allocating", "rebuilt"])
+def test_dtensor_and_sharded_tensor_cross_replicas(mode: str) -> None:
+    run_ranks(_run, 4, args=(mode,), timeout=timedelta(seconds=150))
 
 
 def _mismatch(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store) -> object:

@@ -6,6 +6,8 @@ import re
 
 import pytest
 import torch
+from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
+from torch.distributed._shard.sharding_spec import ChunkShardingSpec
 
 from recoveryd.errors import ManifestError, StateMismatchError, UnsupportedValueError
 from recoveryd.transport._allocating import allocate_targets, rebuild_allocated
@@ -13,7 +15,7 @@ from recoveryd.transport._flatten import build_plan, cut_messages
 from recoveryd.transport._memory import Arena
 from recoveryd.transport._pieces import cut
 from recoveryd.transport._sharding import LocalDTensor, LocalShardedTensor
-from recoveryd.transport._validate import check_manifest
+from recoveryd.transport._validate import PairBudget, TensorSpec, check_manifest, check_sharded
 from recoveryd.transport.tree import TreeBuilder, decode_tensors
 from recoveryd.v1 import manifest_pb2 as pb
 from tests.statedicts import every_kind
@@ -179,11 +181,19 @@ def _sharded(
 
 
 def _dtensor(local: torch.Tensor, **facts: object) -> object:
-    meta = pb.DTensorMeta(device_type="cpu", **facts)  # type: ignore[arg-type]
+    facts.setdefault("device_type", "cpu")
+    meta = pb.DTensorMeta(**facts)  # type: ignore[arg-type]
     return {"dt": LocalDTensor(local=local, meta=meta)}
 
 
 _SHARD0 = pb.Placement(kind=pb.Placement.KIND_SHARD, dim=0)
+_ROWS_OVER_2: dict[str, object] = {
+    "global_shape": [8, 2],
+    "global_stride": [2, 1],
+    "mesh_shape": [2],
+    "mesh_ranks": [0, 1],
+    "placements": [_SHARD0],
+}
 
 
 @pytest.mark.parametrize(
@@ -235,6 +245,40 @@ _SHARD0 = pb.Placement(kind=pb.Placement.KIND_SHARD, dim=0)
             _dtensor(torch.zeros(4, 2), global_shape=[8], global_stride=[1], mesh_shape=[2]),
             "1-d global shape",
         ),
+        (
+            _dtensor(torch.zeros(4, 1), **_ROWS_OVER_2),
+            "dim 1 is not sharded, yet its local shard has 1 of 2",
+        ),
+        (
+            _dtensor(torch.zeros(5, 2), **_ROWS_OVER_2),
+            "dim 0 is cut 2 ways, yet its local shard has 5 of 8 (at most 4)",
+        ),
+        (
+            _dtensor(torch.zeros(4, 2), **{**_ROWS_OVER_2, "mesh_ranks": [3, 3]}),
+            "a rank appears twice in the mesh",
+        ),
+        (
+            _dtensor(torch.zeros(4, 2), **{**_ROWS_OVER_2, "mesh_ranks": [0, 1 << 31]}),
+            "a mesh rank outside [0, 2147483647]",
+        ),
+        (
+            _dtensor(torch.zeros(4, 2), **{**_ROWS_OVER_2, "device_type": "cuda:0; rm"}),
+            "the mesh's device type 'cuda:0; rm' is not one",
+        ),
+        (
+            _dtensor(torch.zeros(4, 2), **{**_ROWS_OVER_2, "global_shape": [1 << 40, 1 << 40]}),
+            "global shape [1099511627776, 1099511627776]",
+        ),
+        (
+            _dtensor(
+                torch.zeros(4, 2),
+                **{
+                    **_ROWS_OVER_2,
+                    "placements": [pb.Placement(kind=pb.Placement.KIND_STRIDED_SHARD, dim=0)],
+                },
+            ),
+            "a strided shard of split factor 0",
+        ),
     ],
     ids=[
         "overlapping-shards",
@@ -246,6 +290,13 @@ _SHARD0 = pb.Placement(kind=pb.Placement.KIND_SHARD, dim=0)
         "local-larger-than-global",
         "mesh-ranks-count",
         "local-ndim",
+        "unsharded-dim-local-differs",
+        "local-larger-than-its-chunk",
+        "mesh-rank-twice",
+        "mesh-rank-out-of-range",
+        "bad-device-type",
+        "global-too-large",
+        "strided-split-factor",
     ],
 )
 def test_inconsistent_sharding_facts_are_refused_naming_the_path(
@@ -279,3 +330,49 @@ def test_consistent_sharding_facts_pass_and_a_stand_in_prints_as_a_dtensor_would
     assert tree == {"dt": (pb.NODE_KIND_DTENSOR, 0)}
     assert list(m.node_kind) == [pb.NODE_KIND_DICT, pb.NODE_KIND_DTENSOR]
     assert list(m.dtensors[0].mesh_ranks) == [0, 1]
+
+
+def _facts(state: object) -> tuple[pb.Manifest, list[TensorSpec]]:
+    m = build_plan(
+        state, step=None, chain=[], bucket_bytes=1 << 20, direct_bytes=1, checksums=False
+    ).manifest
+    tensors = decode_tensors(m)
+    check_manifest(m, tensors)
+    return m, tensors
+
+
+def test_chunk_sharding_of_a_short_dim_passes_with_its_empty_shards_past_the_end() -> None:
+    # torch's ChunkShardingSpec cuts 9 rows over 8 ranks into 2,2,2,2,1 and
+    # three empty chunks at offsets 10, 12 and 14: a real ShardedTensor.
+    spec = ChunkShardingSpec(dim=0, placements=[f"rank:{r}/cpu" for r in range(8)])
+    md = spec.build_metadata(torch.Size([9, 2]), TensorProperties())
+    shards = [(list(s.shard_offsets), list(s.shard_sizes)) for s in md.shards_metadata]
+    assert shards[-1] == ([14, 0], [0, 2])
+    m, tensors = _facts(_sharded(shards, [4, 7], [9, 2]))
+    TreeBuilder(m, lambda *a: None, tensors=tensors).build()
+    bad = [*shards[:-1], ([14, 0], [1, 2])]  # not empty: it does leave the tensor
+    m, tensors = _facts(_sharded(bad, [4], [9, 2]))
+    with pytest.raises(ManifestError, match=r"st: shard 7 \(offsets \[14, 0\]"):
+        TreeBuilder(m, lambda *a: None, tensors=tensors).build()
+
+
+def _grid(n: int) -> list[tuple[list[int], list[int]]]:
+    """An n x n grid of 1 x 1 shards: each row's shards overlap on dim 0, none overlap."""
+    return [([i, j], [1, 1]) for i in range(n) for j in range(n)]
+
+
+def test_the_overlap_check_sweeps_the_dim_the_shards_are_cut_along() -> None:
+    columns = [([0, j], [64, 1]) for j in range(200)]  # 200 shards, all overlapping on dim 0
+    m, tensors = _facts(_sharded(columns, [0], [64, 200]))
+    budget = PairBudget(10)  # a dim-0 sweep would compare ~20000 pairs
+    check_sharded(m.sharded_tensors[0], tensors, "st", budget)
+    assert budget.left == 10
+
+
+def test_one_pair_budget_spans_every_sharded_tensor_of_the_manifest() -> None:
+    m, tensors = _facts(_sharded(_grid(4), [0], [4, 4]))  # 4 rows x 6 pairs = 24 compared
+    budget = PairBudget(30)
+    check_sharded(m.sharded_tensors[0], tensors, "a", budget)
+    assert budget.left == 6
+    with pytest.raises(ManifestError, match="b: the manifest's shards overlap in too many pairs"):
+        check_sharded(m.sharded_tensors[0], tensors, "b", budget)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from recoveryd.transport._pieces import Staging, needs_pinning
+from recoveryd.transport._pieces import Staging, cuda_devices
 
 
 class _Event:
@@ -19,19 +19,18 @@ def test_a_buffer_comes_back_only_after_its_copies_finished() -> None:
     s = Staging(64, torch.device("cpu"))
     a, b = s.take(), s.take()
     assert not s.can_take()  # two at most
-    pending = _Event()
+    pending = [_Event(), _Event()]  # one per GPU the copies ran on
     s.give(a, pending)
     assert s.can_take()
-    assert pending.waited == 0  # not waited for until the buffer is wanted again
+    assert [e.waited for e in pending] == [0, 0]  # not waited for until the buffer is wanted
     assert s.take() is a
-    assert pending.waited == 1
+    assert [e.waited for e in pending] == [1, 1]
     s.give(b)
     assert s.take() is b  # nothing to wait for
 
 
-def test_pinned_staging_is_asked_for_where_a_cpu_wire_meets_the_gpu() -> None:
-    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert needs_pinning(cpu, [cpu, gpu])
-    assert not needs_pinning(cpu, [cpu])
-    assert not needs_pinning(gpu, [gpu, cpu])  # an NCCL wire: buffers live on the GPU
-    assert not Staging(64, gpu, pinned=True).pinned  # only host memory is pinned
+def test_the_gpus_copies_run_on_are_each_named_once() -> None:
+    cpu, gpu0, gpu1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
+    assert cuda_devices([gpu1, cpu, gpu0, gpu1]) == (gpu0, gpu1)
+    assert cuda_devices([cpu]) == ()
+    assert not Staging(64, gpu0, pinned=True).pinned  # only host memory is pinned
