@@ -8,6 +8,10 @@ Variants (each its own transport name, so they run side by side in one table):
 
 * ``recoveryd``: no ``config=`` (recoveryd's defaults, i.e. ``TransferConfig()``).
 * ``recoveryd-checksums``: ``config=TransferConfig(checksums=True)`` on both ends.
+* ``recoveryd-keyed``: a plan key on both ends (the agents' default): the mutual
+  challenge and the manifest's MAC.
+* ``recoveryd-macs``: a plan key and ``TransferConfig(data_macs=True)``: every data
+  message MAC'd too (keyed BLAKE3).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class Recoveryd(Adapter):
     name = "recoveryd"
     config_kwargs: ClassVar[dict[str, Any] | None] = None
     """``TransferConfig(**config_kwargs)`` is passed as ``config=`` to both ends; None: no config."""
+    auth_key: ClassVar[bytes | None] = None
+    """Passed as ``auth_key=`` to both ends (a fixed key: the bench measures cost, not secrecy)."""
 
     def open(self, env: Env) -> None:
         super().open(env)
@@ -51,7 +57,10 @@ class Recoveryd(Adapter):
         )
 
     def _config_arg(self) -> dict[str, Any]:
-        return {} if self._config is None else {"config": self._config}
+        out: dict[str, Any] = {} if self._config is None else {"config": self._config}
+        if self.auth_key is not None:
+            out["auth_key"] = self.auth_key
+        return out
 
     def send(self, state_dict: StateDict, step: int) -> dict[str, Any]:
         stats = self._mod.send_state_dict(
@@ -83,3 +92,18 @@ class RecoverydChecksums(Recoveryd):
 
     name = "recoveryd-checksums"
     config_kwargs = {"checksums": True}  # noqa: RUF012 -- read-only class constant
+
+
+class RecoverydKeyed(Recoveryd):
+    """recoveryd with a plan key: the challenge and the manifest's MAC (the agents' default)."""
+
+    name = "recoveryd-keyed"
+    auth_key = bytes(range(32))
+
+
+class RecoverydMacs(Recoveryd):
+    """recoveryd with a plan key and ``data_macs``: every data message MAC'd too."""
+
+    name = "recoveryd-macs"
+    auth_key = bytes(range(32))
+    config_kwargs = {"data_macs": True}  # noqa: RUF012 -- read-only class constant

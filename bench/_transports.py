@@ -68,6 +68,18 @@ def _recoveryd_checksums() -> Adapter:
     return RecoverydChecksums()
 
 
+def _recoveryd_keyed() -> Adapter:
+    from bench._recoveryd import RecoverydKeyed
+
+    return RecoverydKeyed()
+
+
+def _recoveryd_macs() -> Adapter:
+    from bench._recoveryd import RecoverydMacs
+
+    return RecoverydMacs()
+
+
 TRANSPORTS: dict[str, TransportInfo] = {
     t.name: t
     for t in (
@@ -97,6 +109,20 @@ TRANSPORTS: dict[str, TransportInfo] = {
             module="recoveryd.transport",
             attrs=("send_state_dict", "recv_state_dict", "TransferConfig"),
             factory=_recoveryd_checksums,
+            ships_whole_storages=False,
+        ),
+        TransportInfo(
+            name="recoveryd-keyed",
+            module="recoveryd.transport",
+            attrs=("send_state_dict", "recv_state_dict"),
+            factory=_recoveryd_keyed,
+            ships_whole_storages=False,
+        ),
+        TransportInfo(
+            name="recoveryd-macs",
+            module="recoveryd.transport",
+            attrs=("send_state_dict", "recv_state_dict", "TransferConfig"),
+            factory=_recoveryd_macs,
             ships_whole_storages=False,
         ),
         TransportInfo(

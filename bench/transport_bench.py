@@ -33,6 +33,8 @@ TRANSPORT_ORDER: tuple[str, ...] = (
     "raw-gloo-fresh",
     "recoveryd",
     "recoveryd-checksums",
+    "recoveryd-keyed",
+    "recoveryd-macs",
     "torch-pg",
     "torchft-pg",
     "torchft-http",

@@ -7,7 +7,8 @@ The public API is what ``__all__`` lists; everything else may change:
   a sidecar (``recoveryd agent``) from :func:`attach`; either tells how its
   recovery went in a :class:`RecoveryRecord`;
 - :class:`Coordinator` (with :class:`CoordinatorConfig`) runs the coordinator
-  in a process of one's own;
+  in a process of one's own; :class:`Credentials` (the job's token, TLS
+  certificates) is what both ends present and demand;
 - :func:`send_state_dict` / :func:`recv_state_dict` (with
   :class:`TransferConfig`, :class:`TransferStats`, :class:`ReceivedState`)
   are the data plane on any ProcessGroup; :mod:`recoveryd.transport` also has
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from recoveryd.agent import Agent, AgentConfig, RankAgent, RecoveryRecord
     from recoveryd.coordinator.config import CoordinatorConfig
     from recoveryd.coordinator.server import Coordinator
+    from recoveryd.credentials import Credentials
     from recoveryd.sidecar.client import Attachment, attach
     from recoveryd.transport import (
         ReceivedState,
@@ -54,6 +56,7 @@ _LAZY = {
     "RecoveryRecord": "recoveryd.agent",
     "Coordinator": "recoveryd.coordinator.server",
     "CoordinatorConfig": "recoveryd.coordinator.config",
+    "Credentials": "recoveryd.credentials",
     "ReceivedState": "recoveryd.transport",
     "TransferConfig": "recoveryd.transport",
     "TransferStats": "recoveryd.transport",
@@ -76,6 +79,7 @@ __all__ = [
     "Coordinator",
     "CoordinatorConfig",
     "CoordinatorUnavailableError",
+    "Credentials",
     "RankAgent",
     "ReceivedState",
     "RecoveryRecord",

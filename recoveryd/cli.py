@@ -17,8 +17,62 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from recoveryd.errors import RecoverydError
+
+if TYPE_CHECKING:
+    from recoveryd.credentials import Credentials
+
+
+def _add_credentials(p: argparse.ArgumentParser, *, server: bool) -> None:
+    """The credential flags, the same on every command that talks to the coordinator."""
+    g = p.add_argument_group(
+        "credentials",
+        "the job's token and/or TLS certificates (each flag defaults to its RECOVERYD_* "
+        "variable); see the README's security section",
+    )
+    g.add_argument(
+        "--token-file",
+        default=None,
+        help="file of job tokens, one per line: the first is sent, all are accepted "
+        "(RECOVERYD_TOKEN_FILE)",
+    )
+    who = "the coordinator's server" if server else "this client's"
+    g.add_argument(
+        "--tls-cert", default=None, help=f"PEM certificate: {who} identity (RECOVERYD_TLS_CERT)"
+    )
+    g.add_argument("--tls-key", default=None, help="PEM key of --tls-cert (RECOVERYD_TLS_KEY)")
+    g.add_argument(
+        "--tls-ca",
+        default=None,
+        help=(
+            "PEM CA that client certificates must chain to (mutual TLS; each certificate "
+            "must name its replica)"
+            if server
+            else "PEM CA the coordinator's certificate must chain to"
+        )
+        + " (RECOVERYD_TLS_CA)",
+    )
+    if not server:
+        g.add_argument(
+            "--tls-server-name",
+            default=None,
+            help="name to check the coordinator's certificate against, when the address is "
+            "not in it (RECOVERYD_TLS_SERVER_NAME)",
+        )
+
+
+def _credentials(args: argparse.Namespace) -> Credentials:
+    from recoveryd.credentials import Credentials
+
+    return Credentials.load(
+        token_file=args.token_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        tls_server_name=getattr(args, "tls_server_name", None),
+    )
 
 
 def _coordinator(args: argparse.Namespace) -> int:
@@ -31,11 +85,18 @@ def _coordinator(args: argparse.Namespace) -> int:
         transfer_timeout=timedelta(seconds=args.transfer_timeout),
         fence_steps=args.fence_steps,
         warmup=timedelta(seconds=args.warmup),
+        max_replicas=args.max_replicas,
+        max_ranks=args.max_ranks,
     )
     metrics_port = None if args.metrics_port < 0 else args.metrics_port
-    Coordinator(args.bind, config, metrics_port=metrics_port).serve_forever(
-        grace=timedelta(seconds=args.grace)
-    )
+    Coordinator(
+        args.bind,
+        config,
+        metrics_port=metrics_port,
+        credentials=_credentials(args),
+        insecure=args.insecure,
+        health_port=args.health_port,
+    ).serve_forever(grace=timedelta(seconds=args.grace))
     return 0
 
 
@@ -43,7 +104,9 @@ def _status(args: argparse.Namespace) -> int:
     from recoveryd.agent.client import CoordinatorClient
     from recoveryd.status import render
 
-    client = CoordinatorClient(args.coordinator, timeout=timedelta(seconds=args.timeout))
+    client = CoordinatorClient(
+        args.coordinator, timeout=timedelta(seconds=args.timeout), credentials=_credentials(args)
+    )
     try:
         print(render(client.status(recent=args.recent)))
     finally:
@@ -80,11 +143,19 @@ def _agent(args: argparse.Namespace) -> int:
         if args.metrics_port is not None
         else env_int("RECOVERYD_METRICS_PORT", None, what="an integer (a port number)")
     )
-    config = SidecarConfig(
+    config = SidecarConfig.from_flags(
         coordinator=args.coordinator,
         socket_path=args.socket,
         metrics_port=port,
-        **({"host": args.host} if args.host is not None else {}),
+        host=args.host,
+        credentials=_credentials(args),
+        token_file=args.attach_token_file,
+        allowed_uids=args.allowed_uids,
+        max_sessions=args.max_sessions,
+        attach_timeout=args.attach_timeout,
+        idle_timeout=args.idle_timeout,
+        max_frame_bytes=args.max_frame_bytes,
+        require_sealed=args.require_sealed,
     )
     sidecar = Sidecar(config)
 
@@ -160,6 +231,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=9400,
         help="serve Prometheus /metrics on this port of the bind host (default 9400; -1: off)",
     )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="also serve grpc.health.v1 alone, in plaintext, on this port (for Kubernetes' "
+        "gRPC probes when the API speaks TLS; default: off)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve a non-loopback --bind without credentials (refused otherwise): anyone "
+        "who reaches the port then steers every replica's recovery",
+    )
+    p.add_argument(
+        "--max-replicas", type=int, default=4096, help="replicas registered at once (default 4096)"
+    )
+    p.add_argument(
+        "--max-ranks", type=int, default=32768, help="ranks registered at once (default 32768)"
+    )
+    _add_credentials(p, server=True)
     p.set_defaults(fn=_coordinator)
 
     p = sub.add_parser("status", help="print the cluster as the coordinator sees it")
@@ -168,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)"
     )
+    _add_credentials(p, server=False)
     p.set_defaults(fn=_status)
 
     p = sub.add_parser(
@@ -233,6 +325,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="exit when this process is gone (for launchers such as the demo)",
     )
+    g = p.add_argument_group(
+        "trainers", "who may attach, and how much they may ask (each defaults to its variable)"
+    )
+    g.add_argument(
+        "--attach-token-file",
+        default=None,
+        help="file of the token trainers must present to attach (default: "
+        "RECOVERYD_SIDECAR_TOKEN_FILE, else a new token written to SOCKET.token, mode 0600)",
+    )
+    g.add_argument(
+        "--allowed-uids",
+        default=None,
+        help="uids besides the sidecar's own allowed to attach, comma-separated (default: "
+        "RECOVERYD_SIDECAR_ALLOWED_UIDS, else none)",
+    )
+    g.add_argument(
+        "--max-sessions",
+        type=int,
+        default=None,
+        help="connections served at once (default: RECOVERYD_SIDECAR_MAX_SESSIONS, else 64)",
+    )
+    g.add_argument(
+        "--attach-timeout",
+        type=float,
+        default=None,
+        help="seconds a new connection has to attach (default: "
+        "RECOVERYD_SIDECAR_ATTACH_TIMEOUT, else 5)",
+    )
+    g.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        help="seconds an attached session may stay silent (default: "
+        "RECOVERYD_SIDECAR_IDLE_TIMEOUT, else 120)",
+    )
+    g.add_argument(
+        "--max-frame-bytes",
+        type=int,
+        default=None,
+        help="largest state description a trainer may send (default: "
+        "RECOVERYD_SIDECAR_MAX_FRAME_BYTES, else 256 MiB)",
+    )
+    g.add_argument(
+        "--require-sealed",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="map only shared memory sealed against shrinking (default: "
+        "RECOVERYD_SIDECAR_REQUIRE_SEALED, else on)",
+    )
+    _add_credentials(p, server=False)
     p.set_defaults(fn=_agent)
 
     p = sub.add_parser(

@@ -15,6 +15,7 @@ from typing import cast
 
 from recoveryd.errors import ConfigError
 from recoveryd.protocol import (
+    MAX_ADDRESS_CHARS,
     RESULTS,
     Answer,
     Beat,
@@ -29,11 +30,14 @@ from recoveryd.protocol import (
     ReplicaStatus,
     Report,
     Role,
+    check_text,
 )
 from recoveryd.v1 import coordinator_pb2 as pb
 
 MAX_MESSAGE_CHARS = 2000
-"""A report's message is cut to this many characters before it is sent."""
+"""A report's message is cut to this many characters (before it is sent, and when it arrives)."""
+MAX_PHASES = 32
+"""The most phase timings one report may carry."""
 
 _ORDER_KINDS = {"prepare": pb.Order.PREPARE, "arm": pb.Order.ARM, "cancel": pb.Order.CANCEL}
 _ORDER_NAMES = {v: k for k, v in _ORDER_KINDS.items()}
@@ -100,6 +104,7 @@ def registration_to_pb(reg: Registration) -> pb.RegisterResponse:
     return pb.RegisterResponse(
         coordinator_id=reg.coordinator_id,
         heartbeat_interval_s=reg.heartbeat_interval.total_seconds(),
+        rank_secret=reg.rank_secret,
     )
 
 
@@ -107,6 +112,7 @@ def registration_from_pb(r: pb.RegisterResponse) -> Registration:
     return Registration(
         coordinator_id=r.coordinator_id,
         heartbeat_interval=timedelta(seconds=r.heartbeat_interval_s),
+        rank_secret=r.rank_secret,
     )
 
 
@@ -143,6 +149,7 @@ def order_to_pb(o: Order) -> pb.Order:
         timeout_s=o.timeout_s,
         rendezvous_prefix=o.rendezvous_prefix,
         backend=o.backend,
+        plan_key=o.plan_key,
     )
 
 
@@ -156,6 +163,7 @@ def order_from_pb(o: pb.Order) -> Order:
         timeout_s=o.timeout_s,
         rendezvous_prefix=o.rendezvous_prefix,
         backend=o.backend or "gloo",
+        plan_key=o.plan_key,
     )
 
 
@@ -170,6 +178,7 @@ def answer_to_pb(a: Answer) -> pb.RecoverResponse:
         timeout_s=a.timeout_s,
         backend=a.backend,
         fresh=a.fresh,
+        plan_key=a.plan_key,
     )
     if a.step is not None:
         out.step = a.step
@@ -187,6 +196,7 @@ def answer_from_pb(r: pb.RecoverResponse) -> Answer:
         rendezvous_prefix=r.rendezvous_prefix,
         timeout_s=r.timeout_s,
         backend=r.backend or "gloo",
+        plan_key=r.plan_key,
         fresh=r.fresh,
     )
 
@@ -217,14 +227,19 @@ def report_from_pb(r: pb.TransferReport) -> Report:
     if role is None:
         raise ConfigError("role", r.role, "must be DONOR or JOINER")
     if r.result not in RESULTS:
-        raise ConfigError("result", r.result, f"must be one of {RESULTS}")
+        raise ConfigError("result", r.result[:40], f"must be one of {RESULTS}")
+    if len(r.phases) > MAX_PHASES:
+        raise ConfigError("phases", len(r.phases), f"at most {MAX_PHASES} phases")
+    for name in r.phases:
+        check_text("phase", name, 64)
+    check_text("address", r.address, MAX_ADDRESS_CHARS, empty=True)
     return Report(
         plan_id=r.plan_id,
         replica_id=r.replica_id,
         group_rank=r.group_rank,
         role=role,
         result=r.result,
-        message=r.message,
+        message=r.message[:MAX_MESSAGE_CHARS],
         step=r.step,
         bytes=r.bytes,
         seconds=r.seconds,
@@ -277,7 +292,9 @@ def plan_from_pb(p: pb.PlanStatus) -> PlanSnapshot:
 
 
 def status_to_pb(s: ClusterStatus) -> pb.StatusResponse:
-    out = pb.StatusResponse(coordinator_id=s.coordinator_id, uptime_s=s.uptime_s)
+    out = pb.StatusResponse(
+        coordinator_id=s.coordinator_id, uptime_s=s.uptime_s, next_page_token=s.next_page_token
+    )
     for rep in s.replicas:
         r = out.replicas.add(
             replica_id=rep.replica_id,
@@ -333,4 +350,5 @@ def status_from_pb(r: pb.StatusResponse) -> ClusterStatus:
         ],
         active=[plan_from_pb(p) for p in r.active],
         recent=[plan_from_pb(p) for p in r.recent],
+        next_page_token=r.next_page_token,
     )

@@ -131,6 +131,15 @@ class IntegrityError(TransferError, ValueError):
     """A received bucket failed its checksum: bytes were corrupted on the way."""
 
 
+class UntrustedPeerError(TransferError, PermissionError):
+    """The peer on the transfer group could not prove it holds the plan's key.
+
+    It is not the planned donor or joiner (someone joined the plan's
+    rendezvous without being a party to the plan), or the two sides were
+    given different plans. Nothing was sent or written.
+    """
+
+
 class CoordinatorUnavailableError(RecoverydError, ConnectionError):
     """The coordinator did not answer in time (down, restarting, or unreachable).
 
@@ -192,6 +201,68 @@ class SidecarLostError(RecoverydError, ConnectionError):
         self.path = path
 
 
+class AuthenticationError(RecoverydError, PermissionError):
+    """The coordinator refused this process's credentials (missing, wrong or expired).
+
+    Attributes:
+        address: the coordinator's ``host:port``.
+    """
+
+    facts: ClassVar[tuple[str, ...]] = ("address", "detail")
+
+    def __init__(self, address: str, detail: str) -> None:
+        super().__init__(
+            f"coordinator {address} refused this process's credentials: {detail}; give it the "
+            "job's token (--token-file / RECOVERYD_TOKEN_FILE) or a certificate of the job's CA "
+            "(--tls-cert/--tls-key/--tls-ca / RECOVERYD_TLS_*), as the coordinator was started with"
+        )
+        self.address = address
+        self.detail = detail
+
+
+class PermissionDeniedError(RecoverydError, PermissionError):
+    """A call acted for a rank (or replica) its caller does not hold.
+
+    Attributes:
+        replica_id: the replica named by the call.
+        group_rank: the rank named by the call (-1: the replica as a whole).
+    """
+
+    facts: ClassVar[tuple[str, ...]] = ("replica_id", "group_rank", "detail")
+
+    def __init__(self, replica_id: str, group_rank: int, detail: str) -> None:
+        who = (
+            f"rank {group_rank} of replica {replica_id!r}"
+            if group_rank >= 0
+            else (f"replica {replica_id!r}")
+        )
+        super().__init__(f"not allowed to act for {who}: {detail}")
+        self.replica_id = replica_id
+        self.group_rank = group_rank
+        self.detail = detail
+
+
+class LimitExceededError(RecoverydError, ValueError):
+    """A request went past one of the coordinator's or the sidecar's limits.
+
+    Attributes:
+        limit: the name of the limit (also the knob that raises it, where there is one).
+        value: what the request asked for.
+        maximum: the limit's value.
+    """
+
+    facts: ClassVar[tuple[str, ...]] = ("limit", "value", "maximum")
+
+    def __init__(self, limit: str, value: int, maximum: int, what: str = "") -> None:
+        super().__init__(
+            f"{what or limit}: {value} is over the limit of {maximum} ({limit}); "
+            "split the request, or raise the limit where it is configurable"
+        )
+        self.limit = limit
+        self.value = value
+        self.maximum = maximum
+
+
 _PLAIN = (str, int, float, bool, type(None))
 MAX_FACT_ITEMS = 1000
 """A list fact crosses with at most this many items (a mismatch can name every
@@ -211,9 +282,13 @@ _KNOWN: dict[str, type[RecoverydError]] = {
         StateMismatchError,
         StepMismatchError,
         IntegrityError,
+        UntrustedPeerError,
         CoordinatorUnavailableError,
         UnknownMemberError,
         SidecarLostError,
+        AuthenticationError,
+        PermissionDeniedError,
+        LimitExceededError,
     )
 }
 

@@ -27,6 +27,7 @@ from recoveryd.errors import (
     StateMismatchError,
     StepMismatchError,
     TransferTimeoutError,
+    UntrustedPeerError,
 )
 
 Role = Literal["donor", "joiner"]
@@ -40,14 +41,18 @@ ReplicaState = Literal["healthy", "unhealthy", "recovering"]
 REPLICA_STATES: tuple[ReplicaState, ...] = ("healthy", "unhealthy", "recovering")
 """How ``recoveryd status`` and the metrics describe a replica."""
 
-RESULTS = ("ok", "timeout", "peer_lost", "rejected", "step_mismatch", "error")
-"""Every outcome a transfer report may carry (a small fixed set: they label metrics)."""
+RESULTS = ("ok", "timeout", "peer_lost", "rejected", "step_mismatch", "untrusted", "error")
+"""Every outcome a transfer report may carry (a small fixed set: they label metrics).
+``untrusted``: the peer on the group could not prove the plan's key (a stranger
+joined the plan's group): nobody of the plan is to blame."""
 
 
 def result_of(err: BaseException) -> str:
     """The report result for a transfer failure (one of :data:`RESULTS`)."""
     if isinstance(err, StepMismatchError):
         return "step_mismatch"
+    if isinstance(err, UntrustedPeerError):
+        return "untrusted"
     if isinstance(err, StateMismatchError | ManifestError):
         return "rejected"
     if isinstance(err, TransferTimeoutError | TimeoutError):
@@ -60,16 +65,46 @@ def result_of(err: BaseException) -> str:
 # ---- membership ----------------------------------------------------------------
 
 
+MAX_NAME_CHARS = 253
+"""The longest replica id, label value or agent id (a DNS name's length)."""
+MAX_LABELS = 32
+"""The most locality labels a rank may carry."""
+MAX_LABEL_KEY_CHARS = 63
+MAX_LABEL_CHARS = 2048
+"""The most characters a rank's labels (keys and values) may hold in all."""
+MAX_ADDRESS_CHARS = 300
+"""The longest ``host:port`` (a DNS name, a colon and a port, or a bracketed IPv6)."""
+MAX_FINGERPRINT_CHARS = 128
+MAX_WORLD_SIZE = 1 << 20
+"""The most ranks one replica may declare."""
+DEVICE_KINDS = ("cpu", "cuda")
+
+
+def check_text(name: str, value: str, limit: int, *, empty: bool = False) -> None:
+    """A name from the network: bounded, printable, no whitespace (it reaches logs and tables).
+
+    Raises:
+        ConfigError: naming the field and what is wrong.
+    """
+    if not value:
+        if empty:
+            return
+        raise ConfigError(name, value, "must not be empty")
+    if len(value) > limit:
+        raise ConfigError(name, f"{value[:40]}...", f"must be at most {limit} characters")
+    if not value.isprintable() or any(c.isspace() for c in value):
+        raise ConfigError(name, value[:80], "must be printable, without spaces")
+
+
 def check_identity(replica_id: str, group_rank: int, group_world_size: int) -> None:
     """Checks a rank's identity: a replica id, and a rank within the replica's size.
 
     Raises:
         ConfigError: naming the field that is wrong.
     """
-    if not replica_id:
-        raise ConfigError("replica_id", replica_id, "must not be empty")
-    if group_world_size < 1:
-        raise ConfigError("group_world_size", group_world_size, "must be >= 1")
+    check_text("replica_id", replica_id, MAX_NAME_CHARS)
+    if not 1 <= group_world_size <= MAX_WORLD_SIZE:
+        raise ConfigError("group_world_size", group_world_size, f"must be in [1, {MAX_WORLD_SIZE}]")
     if not 0 <= group_rank < group_world_size:
         raise ConfigError("group_rank", group_rank, f"must be in [0, {group_world_size})")
 
@@ -99,8 +134,22 @@ class MemberInfo:
 
     def __post_init__(self) -> None:
         check_identity(self.replica_id, self.group_rank, self.group_world_size)
-        if not self.layout_fingerprint:
-            raise ConfigError("layout_fingerprint", self.layout_fingerprint, "must not be empty")
+        check_text("layout_fingerprint", self.layout_fingerprint, MAX_FINGERPRINT_CHARS)
+        if self.device_kind not in DEVICE_KINDS:
+            raise ConfigError(
+                "device_kind", self.device_kind[:40], f"must be one of {DEVICE_KINDS}"
+            )
+        check_text("rendezvous", self.rendezvous, MAX_ADDRESS_CHARS, empty=True)
+        check_text("agent_id", self.agent_id, MAX_NAME_CHARS, empty=True)
+        check_text("interface", self.interface, MAX_LABEL_KEY_CHARS, empty=True)
+        if len(self.labels) > MAX_LABELS:
+            raise ConfigError("labels", len(self.labels), f"at most {MAX_LABELS} labels")
+        size = sum(len(k) + len(v) for k, v in self.labels.items())
+        if size > MAX_LABEL_CHARS:
+            raise ConfigError("labels", size, f"at most {MAX_LABEL_CHARS} characters in all")
+        for key, value in self.labels.items():
+            check_text("label key", key, MAX_LABEL_KEY_CHARS)
+            check_text(f"label {key}", value, MAX_NAME_CHARS, empty=True)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -111,6 +160,9 @@ class Registration:
     """Changes when the coordinator restarts (its plans are then gone)."""
     heartbeat_interval: timedelta
     """How often the rank heartbeats from now on."""
+    rank_secret: str = field(default="", repr=False)
+    """The secret every later call for this rank must carry (it proves the
+    caller holds this registration); empty from an older coordinator."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -138,6 +190,8 @@ class Order:
     timeout_s: float = 0.0
     rendezvous_prefix: str = ""
     backend: str = "gloo"
+    plan_key: bytes = field(default=b"", repr=False, compare=False)
+    """The plan's key, known only to its parties (``prepare`` and ``arm``)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -156,6 +210,8 @@ class Answer:
     backend: str = "gloo"
     fresh: bool = False
     """``no_donor`` at a job's start: nothing of this layout ever held a step here."""
+    plan_key: bytes = field(default=b"", repr=False, compare=False)
+    """The plan's key, known only to its parties (``transfer``)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -234,3 +290,5 @@ class ClusterStatus:
     replicas: Sequence[ReplicaStatus]
     active: Sequence[PlanSnapshot]
     recent: Sequence[PlanSnapshot] = field(default_factory=list)
+    next_page_token: str = ""
+    """Non-empty when more replicas follow (one page of a large job)."""

@@ -34,7 +34,12 @@ from recoveryd.agent.joiner import JoinerRound
 from recoveryd.agent.layout import fingerprint
 from recoveryd.agent.link import CoordinatorLink, Position
 from recoveryd.agent.rendezvous import host_store
-from recoveryd.errors import CoordinatorUnavailableError, RecoverydError, TransferTimeoutError
+from recoveryd.errors import (
+    AuthenticationError,
+    CoordinatorUnavailableError,
+    RecoverydError,
+    TransferTimeoutError,
+)
 from recoveryd.metrics import AgentMetrics, MetricsServer
 from recoveryd.protocol import Report
 
@@ -170,6 +175,8 @@ class Agent:
         Raises:
             CoordinatorUnavailableError: no answer from the coordinator by the
                 deadline (a trainer may then start as the first replica would).
+            AuthenticationError: the coordinator refuses this agent's credentials
+                (the job's token or certificate is missing or wrong).
             TransferTimeoutError: plans were under way but none finished within ``timeout``.
             RecoverydError: a background thread of the agent failed.
         """
@@ -187,7 +194,7 @@ class Agent:
                 record=record,
                 metrics=self.metrics,
             ).run()
-        except CoordinatorUnavailableError:
+        except (CoordinatorUnavailableError, AuthenticationError):
             self.metrics.recoveries.labels(result="coordinator_unavailable").inc()
             raise
         except TransferTimeoutError:

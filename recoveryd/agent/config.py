@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from recoveryd._time import env_int, env_str
+from recoveryd.agent.keeper import default_dir
+from recoveryd.credentials import Credentials
 from recoveryd.errors import ConfigError
 from recoveryd.protocol import check_identity
 from recoveryd.transport.config import TransferConfig
@@ -158,6 +160,15 @@ class AgentConfig:
     host; ``RECOVERYD_METRICS_PORT``). ``Agent.registry`` holds them either way."""
     transfer: TransferConfig = field(default_factory=TransferConfig)
     """Bucket sizes and checksums of the transfers."""
+    credentials: Credentials = field(default_factory=Credentials.from_env)
+    """What the agent presents to the coordinator: the job's token and/or a
+    TLS client certificate (``RECOVERYD_TOKEN_FILE``, ``RECOVERYD_TLS_CERT``,
+    ``RECOVERYD_TLS_KEY``, ``RECOVERYD_TLS_CA``; none by default)."""
+    state_dir: str = field(default_factory=lambda: env_str("RECOVERYD_STATE_DIR", default_dir()))
+    """A private directory (0700) where the rank's coordinator secret is kept,
+    so a trainer restarted in place takes its rank back at once
+    (``RECOVERYD_STATE_DIR``; default ``$TMPDIR/recoveryd-<uid>``; "" keeps
+    nothing, and a restarted rank waits for its old registration to fall silent)."""
 
     def __post_init__(self) -> None:
         _address(self.coordinator, "coordinator")

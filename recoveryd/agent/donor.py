@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -24,7 +24,16 @@ from recoveryd._format import rate
 from recoveryd._time import MIN_WAIT, Deadline
 from recoveryd.agent.config import AgentConfig
 from recoveryd.agent.link import CoordinatorLink, Position
-from recoveryd.agent.rendezvous import DONOR_RANK, JOINER_RANK, device_for, go_key, open_group
+from recoveryd.agent.rendezvous import (
+    DONOR_RANK,
+    JOINER_RANK,
+    device_for,
+    dropped_key,
+    go_key,
+    open_group,
+    proof,
+    proves,
+)
 from recoveryd.errors import RecoverydError, TransferError
 from recoveryd.metrics import AgentMetrics
 from recoveryd.protocol import Order, Report, result_of
@@ -40,6 +49,7 @@ class _SendOrder:
     prefix: str
     backend: str
     deadline: Deadline
+    key: bytes = field(repr=False)
     fence: int | None = None
     group: dist.ProcessGroup | None = None
     cancelled: bool = False
@@ -94,6 +104,7 @@ class Donor:
                     prefix=order.rendezvous_prefix,
                     backend=order.backend,
                     deadline=Deadline(timedelta(seconds=order.timeout_s)),
+                    key=order.plan_key,
                 )
                 self._orders[order.plan_id] = o
             threading.Thread(
@@ -159,10 +170,22 @@ class Donor:
         t0 = time.monotonic()
         with self._lock:
             self._orders.pop(o.plan_id, None)
+        if self._dropped(o):
+            logger.info("%s: plan %d: the joiner %r dropped it", self.link.who, o.plan_id, o.joiner)
+            self._graveyard.append(o.group)
+            self.link.report(
+                o.plan_id,
+                "peer_lost",
+                role="donor",
+                started=t0,
+                message="the joiner dropped the plan before the fence",
+                step=step,
+            )
+            return
         try:
             # The joiner waits for this key, not in a receive: a plan cancelled
             # before its fence, or a donor that died, then never holds it.
-            self._store.set(go_key(o.prefix), str(step))
+            self._store.set(go_key(o.prefix), f"{step}:{proof(o.key, f'go {step}', o.prefix)}")
             stats = send_state_dict(
                 o.group,
                 [JOINER_RANK],
@@ -171,6 +194,8 @@ class Donor:
                 step=step,
                 config=self._config.transfer,
                 device=device_for(o.backend),
+                auth_key=o.key or None,  # an older coordinator hands out none
+                abandoned=lambda: self._dropped(o),
             )
         except TransferError as err:
             logger.warning(
@@ -219,6 +244,27 @@ class Donor:
                 phases=stats.phases,
             )
         )
+
+    def _dropped(self, o: _SendOrder) -> bool:
+        """Whether the plan is gone: cancelled, or its joiner said it left."""
+        if o.cancelled:
+            return True
+        key = dropped_key(o.prefix)
+        try:
+            if not self._store.check([key]):
+                return False
+            said = self._store.get(key)
+        except RuntimeError:
+            return False
+        if proves(o.key, said, "dropped", o.prefix):
+            return True
+        logger.warning(
+            "plan %d: a %s key on this rank's store that its joiner did not write: ignored "
+            "(someone who reaches the store tried to cancel the plan)",
+            o.plan_id,
+            key,
+        )
+        return False
 
     def _guarded_prepare(self, o: _SendOrder) -> None:
         try:

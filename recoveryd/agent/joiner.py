@@ -18,7 +18,7 @@ import functools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -32,14 +32,20 @@ from recoveryd.agent.rendezvous import (
     JOINER_RANK,
     connect_store,
     device_for,
-    go_key,
+    dropped_key,
     open_group,
+    proof,
+    read_go,
 )
 from recoveryd.errors import (
     CoordinatorUnavailableError,
+    ManifestError,
+    StateMismatchError,
+    StepMismatchError,
     TransferError,
     TransferTimeoutError,
     UnknownMemberError,
+    UntrustedPeerError,
 )
 from recoveryd.metrics import AgentMetrics
 from recoveryd.protocol import Answer, result_of
@@ -54,6 +60,11 @@ _ASK_EVERY = timedelta(seconds=1)
 """While waiting for the donor's go, how often the coordinator is asked whether the plan lives."""
 _GO_POLL_MAX = timedelta(milliseconds=20)
 """The longest pause between two looks at the donor's go key (they start at 1 ms)."""
+_REFUSED_BEFORE_DATA = (UntrustedPeerError, ManifestError, StateMismatchError, StepMismatchError)
+"""Failures of a receive that wrote nothing into the state (the transport refuses
+these before any data)."""
+_SAY_DROPPED = timedelta(seconds=2)
+"""How long telling the donor's store that this rank dropped a plan may take."""
 
 
 class Phase(enum.Enum):
@@ -87,6 +98,8 @@ class _Joined:
     plan_id: int
     prefix: str
     """The plan's key prefix on the donor's store."""
+    key: bytes = field(repr=False)
+    """The plan's key (its control values on the store are proofs under it)."""
     group: dist.ProcessGroup | None
     store: dist.Store | None
     at: float
@@ -150,23 +163,28 @@ class JoinerRound:
 
         Raises:
             CoordinatorUnavailableError: the coordinator never answered in time.
+            AuthenticationError: the coordinator refuses this agent's credentials.
             TransferTimeoutError: it answered, but no plan finished in time.
         """
-        while True:
-            ans = self._ask()
-            if ans is None:
-                continue
-            if ans.state == "no_donor":
-                self._no_donor(ans)
-                return None
-            if ans.state == "done":
-                return self._done(ans)
-            if ans.state != "transfer":
-                continue
-            if ans.plan_id != self._joined_id:
-                self._join(ans)
-            if self.phase is Phase.JOINED and ans.step is not None:
-                self._receive(ans)
+        try:
+            while True:
+                ans = self._ask()
+                if ans is None:
+                    continue
+                if ans.state == "no_donor":
+                    self._no_donor(ans)
+                    return None
+                if ans.state == "done":
+                    return self._done(ans)
+                if ans.state != "transfer":
+                    continue
+                if ans.plan_id != self._joined_id:
+                    self._join(ans)
+                if self.phase is Phase.JOINED and ans.step is not None:
+                    self._receive(ans)
+        finally:
+            if self.phase is Phase.JOINED:
+                self._leave()  # a round that gives up says so to the donor it joined
 
     # ---- asking -----------------------------------------------------------------
 
@@ -182,6 +200,8 @@ class JoinerRound:
                 f"{link.who}: no recovery within {self._timeout} (last answer: {self._last_answer})"
             )
         if not self._deadline.wait(link.registered, timedelta(seconds=0.5)):
+            if link.refused is not None:
+                raise link.refused  # no credentials of this job: waiting would not help
             return None
         try:
             ans = link.client.recover(
@@ -253,14 +273,30 @@ class JoinerRound:
         except Exception as err:  # the donor went away before the group formed
             self._report(ans.plan_id, result_of(err), started=t0, message=f"rendezvous: {err}")
             return
-        self._joined = _Joined(ans.plan_id, ans.rendezvous_prefix, group, store, time.monotonic())
+        self._joined = _Joined(
+            ans.plan_id, ans.rendezvous_prefix, ans.plan_key, group, store, time.monotonic()
+        )
         self.phase = Phase.JOINED
         record.phases["rendezvous"] = self._joined.at - t0
 
-    def _leave(self) -> None:
-        """Drops the plan this rank is in; its group is kept for late writes."""
-        if self._joined is not None and self._joined.group is not None:
-            self._graveyard.append(self._joined.group)
+    def _leave(self, *, tell: bool = True) -> None:
+        """Drops the plan this rank is in; its group is kept for late writes.
+
+        A plan dropped before its data arrived is said on the donor's store
+        first (``tell``), so the donor rank does not hold its trainer for a
+        joiner that is gone.
+        """
+        joined = self._joined
+        if joined is not None and joined.group is not None:
+            if tell and self.phase is Phase.JOINED and joined.store is not None:
+                try:
+                    joined.store.set_timeout(_SAY_DROPPED)
+                    joined.store.set(
+                        dropped_key(joined.prefix), proof(joined.key, "dropped", joined.prefix)
+                    )
+                except RuntimeError as err:  # the donor's store is gone: nothing waits there
+                    logger.debug("could not tell plan %d's donor: %s", joined.plan_id, err)
+            self._graveyard.append(joined.group)
         self._joined = None
         self.phase = Phase.ASKING
 
@@ -287,10 +323,11 @@ class JoinerRound:
                     joined.plan_id, "peer_lost", started=t_fence, message=why, step=ans.step
                 )
             logger.info("%s: plan %d from %r dropped: %s", link.who, joined.plan_id, ans.donor, why)
-            self._leave()
+            self._leave(tell=outcome is not FenceWait.DONOR_UNREACHABLE)
             return
         record.phases["fence"] = time.monotonic() - t_fence
         t0 = time.monotonic()
+        written_before = record.state_written
         record.state_written = True  # from here on, a failure may leave it half written
         try:
             got = recv_state_dict(
@@ -301,8 +338,11 @@ class JoinerRound:
                 step=ans.step,
                 config=link.config.transfer,
                 device=device_for(ans.backend),
+                auth_key=ans.plan_key or None,
             )
         except TransferError as err:
+            if isinstance(err, _REFUSED_BEFORE_DATA):
+                record.state_written = written_before  # refused before a byte was written
             if self._metrics is not None:
                 self._metrics.transfer(
                     "joiner", ans.backend, result_of(err), seconds=time.monotonic() - t0
@@ -360,13 +400,22 @@ class JoinerRound:
         """
         link, config = self._link, self._link.config
         assert joined.store is not None
-        key = go_key(joined.prefix)
         asked = time.monotonic()
         nap = timedelta(milliseconds=1)
+        forged = False
         while not self._deadline.expired:
             try:
-                if joined.store.check([key]):
+                go = read_go(joined.store, joined.prefix, joined.key)
+                if go == "set":
                     return FenceWait.REACHED, ""
+                if go == "forged" and not forged:  # the donor's own go overwrites it
+                    forged = True
+                    logger.warning(
+                        "%s: plan %d: a go key the donor did not write, ignored (someone who "
+                        "reaches its store tried to start the receive early)",
+                        link.who,
+                        joined.plan_id,
+                    )
             except RuntimeError as err:
                 return (
                     FenceWait.DONOR_UNREACHABLE,

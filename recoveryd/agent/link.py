@@ -23,7 +23,14 @@ from typing import Literal
 from recoveryd._time import Backoff, Deadline
 from recoveryd.agent.client import CoordinatorClient
 from recoveryd.agent.config import AgentConfig, interface_of
-from recoveryd.errors import CoordinatorUnavailableError, RecoverydError
+from recoveryd.agent.keeper import SecretKeeper
+from recoveryd.errors import (
+    AuthenticationError,
+    CoordinatorUnavailableError,
+    PermissionDeniedError,
+    RecoverydError,
+    UnknownMemberError,
+)
 from recoveryd.protocol import Beat, MemberInfo, Order, Report, Role
 
 logger = logging.getLogger(__name__)
@@ -67,11 +74,22 @@ class CoordinatorLink:
         self.rendezvous = rendezvous
         self.interface = interface_of(rendezvous.rpartition(":")[0].strip("[]"))
         """The local interface transfers use (empty when unknown)."""
-        self.client = CoordinatorClient(config.coordinator, timeout=config.rpc_timeout)
+        self.client = CoordinatorClient(
+            config.coordinator, timeout=config.rpc_timeout, credentials=config.credentials
+        )
+        self._keeper = SecretKeeper(
+            config.state_dir, config.coordinator, config.replica_id, config.group_rank
+        )
+        kept = self._keeper.load()
+        if kept:  # this rank's earlier agent (a restarted trainer): take the rank back at once
+            self.client.hold(config.replica_id, config.group_rank, kept)
         self.registered = threading.Event()
         """Set while the current coordinator knows this rank."""
         self.failure: BaseException | None = None
         """An unexpected error of a background thread, for the trainer's next call."""
+        self.refused: AuthenticationError | None = None
+        """Set while the coordinator refuses this agent's credentials (a joiner
+        raises it rather than wait out its deadline)."""
         self._layout = layout
         self._position = position
         self._on_order = on_order
@@ -116,7 +134,8 @@ class CoordinatorLink:
     def leave(self) -> None:
         """Tells the coordinator this rank goes away on purpose (best effort)."""
         try:
-            self.client.leave(self.config.replica_id, self.config.group_rank, self.agent_id)
+            if self.client.leave(self.config.replica_id, self.config.group_rank, self.agent_id):
+                self._keeper.forget()
         except RecoverydError as err:
             logger.warning("%s: could not tell the coordinator it leaves: %s", self.who, err)
 
@@ -259,6 +278,8 @@ class CoordinatorLink:
             self._on_new_coordinator()
         self._coordinator_id = reg.coordinator_id
         self._interval = reg.heartbeat_interval.total_seconds()
+        self._keeper.store(reg.rank_secret)
+        self.refused = None
         self.registered.set()
 
     def _heartbeat_loop(self) -> None:
@@ -274,7 +295,11 @@ class CoordinatorLink:
                     step=self._position().step,
                     healthy=self._healthy,
                 )
-                cid, unknown = self.client.heartbeat([beat])
+                try:
+                    cid, unknown = self.client.heartbeat([beat])
+                except PermissionDeniedError:
+                    unknown = [0]  # another agent holds the rank now: register (and be refused)
+                    cid = self._coordinator_id
                 if unknown or cid != self._coordinator_id:
                     self.registered.clear()
                     continue
@@ -287,6 +312,8 @@ class CoordinatorLink:
                 self._nudged.wait(self._interval)
                 self._nudged.clear()
             except RecoverydError as err:  # unreachable, or registration refused: retry
+                if isinstance(err, AuthenticationError):
+                    self.refused = err
                 if not warned:
                     logger.warning("%s: %s", self.who, err)
                     warned = True
@@ -308,6 +335,12 @@ class CoordinatorLink:
                     self._on_order(order)
             except CoordinatorUnavailableError:
                 # The coordinator went away: the heartbeats notice and register again.
+                self._closed.wait(backoff.next().total_seconds())
+            except (UnknownMemberError, PermissionDeniedError):
+                # A new coordinator that does not know us yet, or another agent
+                # holds the rank now: register (again) before watching again.
+                self.registered.clear()
+                self._nudged.set()
                 self._closed.wait(backoff.next().total_seconds())
 
     def _report_loop(self) -> None:

@@ -8,6 +8,9 @@ the trainer's default process group, and is dropped after the transfer.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import socket
 from datetime import timedelta
 from typing import Any
 
@@ -21,13 +24,77 @@ JOINER_RANK = 1
 
 
 def go_key(prefix: str) -> str:
-    """The key a donor rank sets (to its step) right before it sends a plan's state."""
+    """The key a donor rank sets (to its step, with a proof) right before it sends a plan's state."""
     return f"{prefix}/go"
 
 
+def dropped_key(prefix: str) -> str:
+    """The key a joiner rank sets (to a proof) when it leaves a plan whose group it
+    formed, so the donor rank does not wait for it (it checks before and while it sends)."""
+    return f"{prefix}/dropped"
+
+
+def proof(plan_key: bytes, what: str, prefix: str) -> str:
+    """The value of one of a plan's control keys, which only a party to the plan can make.
+
+    The store answers anyone who reaches it (and lists its keys): a value
+    that is not a MAC under the plan's key is ignored, so a stranger cannot
+    start a joiner's receive early or make a donor drop its plan. Without a
+    key (an older coordinator) any value counts.
+    """
+    if not plan_key:
+        return "1"
+    msg = f"recoveryd/v1 {what}\0{prefix}".encode()
+    return hmac.new(plan_key, msg, hashlib.sha256).hexdigest()
+
+
+def read_go(store: dist.Store, prefix: str, plan_key: bytes) -> str:
+    """Whether the donor rank set its go: ``set``, ``unset``, or ``forged`` (a value it did not
+    write).
+
+    Raises:
+        RuntimeError: the store is unreachable (the donor died).
+    """
+    key = go_key(prefix)
+    if not store.check([key]):
+        return "unset"
+    step, _, said = store.get(key).partition(b":")
+    ok = proves(plan_key, said, f"go {step.decode(errors='replace')}", prefix)
+    return "set" if ok else "forged"
+
+
+def proves(plan_key: bytes, value: bytes, what: str, prefix: str) -> bool:
+    """Whether ``value`` is :func:`proof` of ``what`` (constant time)."""
+    if not plan_key:
+        return True
+    return hmac.compare_digest(value, proof(plan_key, what, prefix).encode())
+
+
 def host_store(host: str, port: int, *, timeout: timedelta) -> dist.TCPStore:
-    """Hosts this agent's rendezvous store on ``host:port`` (port 0: any free port)."""
-    return dist.TCPStore(host, port, None, True, timeout, wait_for_workers=False)
+    """Hosts this agent's rendezvous store on ``host:port`` (port 0: any free port).
+
+    The store listens on that address only (torch's own would take every
+    interface): a socket bound here is handed to it.
+
+    Raises:
+        ConfigError: ``host`` is not an address of this machine, or the port is taken.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(512)
+    except OSError as err:
+        sock.close()
+        raise ConfigError(
+            "host", f"{host}:{port}", f"the rendezvous store cannot listen there: {err.strerror}"
+        ) from None
+    bound = sock.getsockname()[1]
+    fd = sock.detach()  # the store owns it from here
+    return dist.TCPStore(
+        host, bound, None, True, timeout, wait_for_workers=False, master_listen_fd=fd
+    )
 
 
 def connect_store(address: str, *, timeout: timedelta) -> dist.TCPStore:

@@ -99,10 +99,29 @@ def cluster_status(
     coordinator_id: str,
     uptime_s: float,
     recent: int,
+    after: str = "",
+    max_replicas: int = 1 << 30,
+    max_ranks: int = 1 << 30,
 ) -> ClusterStatus:
-    """The cluster as ``recoveryd status`` shows it: replicas, ranks, plans."""
-    replicas = []
+    """The cluster as ``recoveryd status`` shows it: replicas, ranks, plans.
+
+    One page of it: the replicas whose ids sort after ``after``, at most
+    ``max_replicas`` of them and (past the first) ``max_ranks`` ranks in all;
+    ``next_page_token`` says where the next page starts. Plans come with the
+    first page.
+    """
+    replicas: list[ReplicaStatus] = []
+    ranks_in_page = 0
+    more = ""
     for rid, view in sorted(census.views.items()):
+        if rid <= after:
+            continue
+        if replicas and (
+            len(replicas) >= max_replicas or ranks_in_page + len(view.ranks) > max_ranks
+        ):
+            more = replicas[-1].replica_id
+            break
+        ranks_in_page += len(view.ranks)
         ranks = []
         for g, info in sorted(view.ranks.items()):
             st = members.rank_state(rid, g)
@@ -130,10 +149,12 @@ def cluster_status(
                 ranks=ranks,
             )
         )
+    first = not after
     return ClusterStatus(
         coordinator_id=coordinator_id,
         uptime_s=uptime_s,
         replicas=replicas,
-        active=planner.active(),
-        recent=planner.recent(recent),
+        active=planner.active() if first else [],
+        recent=planner.recent(recent) if first else [],
+        next_page_token=more,
     )

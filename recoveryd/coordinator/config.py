@@ -42,6 +42,12 @@ class CoordinatorConfig:
     told to wait rather than that there is none: a restarted coordinator
     knows nobody until the agents register again (they retry at least every
     2 s). A fresh job's first replicas start this much later."""
+    max_replicas: int = 4096
+    """The most replicas registered at once; more are refused
+    ``RESOURCE_EXHAUSTED`` (a bound on what a misbehaving client can make
+    the coordinator hold, and on a donor decision's cost: ~1 ms per 2,000 ranks)."""
+    max_ranks: int = 32768
+    """The most ranks registered at once (see :attr:`max_replicas`)."""
     forget_after: timedelta = timedelta(minutes=10)
     """A rank silent for this long is dropped from membership (its replica
     left the job); until then it shows as unhealthy."""
@@ -77,5 +83,8 @@ class CoordinatorConfig:
             )
         if self.max_attempts < 1:
             raise ConfigError("max_attempts", self.max_attempts, "must be >= 1")
+        for name in ("max_replicas", "max_ranks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be >= 1")
         if self.recent_plans < 0:
             raise ConfigError("recent_plans", self.recent_plans, "must be >= 0")

@@ -8,12 +8,14 @@ healthy only when every one of its ranks is registered and healthy.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
-from recoveryd.errors import ConfigError, UnknownMemberError
+from recoveryd.errors import ConfigError, PermissionDeniedError, UnknownMemberError
 from recoveryd.protocol import MemberInfo
 
 __all__ = ["Membership", "ReplicaView"]
@@ -25,6 +27,12 @@ class _Rank:
     step: int | None
     healthy: bool
     seen: float
+    secret: bytes | None = None
+    """SHA-256 of the rank's secret (``None``: registered without one, in policy tests)."""
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +82,13 @@ class Membership:
         # replica id -> group rank -> rank; grouped so one replica's view costs its own ranks only.
         self._replicas: dict[str, dict[int, _Rank]] = {}
 
-    def register(self, info: MemberInfo, *, step: int | None = None) -> bool:
+    def register(
+        self, info: MemberInfo, *, step: int | None = None, secret: str | None = None
+    ) -> bool:
         """Adds or replaces a rank (a restarted rank registers again).
+
+        Whether the caller may replace a registration is :meth:`may_replace`'s
+        question, asked first; ``secret`` is the one handed to the new holder.
 
         Returns:
             Whether this replaces a registration from another agent process
@@ -105,8 +118,62 @@ class Membership:
             for r in resized:  # a resized replica: its old ranks are gone
                 del ranks[r.info.group_rank]
         before = ranks.get(info.group_rank)
-        ranks[info.group_rank] = _Rank(info=info, step=step, healthy=True, seen=now)
+        ranks[info.group_rank] = _Rank(
+            info=info,
+            step=step,
+            healthy=True,
+            seen=now,
+            secret=_digest(secret) if secret is not None else None,
+        )
         return before is not None and before.info.agent_id != info.agent_id
+
+    def may_replace(self, replica_id: str, group_rank: int, presented: str) -> str:
+        """Why a registration of this rank may not replace the current one ("" if it may).
+
+        A rank is taken over by whoever presents its secret (its agent again, or
+        a restarted one that kept it: :mod:`recoveryd.agent.keeper`; a sidecar
+        whose trainer restarted), or once its holder is gone: silent for
+        ``heartbeat_timeout``. Anyone else is refused, so a live rank cannot be
+        hijacked by registering over it (not even one that said it is unhealthy:
+        that is when a squatter would race its restart).
+        """
+        r = self._replicas.get(replica_id, {}).get(group_rank)
+        if r is None or r.secret is None:
+            return ""
+        if presented and hmac.compare_digest(_digest(presented), r.secret):
+            return ""
+        age = self._clock() - r.seen
+        if age > self._timeout:
+            return ""
+        return (
+            f"it is held by a live registration (heard from {age:.1f} s ago); a replacement "
+            "must present the rank's secret, or wait until the holder leaves or is silent for "
+            f"{self._timeout:g} s"
+        )
+
+    def authorize(self, replica_id: str, group_rank: int, presented: str) -> None:
+        """Checks that a call for this rank carries its secret.
+
+        Raises:
+            UnknownMemberError: the rank is not registered (register again).
+            PermissionDeniedError: the secret is missing or not this registration's.
+        """
+        r = self._replicas.get(replica_id, {}).get(group_rank)
+        if r is None:
+            raise UnknownMemberError(replica_id, group_rank)
+        if r.secret is None:
+            return
+        if not presented or not hmac.compare_digest(_digest(presented), r.secret):
+            raise PermissionDeniedError(
+                replica_id,
+                group_rank,
+                "the call does not carry the secret of the rank's current registration "
+                "(another agent registered it since, or the caller never did)",
+            )
+
+    def counts(self) -> tuple[int, int]:
+        """How many replicas and ranks are registered."""
+        return len(self._replicas), sum(len(r) for r in self._replicas.values())
 
     def heartbeat(
         self, replica_id: str, group_rank: int, *, step: int | None, healthy: bool

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 
 from recoveryd.coordinator.config import CoordinatorConfig
 from recoveryd.coordinator.membership import Membership, ReplicaView
-from recoveryd.coordinator.plans import LivePlan, PlanObserver, Round
+from recoveryd.coordinator.plans import NOT_THE_DONORS, LivePlan, PlanObserver, Round
 from recoveryd.coordinator.policy import (
     choose_donor,
     fence,
@@ -299,12 +299,9 @@ class Planner:
         party = plan.plan.joiner if report.role == "joiner" else plan.plan.donor
         if report.replica_id != party or not 0 <= report.group_rank < plan.world_size:
             return  # not a party to this plan (e.g. a report from before a restart)
-        if (
-            report.role == "joiner"
-            and report.result == "ok"
-            and (plan.state != "armed" or report.step != plan.step)
-        ):
-            return  # success at another step than the plan's cannot count
+        ok_joiner = report.role == "joiner" and report.result == "ok"
+        if ok_joiner and (report.step != plan.step or plan.state != "armed"):
+            return  # success at another step than the plan's, or before it, cannot count
         side = plan.joiner_reports if report.role == "joiner" else plan.donor_reports
         side[report.group_rank] = report
         self.version += 1
@@ -314,10 +311,11 @@ class Planner:
             who = f"{report.role} rank {report.group_rank} ({report.replica_id!r})"
             self._fail(
                 plan,
-                f"{who}: {report.result}: {report.message}".rstrip(": "),
-                # A joiner that lost or timed out on its donor, or found its
-                # layout wrong, blames the donor; an overshot fence does not.
-                exclude=report.role == "joiner" and report.result != "step_mismatch",
+                f"{who}: {report.result}",
+                detail=report.message,
+                # A joiner that lost or timed out on its donor, or found its layout wrong,
+                # blames the donor; an overshot fence or a stranger on the group does not.
+                exclude=report.role == "joiner" and report.result not in NOT_THE_DONORS,
                 widen=report.result == "step_mismatch",
             )
             return
@@ -347,7 +345,11 @@ class Planner:
         if rnd is not None and rnd.plan is plan:
             self._advance(rnd)
 
-    def _fail(self, plan: LivePlan, reason: str, *, exclude: bool, widen: bool = False) -> None:
+    def _fail(
+        self, plan: LivePlan, reason: str, *, exclude: bool, widen: bool = False, detail: str = ""
+    ) -> None:
+        """Fails a plan: ``reason`` is for anyone (status), ``detail`` (an agent's
+        message: it may name the state's paths) for the joiner's final answer only."""
         self.version += 1
         plan.state = "failed"
         plan.reason = reason
@@ -364,7 +366,7 @@ class Planner:
         rnd = self._rounds.get(plan.plan.joiner)
         if rnd is None or rnd.plan is not plan:
             return
-        rnd.last_failure = reason
+        rnd.last_failure = f"{reason}: {detail}" if detail else reason
         if exclude:
             rnd.excluded.add(plan.plan.donor)
         if widen:

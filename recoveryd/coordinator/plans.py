@@ -9,12 +9,17 @@ and :class:`~recoveryd.protocol.Answer`.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from recoveryd.coordinator.policy import RecoveryPlan
 from recoveryd.protocol import Answer, Order, PlanSnapshot, PlanState, Report
+
+NOT_THE_DONORS = ("step_mismatch", "untrusted")
+"""A joiner's failures that do not exclude the donor: an overshot fence (the next
+plan fences wider), a stranger on the group (the donor is innocent of it)."""
 
 
 @dataclass(slots=True)
@@ -40,6 +45,8 @@ class LivePlan:
     ended: float | None = None
 
     prefix: str = ""
+    key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    """The plan's key: only its parties learn it, over their authenticated calls."""
 
     def order(self, kind: Literal["prepare", "arm"]) -> Order:
         """This plan's PREPARE or ARM order for its donor ranks."""
@@ -51,6 +58,7 @@ class LivePlan:
             timeout_s=self.timeout_s,
             rendezvous_prefix=self.prefix,
             backend=self.backend,
+            plan_key=self.key,
         )
 
     def snapshot(self, now: float) -> PlanSnapshot:
@@ -95,6 +103,7 @@ class LivePlan:
             rendezvous_prefix=self.prefix,
             timeout_s=self.timeout_s,
             backend=self.backend,
+            plan_key=self.key,
         )
 
     def slowest_rank_bps(self) -> float:

@@ -23,7 +23,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from recoveryd.coordinator.config import CoordinatorConfig
+from recoveryd.coordinator.gate import Gate, check_exposure, server_credentials
 from recoveryd.coordinator.service import CoordinatorService
+from recoveryd.credentials import Credentials
 from recoveryd.errors import ConfigError, RecoverydError
 from recoveryd.metrics import CoordinatorMetrics, MetricsServer
 from recoveryd.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -34,6 +36,12 @@ _T = TypeVar("_T")
 
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 _TICK_S = 0.25
+MAX_MESSAGE_BYTES = 1 << 20
+"""The largest request the coordinator reads (its biggest honest one, a
+heartbeat of 4,096 beats, is ~0.4 MiB)."""
+MAX_STREAMS = 1024
+"""Concurrent calls per client connection (each rank holds one Watch and at
+most a few calls; a process serving many ranks shares one connection)."""
 
 
 class Coordinator:
@@ -42,6 +50,13 @@ class Coordinator:
     Args:
         bind: ``host:port`` to listen on; port 0 picks a free port (see :attr:`address`).
         config: health, fencing and timeout policy.
+        metrics_port: serve ``/metrics`` on this port (``None``: not served).
+        registry: where the metrics live (default: a new one).
+        credentials: what callers must present (a token and/or client
+            certificates; see :mod:`recoveryd.credentials`); default none.
+        insecure: serve a non-loopback ``bind`` without credentials (refused otherwise).
+        health_port: also serve the gRPC health service alone, in plaintext,
+            on this port (Kubernetes' gRPC probes speak no TLS); ``None``: not.
 
     Example::
 
@@ -56,10 +71,21 @@ class Coordinator:
         *,
         metrics_port: int | None = None,
         registry: CollectorRegistry | None = None,
+        credentials: Credentials | None = None,
+        insecure: bool = False,
+        health_port: int | None = None,
     ) -> None:
         host, _, port = bind.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError("bind", bind, "must be HOST:PORT, e.g. 0.0.0.0:29400")
+        self.credentials = credentials or Credentials()
+        check_exposure(host, self.credentials, insecure=insecure)
+        self._server_credentials = server_credentials(self.credentials)
+        if health_port is not None and not 0 <= health_port < 65536:
+            raise ConfigError("health_port", health_port, "must be a port number")
+        self._health_port_asked = health_port
+        self.health_port: int | None = None
+        """The plaintext health-only port, once started (``None``: not served)."""
         self._bind = bind
         self._host = host
         self.config = config or CoordinatorConfig()
@@ -67,6 +93,7 @@ class Coordinator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._service: CoordinatorService | None = None
         self._stopped: asyncio.Event | None = None
@@ -98,14 +125,20 @@ class Coordinator:
 
     async def _serve(self) -> None:
         self._stopped = asyncio.Event()
-        self._service = CoordinatorService(self.config, metrics=self.metrics)
+        gate = Gate(self.credentials)
+        self._service = CoordinatorService(
+            self.config, metrics=self.metrics, check_identities=gate.requires_certificates()
+        )
         server = grpc.aio.server(
+            interceptors=[gate],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_time_ms", 20_000),
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
-            ]
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_concurrent_streams", MAX_STREAMS),
+            ],
         )
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self._service, server)
         self._health = health.aio.HealthServicer()
@@ -113,15 +146,32 @@ class Coordinator:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self._port = server.add_insecure_port(self._bind)
+        if self._server_credentials is not None:
+            self._port = server.add_secure_port(self._bind, self._server_credentials)
+        else:
+            self._port = server.add_insecure_port(self._bind)
         if self._port == 0:
             raise RecoverydError(f"could not listen on {self._bind} (address in use?)")
         await server.start()
         self._server = server
+        if self._health_port_asked is not None:
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(
+                f"{self._host}:{self._health_port_asked}"
+            )
+            if self.health_port == 0:
+                raise RecoverydError(f"could not listen on health port {self._health_port_asked}")
+            await self._health_server.start()
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         ticker = asyncio.create_task(self._service.tick_forever(_TICK_S))
-        logger.info("coordinator %s serving on %s", self._service.coordinator_id, self.address)
+        logger.info(
+            "coordinator %s serving on %s (credentials: %s)",
+            self._service.coordinator_id,
+            self.address,
+            self.credentials.describe(),
+        )
         self._ready.set()
         await self._stopped.wait()  # serves until stop() or a signal: no deadline, by design
         ticker.cancel()
@@ -140,6 +190,8 @@ class Coordinator:
             await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace.total_seconds())
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         if self._stopped is not None:
             self._stopped.set()
 

@@ -25,11 +25,18 @@ from recoveryd import codec
 from recoveryd._time import Deadline
 from recoveryd.coordinator.census import cluster_status, take_census
 from recoveryd.coordinator.config import CoordinatorConfig
+from recoveryd.coordinator.gate import certificate_names
 from recoveryd.coordinator.membership import Membership
 from recoveryd.coordinator.planner import Planner
-from recoveryd.errors import ConfigError, UnknownMemberError
+from recoveryd.errors import (
+    AuthenticationError,
+    ConfigError,
+    LimitExceededError,
+    PermissionDeniedError,
+    UnknownMemberError,
+)
 from recoveryd.metrics import CoordinatorMetrics
-from recoveryd.protocol import Order, Registration
+from recoveryd.protocol import MemberInfo, Order, Registration
 from recoveryd.v1 import coordinator_pb2 as pb
 from recoveryd.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -38,6 +45,12 @@ logger = logging.getLogger(__name__)
 _MAX_WAIT_S = 30.0
 """The longest a ``Recover`` long poll is held, whatever the agent asks."""
 _QUEUED_ORDERS = 1024  # per rank; orders for a rank that never watches are dropped oldest first
+MAX_BEATS = 4096
+"""The most beats one Heartbeat call may carry."""
+STATUS_PAGE_REPLICAS = 500
+"""Replicas per GetStatus page, at most (and by default)."""
+STATUS_PAGE_RANKS = 20_000
+"""Ranks per GetStatus page, at most (a page holds at least one replica)."""
 
 _Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _Req = TypeVar("_Req")
@@ -49,6 +62,12 @@ def _status_for(err: Exception) -> tuple[grpc.StatusCode, str]:
     """The one mapping from recoveryd errors to gRPC status codes."""
     if isinstance(err, UnknownMemberError):
         return grpc.StatusCode.NOT_FOUND, str(err)
+    if isinstance(err, AuthenticationError):
+        return grpc.StatusCode.UNAUTHENTICATED, err.detail
+    if isinstance(err, PermissionDeniedError):
+        return grpc.StatusCode.PERMISSION_DENIED, err.detail  # the caller knows whom it named
+    if isinstance(err, LimitExceededError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)
     if isinstance(err, ConfigError | ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(err)
     return grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}"
@@ -82,6 +101,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
         config: timeouts and fences.
         clock: seconds on a monotonic clock (injectable for tests).
         metrics: where to count (``None``: nowhere).
+        check_identities: callers hold client certificates, and a call for a
+            replica must come with a certificate that names it.
     """
 
     def __init__(
@@ -90,9 +111,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
         *,
         clock: Callable[[], float] = time.monotonic,
         metrics: CoordinatorMetrics | None = None,
+        check_identities: bool = False,
     ) -> None:
         self.config = config
         self.metrics = metrics
+        self._check_identities = check_identities
         self.coordinator_id = uuid.uuid4().hex[:12]
         self.members = Membership(heartbeat_timeout=config.heartbeat_timeout, clock=clock)
         self.planner = Planner(
@@ -119,6 +142,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
         if q.full():
             q.get_nowait()
         q.put_nowait(order)
+
+    def _end_watch(self, key: tuple[str, int]) -> None:
+        """Ends the rank's open order stream, if any (orders queued for it stay queued)."""
+        q = self._queues.get(key)
+        if q is not None:
+            if q.full():
+                q.get_nowait()
+            q.put_nowait(None)
 
     def _changed(self) -> None:
         """Wakes every held long poll (they re-read their answer)."""
@@ -167,15 +198,59 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
             if self.planner.version != before:
                 self._changed()
 
+    # ---- who may act for a rank ------------------------------------------------
+
+    def _check_replica(self, context: _Context, replica_id: str) -> None:
+        """With client certificates, the caller's must name the replica it acts for."""
+        if not self._check_identities:
+            return
+        names = certificate_names(context)
+        if replica_id not in names:
+            # Not a passing refusal: these credentials will never act for the replica.
+            raise AuthenticationError(
+                "",
+                f"the client certificate names {names[:4]}, not replica {replica_id!r}: give "
+                "each replica's agents a certificate whose CN or a SAN is its replica id",
+            )
+
+    def _authorize(self, context: _Context, replica_id: str, group_rank: int, secret: str) -> None:
+        """The caller holds this rank: its certificate (if any) names the replica, and it
+        carries the rank's secret.
+
+        Raises:
+            UnknownMemberError: the rank is not registered.
+            AuthenticationError: the caller's certificate does not name the replica.
+            PermissionDeniedError: the caller does not hold the rank.
+        """
+        self._check_replica(context, replica_id)
+        self.members.authorize(replica_id, group_rank, secret)
+
+    def _check_room(self, info: MemberInfo) -> None:
+        """A new replica or rank fits under the coordinator's caps."""
+        if self.members.member(info.replica_id, info.group_rank) is not None:
+            return
+        replicas, ranks = self.members.counts()
+        if self.members.replica(info.replica_id) is None and replicas >= self.config.max_replicas:
+            raise LimitExceededError("max_replicas", replicas + 1, self.config.max_replicas)
+        if ranks >= self.config.max_ranks:
+            raise LimitExceededError("max_ranks", ranks + 1, self.config.max_ranks)
+
     # ---- RPCs ------------------------------------------------------------------
 
     @_mapped
     async def Register(self, request: pb.RegisterRequest, context: _Context) -> pb.RegisterResponse:
         info, step = codec.member_from_pb(request.member)
-        restarted = self.members.register(info, step=step)
+        self._check_replica(context, info.replica_id)
+        why = self.members.may_replace(info.replica_id, info.group_rank, request.rank_secret)
+        if why:
+            raise PermissionDeniedError(info.replica_id, info.group_rank, why)
+        self._check_room(info)
+        secret = secrets.token_urlsafe(32)
+        restarted = self.members.register(info, step=step, secret=secret)
+        self._end_watch((info.replica_id, info.group_rank))  # it was opened under the old secret
         self.planner.on_register(info, restarted=restarted)
         logger.info(
-            "registered rank %d/%d of %r at %s%s",
+            "registered rank %d/%d of %r at %r%s",
             info.group_rank,
             info.group_world_size,
             info.replica_id,
@@ -187,13 +262,19 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
             Registration(
                 coordinator_id=self.coordinator_id,
                 heartbeat_interval=self.config.heartbeat_interval,
+                rank_secret=secret,
             )
         )
 
     @_mapped
     async def Leave(self, request: pb.LeaveRequest, context: _Context) -> pb.LeaveResponse:
+        try:
+            self._authorize(context, request.replica_id, request.group_rank, request.rank_secret)
+        except UnknownMemberError:
+            return pb.LeaveResponse(left=False)
         left = self.members.leave(request.replica_id, request.group_rank, request.agent_id)
         if left:
+            self._end_watch((request.replica_id, request.group_rank))
             self.planner.on_leave(request.replica_id, request.group_rank)
             logger.info("rank %d of %r left", request.group_rank, request.replica_id)
             self._changed()
@@ -203,13 +284,20 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: _Context
     ) -> pb.HeartbeatResponse:
+        if len(request.beats) > MAX_BEATS:
+            raise LimitExceededError("beats", len(request.beats), MAX_BEATS, "beats in one call")
         beats = codec.beats_from_pb(request)
-        unknown = []
-        for i, b in enumerate(beats):
+        unknown: list[int] = []
+        for i, (b, sent) in enumerate(zip(beats, request.beats, strict=True)):
             try:
-                self.members.heartbeat(b.replica_id, b.group_rank, step=b.step, healthy=b.healthy)
+                self._authorize(context, b.replica_id, b.group_rank, sent.rank_secret)
             except UnknownMemberError:
                 unknown.append(i)
+        # Every beat was authorised before any is recorded: a call is taken whole or not at all.
+        skip = set(unknown)
+        for i, b in enumerate(beats):
+            if i not in skip:
+                self.members.heartbeat(b.replica_id, b.group_rank, step=b.step, healthy=b.healthy)
         if self.metrics is not None:
             self.metrics.heartbeats.inc(len(beats))
             if unknown:
@@ -217,6 +305,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
         return pb.HeartbeatResponse(coordinator_id=self.coordinator_id, unknown=unknown)
 
     async def Watch(self, request: pb.WatchRequest, context: _Context) -> AsyncIterator[pb.Order]:
+        try:
+            self._authorize(context, request.replica_id, request.group_rank, request.rank_secret)
+        except (UnknownMemberError, PermissionDeniedError, AuthenticationError) as err:
+            code, message = _status_for(err)
+            await context.abort(code, message)
         key = (request.replica_id, request.group_rank)
         old = self._queues.get(key)
         q: asyncio.Queue[Order | None] = asyncio.Queue(_QUEUED_ORDERS)
@@ -249,6 +342,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
     async def Acknowledge(
         self, request: pb.AcknowledgeRequest, context: _Context
     ) -> pb.AcknowledgeResponse:
+        self._authorize(context, request.replica_id, request.group_rank, request.rank_secret)
         active = self.planner.acknowledge(
             request.plan_id,
             request.replica_id,
@@ -262,6 +356,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
 
     @_mapped
     async def Recover(self, request: pb.RecoverRequest, context: _Context) -> pb.RecoverResponse:
+        self._authorize(context, request.replica_id, request.group_rank, request.rank_secret)
         deadline = Deadline(timedelta(seconds=min(max(request.wait_s, 0.0), _MAX_WAIT_S)))
         while True:
             before = self.planner.version
@@ -290,16 +385,28 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
         self, request: pb.TransferReport, context: _Context
     ) -> pb.ReportTransferResponse:
         report = codec.report_from_pb(request)
+        self._authorize(context, report.replica_id, report.group_rank, request.rank_secret)
         self.planner.report(report)
+        if report.result == "untrusted":
+            logger.warning(
+                "plan %d: a process without the plan's key joined its transfer group at %r "
+                "(%s rank %d of %r saw it): someone who reaches the job's rendezvous stores "
+                "is interfering; the plan is made again",
+                report.plan_id,
+                report.address,
+                report.role,
+                report.group_rank,
+                report.replica_id,
+            )
         log = logger.info if report.result == "ok" else logger.warning
         log(
-            "plan %d: %s rank %d of %r: %s %s(%d bytes in %.3f s via %s)",
+            "plan %d: %s rank %d of %r: %s %s(%d bytes in %.3f s via %r)",
             report.plan_id,
             report.role,
             report.group_rank,
             report.replica_id,
             report.result,
-            f"{report.message} " if report.message else "",
+            f"{report.message!r} " if report.message else "",
             report.bytes,
             report.seconds,
             report.address or "?",
@@ -316,6 +423,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):  # type: ignore[misc]
             take_census(self.members, self.planner),
             coordinator_id=self.coordinator_id,
             uptime_s=self._clock() - self._started,
-            recent=request.recent or 20,
+            recent=min(request.recent or 20, self.config.recent_plans),
+            after=request.page_token,
+            max_replicas=min(request.page_size or STATUS_PAGE_REPLICAS, STATUS_PAGE_REPLICAS),
+            max_ranks=STATUS_PAGE_RANKS,
         )
         return codec.status_to_pb(status)

@@ -13,6 +13,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import secrets
 import shutil
 import signal
 import subprocess
@@ -25,8 +26,10 @@ from typing import Any
 
 import torch.distributed as dist
 
+from recoveryd.agent.client import CoordinatorClient
 from recoveryd.coordinator.config import CoordinatorConfig
 from recoveryd.coordinator.server import Coordinator
+from recoveryd.credentials import Credentials
 from recoveryd.demo.trainer import Event, TrainerSpec, run_trainer
 from recoveryd.errors import RecoverydError
 
@@ -40,7 +43,8 @@ class LocalCluster:
 
     Args:
         coordinator: address of a running coordinator; ``None`` starts one in
-            this process on 127.0.0.1.
+            this process on 127.0.0.1, which demands a token made for this
+            cluster (every rank and sidecar is given it, as a job's Secret would).
         coordinator_config: for the coordinator started here.
         prometheus_sd: write the ``/metrics`` addresses of the coordinator
             started here and of every rank to this file, as Prometheus
@@ -68,7 +72,15 @@ class LocalCluster:
         """Each rank's latest incarnation's ``/metrics`` (a killed one's goes with it)."""
         if prometheus_sd is not None:
             defaults.setdefault("metrics_port", 0)
+        self._token_dir = tempfile.mkdtemp(prefix="recoveryd-token-")  # 0700
+        self.token_file = ""
+        """The token file every rank and sidecar presents ("" with an outside coordinator)."""
         if coordinator is None:
+            self.token_file = os.path.join(self._token_dir, "token")
+            fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32) + "\n")
+            defaults.setdefault("token_file", self.token_file)
             self.coordinator = Coordinator(
                 "127.0.0.1:0",
                 coordinator_config
@@ -78,6 +90,7 @@ class LocalCluster:
                     warmup=timedelta(seconds=1),
                 ),
                 metrics_port=0 if prometheus_sd is not None else None,
+                credentials=Credentials(token_file=self.token_file),
             ).start()
             coordinator = self.coordinator.address
             if self.coordinator.metrics_address is not None:
@@ -99,6 +112,11 @@ class LocalCluster:
         self.events: list[Event] = []
         self.t0 = time.time()
         self._write_sd()
+
+    def client(self, timeout: timedelta = timedelta(seconds=5)) -> CoordinatorClient:
+        """A client of the cluster's coordinator, with the cluster's token."""
+        creds = Credentials(token_file=self.token_file) if self.token_file else None
+        return CoordinatorClient(self.address, timeout=timeout, credentials=creds)
 
     def start_replica(self, replica_id: str, world_size: int, **overrides: Any) -> int:
         """Starts every rank of a replica; returns its incarnation (0 the first time)."""
@@ -143,6 +161,8 @@ class LocalCluster:
             cmd += ["--socket", path, "--host", "127.0.0.1", "--parent-pid", str(os.getpid())]
             if self._sd_path is not None:
                 cmd += ["--metrics-port", "0"]
+            if self.token_file:
+                cmd += ["--token-file", self.token_file]
             with open(f"{path}.log", "ab") as log:
                 self._sidecars[(replica_id, rank)] = subprocess.Popen(
                     cmd,
@@ -303,6 +323,7 @@ class LocalCluster:
                 s.wait(5)
         if self._sidecar_dir is not None:
             shutil.rmtree(self._sidecar_dir, ignore_errors=True)
+        shutil.rmtree(self._token_dir, ignore_errors=True)
         if self.coordinator is not None:
             self.coordinator.stop()
 

@@ -20,7 +20,6 @@ from datetime import timedelta
 from typing import Any, TextIO
 
 from recoveryd._format import human_bytes, phases_line
-from recoveryd.agent.client import CoordinatorClient
 from recoveryd.demo.cluster import LocalCluster
 from recoveryd.demo.jobs import MODELS, Model
 from recoveryd.demo.trainer import Event
@@ -186,7 +185,7 @@ def run_demo(config: DemoConfig, *, out: TextIO = sys.stdout, as_json: bool = Fa
             end = time.monotonic() + config.linger_s
             while time.monotonic() < end:
                 cluster.drain(min(0.2, max(0.0, end - time.monotonic())))
-        client = CoordinatorClient(cluster.address)
+        client = cluster.client()
         status = client.status(recent=10)
         client.close()
         cluster.stop()

@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from recoveryd._time import Deadline
 from recoveryd.agent import Agent, AgentConfig, RankAgent
+from recoveryd.credentials import Credentials
 from recoveryd.demo import jobs
 from recoveryd.demo.jobs import Model
 from recoveryd.sidecar.client import attach
@@ -73,6 +74,8 @@ class TrainerSpec:
     """Serve the agent's ``/metrics`` on this port (0: any free one); ``None``: off."""
     sidecar_socket: str | None = None
     """Attach to the sidecar agent on this socket instead of running one in-process."""
+    token_file: str = ""
+    """The job's token file the agent presents to the coordinator ("": none)."""
     join_together: tuple[str, int] | None = None
     """``(key, ranks)``: call ``recover()`` only once that many ranks reached the
     same key on the launcher's store (tests: replicas that join at once)."""
@@ -207,6 +210,11 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
                 heartbeat_interval=timedelta(seconds=spec.heartbeat_interval_s),
                 rendezvous_timeout=timedelta(seconds=spec.rendezvous_timeout_s),
                 metrics_port=spec.metrics_port,
+                credentials=(
+                    Credentials(token_file=spec.token_file)
+                    if spec.token_file
+                    else Credentials.from_env()
+                ),
             ),
             state,
         )

@@ -7,32 +7,34 @@ request (:mod:`recoveryd.sidecar.frames`) over the sidecar's Unix socket,
 under a deadline; tensor bytes never cross it (they are shared, see
 :mod:`recoveryd.sidecar.share`), and errors come back with their type and
 facts.
+
+Attaching proves the trainer may: it presents the sidecar's token (read
+from ``token_file``), and a rank it attached before in this process is
+taken back with that attachment's secret (a live rank is never taken from
+another process). While attached, a thread of the attachment pings the
+sidecar when the trainer has not called it for a quarter of the sidecar's
+``idle_timeout``, so long gaps between steps never end the session.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import resource
-import socket
 from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 
-from recoveryd._time import Deadline
+from recoveryd._time import env_str
 from recoveryd.agent.interface import RecoveryRecord
-from recoveryd.errors import RecoverydError, SidecarLostError, error_from_fields
+from recoveryd.errors import LimitExceededError, RecoverydError, SidecarLostError
 from recoveryd.protocol import Report
-from recoveryd.sidecar import frames, wire
-from recoveryd.sidecar.share import Exporter, signature
+from recoveryd.sidecar import channel, frames, trust, wire
+from recoveryd.sidecar.share import Exporter, raise_nofile_limit, signature
 from recoveryd.transport.tree import TreeBuilder, merge_values
 from recoveryd.v1 import manifest_pb2 as pb
-
-logger = logging.getLogger(__name__)
 
 _R = TypeVar("_R", bound=frames.Reply)
 _PLACEHOLDER = torch.empty(0)
@@ -50,6 +52,7 @@ def attach(
     labels: Mapping[str, str] | None = None,
     timeout: timedelta = timedelta(seconds=30),
     transfer_timeout: timedelta = timedelta(minutes=10),
+    token_file: str | None = None,
 ) -> Attachment:
     """Attaches this trainer rank to the sidecar agent listening on ``path``.
 
@@ -68,10 +71,19 @@ def attach(
         timeout: how long to wait for the sidecar to accept (it may start
             after the trainer), and for each quick request.
         transfer_timeout: the longest a ``step()`` that sends may take.
+        token_file: the file of the sidecar's attach token (default:
+            ``RECOVERYD_SIDECAR_TOKEN_FILE``, else ``<path>.token``, which the
+            sidecar writes when it starts).
 
     Raises:
         SidecarLostError: no sidecar accepted within ``timeout``.
         UnsupportedValueError: the state holds what cannot be shared.
+        ConfigError: the token file cannot be read, or this process's uid or
+            frames version is not one the sidecar serves.
+        PermissionDeniedError: the sidecar refused the token, or another live
+            trainer process holds this rank.
+        LimitExceededError: the sidecar serves as many connections as it
+            may, or the state is larger than it takes.
     """
     return Attachment(
         path,
@@ -79,6 +91,9 @@ def attach(
         identity=_Identity(replica_id, group_rank, group_world_size, dict(labels or {})),
         timeout=timeout,
         transfer_timeout=transfer_timeout,
+        token_file=token_file
+        or env_str("RECOVERYD_SIDECAR_TOKEN_FILE")
+        or trust.default_token_file(path),
     )
 
 
@@ -107,42 +122,55 @@ class Attachment:
         identity: _Identity,
         timeout: timedelta,
         transfer_timeout: timedelta,
+        token_file: str,
     ) -> None:
         self.path = path
+        self.token_file = token_file
+        """Where this attachment read the sidecar's token."""
         self._state_fn = state_dict
         self._timeout = timeout
         self._transfer_timeout = transfer_timeout
         self._exporter = Exporter()
-        self._lost: SidecarLostError | None = None
         self._steps = 0
         self.last_recovery: RecoveryRecord | None = None
         """How the last :meth:`recover` went (the sidecar's recovery record)."""
         self.sends: deque[Report] = deque(maxlen=32)
         """The last sends the sidecar made from this rank's state (newest last)."""
-        _raise_nofile_limit()
+        raise_nofile_limit()
         state = state_dict()
-        exp = self._exporter.export(state)  # fails fast (e.g. /dev/shm too small)
+        exp = self._exporter.export(state)  # fails fast (e.g. no memory for the state)
         self._cuda = exp.cuda
         self._sig = signature(state)
-        self._sock = self._connect()
+        self._key = (os.path.abspath(path), identity.replica_id, identity.group_rank)
+        self._channel = channel.Channel(path, timeout)
         try:
-            reply, _ = self._call(
+            # Read after connecting: the sidecar writes its token before it listens.
+            token = channel.read_token(token_file, path)
+            body = wire.pack(frames.encode(frames.State(layout=exp.layout)), len(exp.fds))
+            admitted, _ = self._call(
                 frames.Attach(
                     version=frames.FRAMES_VERSION,
+                    token=token,
+                    token_file=token_file,
                     replica_id=identity.replica_id,
                     group_rank=identity.group_rank,
                     group_world_size=identity.group_world_size,
                     labels=identity.labels,
                     pid=os.getpid(),
-                    layout=exp.layout,
+                    secret=channel.held_secret(self._key),
+                    state=_size(body, exp.manifest, exp.fds),
                 ),
-                frames.Attached,
-                exp.manifest,
-                exp.fds,
+                frames.Admitted,
             )
+            self._channel.max_frame_bytes = admitted.max_frame_bytes
+            reply, _ = self._call(body, frames.Attached, exp.manifest, exp.fds)
         except BaseException:
-            self._sock.close()  # refused: the sidecar ends this session, not the others
+            self._channel.close()  # refused: the sidecar ends this session, not the others
             raise
+        self._secret = reply.secret
+        channel.hold_secret(self._key, reply.secret)
+        if reply.idle_timeout_s > 0:
+            self._channel.keep_alive(timedelta(seconds=reply.idle_timeout_s / 4))
         self.agent_id = reply.agent_id
         self.rendezvous = reply.rendezvous
         self.metrics_address = reply.metrics_address
@@ -151,7 +179,7 @@ class Attachment:
     @property
     def lost(self) -> bool:
         """Whether the sidecar went away (``step()`` then does nothing)."""
-        return self._lost is not None
+        return self._channel.lost is not None
 
     def recover(
         self, state_dict: object, *, timeout: timedelta = timedelta(minutes=10)
@@ -179,7 +207,7 @@ class Attachment:
         if reply.step is None:
             return None
         m = pb.Manifest()
-        m.ParseFromString(payload)
+        m.ParseFromString(cast(bytes, payload))  # upb parses any buffer, without a copy
         merge_values(state_dict, TreeBuilder(m, lambda kind, arg, path: _PLACEHOLDER).build())
         return reply.step
 
@@ -194,7 +222,10 @@ class Attachment:
         Raises:
             SidecarLostError: the sidecar went away (raised once).
         """
-        if self._lost is not None:
+        if self._channel.lost is not None:
+            err, self._channel.unraised = self._channel.unraised, None
+            if err is not None:  # found gone by a ping: raised here, once
+                raise err
             return False
         self._steps += 1
         if self._steps <= 10 or self._steps % _CHECK_EVERY == 0:
@@ -237,15 +268,15 @@ class Attachment:
                 :meth:`recoveryd.Agent.close`); the answer is awaited that
                 long plus the attach timeout.
         """
-        if self._lost is None:
+        if self._channel.lost is None:
             with contextlib.suppress(SidecarLostError):
                 self._call(
                     frames.Close(timeout_s=timeout.total_seconds()),
                     frames.Done,
                     deadline=timeout + self._timeout,
                 )
-        self._lost = self._lost or SidecarLostError(self.path, "closed")
-        self._sock.close()
+        self._channel.close()
+        channel.drop_secret(self._key, self._secret)
 
     def __enter__(self) -> Attachment:
         return self
@@ -255,22 +286,10 @@ class Attachment:
 
     # ---- internals ------------------------------------------------------------
 
-    def _connect(self) -> socket.socket:
-        deadline = Deadline(self._timeout)
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(self.path)
-                return sock
-            except OSError as err:
-                sock.close()
-                if deadline.expired:
-                    raise SidecarLostError(self.path, f"cannot connect: {err}") from err
-                deadline.sleep(timedelta(seconds=0.1))
-
     def _check(self) -> None:
-        if self._lost is not None:
-            raise self._lost
+        if self._channel.lost is not None:
+            self._channel.unraised = None
+            raise self._channel.lost
 
     def _sync(self) -> None:
         if self._cuda:
@@ -281,59 +300,41 @@ class Attachment:
         self._sig = signature(state)
         self._cuda = exp.cuda
         try:
-            self._call(frames.Refresh(layout=exp.layout), frames.Done, exp.manifest, exp.fds)
+            body = wire.pack(frames.encode(frames.State(layout=exp.layout)), len(exp.fds))
+            size = _size(body, exp.manifest, exp.fds)
+            total = size.layout_bytes + size.manifest_bytes
+            if total > self._channel.max_frame_bytes:  # sent, it would end the session
+                raise LimitExceededError(
+                    "RECOVERYD_SIDECAR_MAX_FRAME_BYTES",
+                    total,
+                    self._channel.max_frame_bytes,
+                    what=f"this rank's state as described to the sidecar at {self.path} (bytes)",
+                )
+            self._call(frames.Refresh(state=size), frames.Done, then=(body, exp.manifest, exp.fds))
         except RecoverydError:
             self._exporter.reset()  # the sidecar may lack some storages: describe all next time
             raise
 
     def _call(
         self,
-        request: frames.Request,
+        request: frames.Request | bytes,
         expect: type[_R],
         payload: bytes = b"",
         fds: list[int] | None = None,
         *,
         deadline: timedelta | None = None,
-    ) -> tuple[_R, bytes]:
-        """One request and its reply (of type ``expect``); a failure is raised as it was raised there."""
+        then: tuple[bytes, bytes, list[int]] | None = None,
+    ) -> tuple[_R, bytes | bytearray]:
+        """One request and its reply (see :meth:`channel.Channel.call`); a failed
+        recovery's record becomes :attr:`last_recovery`."""
         try:
-            wire.send(self._sock, frames.encode(request), payload, fds or [])
-            frame = wire.recv(self._sock, deadline=Deadline(deadline or self._timeout))
-            try:
-                reply = frames.decode_reply(frame.header)
-            except wire.WireError as err:
-                raise wire.WireError(
-                    f"its answer to {request.OP} is not one this trainer reads ({err}): run the "
-                    "same recoveryd version in the trainer and in its sidecar"
-                ) from err
-        except wire.WireError as err:
-            self._lost = SidecarLostError(self.path, str(err))
-            logger.error("%s", self._lost)
-            # Closing tells the sidecar at once: it reports the rank unhealthy
-            # and drops the state, instead of serving it on after a timeout.
-            with contextlib.suppress(OSError):
-                self._sock.close()
-            raise self._lost from err
-        if isinstance(reply, frames.Failed):
-            if reply.record is not None:
-                self.last_recovery = reply.record
-            try:
-                error = error_from_fields(reply.error)
-            except ValueError as err:
-                raise RecoverydError(f"the sidecar failed {request.OP}: {err}") from None
-            raise error
-        if not isinstance(reply, expect):
-            raise RecoverydError(
-                f"the sidecar answered {request.OP} with {reply.OP}, not {expect.OP}: "
-                "run the same recoveryd version in the trainer and the sidecar"
-            )
-        return reply, frame.payload
+            return self._channel.call(request, expect, payload, fds, deadline=deadline, then=then)
+        finally:
+            if self._channel.record is not None:
+                self.last_recovery, self._channel.record = self._channel.record, None
 
 
-def _raise_nofile_limit() -> None:
-    """Raises the soft open-files limit to the hard one: the trainer keeps one
-    descriptor per shared storage (torch's file_descriptor sharing)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+def _size(body: bytes, manifest: bytes, fds: list[int]) -> frames.StateSize:
+    return frames.StateSize(
+        layout_bytes=len(body), manifest_bytes=len(manifest), descriptors=len(fds)
+    )

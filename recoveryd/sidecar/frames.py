@@ -4,10 +4,16 @@ Every frame's header is one of the frozen dataclasses below, named by its
 ``op``; :func:`encode` turns one into the header's JSON object and
 :func:`decode_request` / :func:`decode_reply` turn a header back, checking
 every field against its type (an unknown op or field, a missing one, a
-value of the wrong type is a :class:`~recoveryd.sidecar.wire.WireError`).
+value of the wrong type is a :class:`~recoveryd.sidecar.wire.MalformedFrameError`).
 Manifests travel as the frame's payload and descriptors alongside (see
 :mod:`recoveryd.sidecar.wire`); errors as :func:`recoveryd.errors.error_to_fields`
 describes them.
+
+A conversation: ``Attach`` (small: who, the token, the size of the state to
+come) -> ``Admitted`` -> ``State`` (the layout, the manifest, the
+descriptors) -> ``Attached`` (with the attachment's secret); then requests
+and their replies, a ``Refresh`` followed at once by its ``State``, and
+``Ping`` -> ``Done`` while the trainer is away.
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ from typing import Any, ClassVar, Literal, TypeAlias, Union
 
 from recoveryd.agent.interface import RecoveryRecord
 from recoveryd.protocol import Report
-from recoveryd.sidecar.wire import WireError
+from recoveryd.sidecar.wire import MalformedFrameError
 
-FRAMES_VERSION = 1
+FRAMES_VERSION = 2
 """The version of these frames; a trainer and its sidecar must speak the same
-(the attach says which, and a sidecar of another version refuses it)."""
+(the attach says which, and a sidecar of another version refuses it).
+2: the attach is checked (token, the rank's holder) before the state is sent."""
 
 # ---- what a trainer shares ----------------------------------------------------------
 
@@ -73,26 +80,67 @@ class SharedLayout:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class StateSize:
+    """The sizes of the :class:`State` frame a request announces: the receiver
+    takes exactly that much (within its ceiling), nothing more."""
+
+    layout_bytes: int
+    """Bytes of the :class:`State` frame's header (as :func:`recoveryd.sidecar.wire.pack` encodes it)."""
+    manifest_bytes: int
+    """Bytes of its payload, the manifest."""
+    descriptors: int
+    """Descriptors that come with it (one per new CPU storage)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Attach:
-    """Serve this rank: its identity and its state (manifest as payload)."""
+    """Serve this rank: who it is, the proof that it may attach, the size of its state.
+
+    The first frame of a connection and a small one: the sidecar checks it
+    (version, token, the rank's current holder) before it accepts anything
+    larger, then answers :class:`Admitted` and the trainer sends its
+    :class:`State`."""
 
     OP: ClassVar[str] = "attach"
     version: int
     """:data:`FRAMES_VERSION` of the trainer's recoveryd."""
+    token: str = ""
+    """The sidecar's attach token, as read from ``token_file``."""
+    token_file: str = ""
+    """Where the trainer read the token (for the messages of a refusal)."""
     replica_id: str
     group_rank: int
     group_world_size: int
     labels: Mapping[str, str]
     pid: int
+    secret: str = ""
+    """The secret of this process's live attachment of the same rank, if it has
+    one (:attr:`Attached.secret`): presenting it replaces that attachment."""
+    state: StateSize
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class State:
+    """The rank's state as shared (manifest as payload, descriptors alongside);
+    sent only right after :class:`Admitted` or a :class:`Refresh`."""
+
+    OP: ClassVar[str] = "state"
     layout: SharedLayout
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Refresh:
-    """The state as it is now (manifest as payload)."""
+    """The state as it is now: a :class:`State` of these sizes follows at once."""
 
     OP: ClassVar[str] = "refresh"
-    layout: SharedLayout
+    state: StateSize
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Ping:
+    """Nothing to do: the trainer lives (sent when it has not called for a while)."""
+
+    OP: ClassVar[str] = "ping"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -128,9 +176,18 @@ class Close:
     timeout_s: float
 
 
-Request: TypeAlias = Attach | Refresh | Recover | Step | Park | Close
+Request: TypeAlias = Attach | State | Refresh | Recover | Step | Park | Close | Ping
 
 # ---- replies (sidecar -> trainer) --------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Admitted:
+    """The attach is accepted: send the :class:`State` it announced."""
+
+    OP: ClassVar[str] = "admitted"
+    max_frame_bytes: int
+    """The largest :class:`State` frame (header and payload) this sidecar takes."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -141,11 +198,16 @@ class Attached:
     agent_id: str
     rendezvous: str
     metrics_address: str | None = None
+    secret: str = ""
+    """This attachment's secret: an attach of the same rank that presents it
+    replaces this one while it lives (the trainer process keeps it)."""
+    idle_timeout_s: float = 0.0
+    """The sidecar ends a session silent this long: the trainer pings well within it (0: never)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Done:
-    """The request is done (``refresh``, ``close``)."""
+    """The request is done (``refresh``, ``close``, ``ping``)."""
 
     OP: ClassVar[str] = "done"
 
@@ -186,11 +248,13 @@ class Failed:
     record: RecoveryRecord | None = None
 
 
-Reply: TypeAlias = Attached | Done | Recovered | Stepped | Parked | Failed
+Reply: TypeAlias = Admitted | Attached | Done | Recovered | Stepped | Parked | Failed
 
-_REQUESTS: dict[str, type[Any]] = {c.OP: c for c in (Attach, Refresh, Recover, Step, Park, Close)}
+_REQUESTS: dict[str, type[Any]] = {
+    c.OP: c for c in (Attach, State, Refresh, Recover, Step, Park, Close, Ping)
+}
 _REPLIES: dict[str, type[Any]] = {
-    c.OP: c for c in (Attached, Done, Recovered, Stepped, Parked, Failed)
+    c.OP: c for c in (Admitted, Attached, Done, Recovered, Stepped, Parked, Failed)
 }
 
 
@@ -206,7 +270,7 @@ def decode_request(header: Mapping[str, Any]) -> Request:
     """The request a frame header describes.
 
     Raises:
-        WireError: not a well-formed request.
+        MalformedFrameError: not a well-formed request.
     """
     msg: Request = _decode(header, _REQUESTS)
     return msg
@@ -216,7 +280,7 @@ def decode_reply(header: Mapping[str, Any]) -> Reply:
     """The reply a frame header describes.
 
     Raises:
-        WireError: not a well-formed reply.
+        MalformedFrameError: not a well-formed reply.
     """
     msg: Reply = _decode(header, _REPLIES)
     return msg
@@ -227,7 +291,7 @@ def _decode(header: Mapping[str, Any], kinds: Mapping[str, type[Any]]) -> Any:
     op = fields.pop("op", None)
     cls = kinds.get(op) if isinstance(op, str) else None
     if cls is None:
-        raise WireError(f"malformed frame: unknown op {op!r}")
+        raise MalformedFrameError(f"malformed frame: unknown op {op!r}")
     return _from_json(cls, fields, op)
 
 
@@ -251,38 +315,42 @@ def _from_json(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise WireError(f"malformed frame: {where} is not an object")
+            raise MalformedFrameError(f"malformed frame: {where} is not an object")
         hints = _hints(tp)
         known = {f.name for f in dataclasses.fields(tp)}
         extra = set(value) - known
         if extra:
-            raise WireError(f"malformed frame: {where} has unknown fields {sorted(extra)}")
+            raise MalformedFrameError(
+                f"malformed frame: {where} has unknown fields {sorted(extra)}"
+            )
         args = {}
         for f in dataclasses.fields(tp):
             if f.name in value:
                 args[f.name] = _from_json(hints[f.name], value[f.name], f"{where}.{f.name}")
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise WireError(f"malformed frame: {where} lacks {f.name!r}")
+                raise MalformedFrameError(f"malformed frame: {where} lacks {f.name!r}")
         return tp(**args)
     if origin in (Union, types.UnionType):
         for arm in typing.get_args(tp):
             try:
                 return _from_json(arm, value, where)
-            except WireError:
+            except MalformedFrameError:
                 continue
-        raise WireError(f"malformed frame: {where} is none of {tp}")
+        raise MalformedFrameError(f"malformed frame: {where} is none of {tp}")
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise WireError(f"malformed frame: {where} is {value!r}, not one of {typing.get_args(tp)}")
+        raise MalformedFrameError(
+            f"malformed frame: {where} is {value!r}, not one of {typing.get_args(tp)}"
+        )
     if origin is tuple:
         if not isinstance(value, list):
-            raise WireError(f"malformed frame: {where} is not a list")
+            raise MalformedFrameError(f"malformed frame: {where} is not a list")
         (arm, _) = typing.get_args(tp)
         return tuple(_from_json(arm, v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin in (dict, Mapping):
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise WireError(f"malformed frame: {where} is not an object")
+            raise MalformedFrameError(f"malformed frame: {where} is not an object")
         _, arm = typing.get_args(tp)
         return {k: _from_json(arm, v, f"{where}.{k}") for k, v in value.items()}
     return _scalar(tp, value, where)
@@ -307,5 +375,9 @@ def _scalar(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, str):
             return value
     else:
-        raise WireError(f"malformed frame: {where} has a type the codec does not know ({tp})")
-    raise WireError(f"malformed frame: {where} is {type(value).__name__}, not {tp.__name__}")
+        raise MalformedFrameError(
+            f"malformed frame: {where} has a type the codec does not know ({tp})"
+        )
+    raise MalformedFrameError(
+        f"malformed frame: {where} is {type(value).__name__}, not {tp.__name__}"
+    )

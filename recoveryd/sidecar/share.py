@@ -16,6 +16,11 @@ and a ShardedTensor as a :class:`~recoveryd.transport.tree.LocalShardedTensor`
 nor its groups, and needs neither to send or receive them in place). A byte
 the trainer writes is a byte the sidecar reads, and the other way round: the
 sidecar receives a recovery straight into the trainer's tensors.
+
+CPU memory goes in sealed memfds where the trainer can make them, and the
+sidecar checks every descriptor before it maps it (see :mod:`recoveryd.sidecar.seal`):
+a trainer can neither make the sidecar grow its files nor crash it by
+shrinking them.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ import os
 import resource
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from google.protobuf.message import DecodeError
 
 from recoveryd.errors import ConfigError, ManifestError, UnsupportedValueError
+from recoveryd.sidecar import seal
 from recoveryd.sidecar.frames import SharedLayout, SpanRef, StorageHandle
 from recoveryd.transport.format import NODE_DTENSOR, NODE_TENSOR
 from recoveryd.transport.tree import (
@@ -79,9 +86,11 @@ class Exporter:
     that address (the new one would look already shared).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, sealed: bool | None = None) -> None:
         self._known: dict[tuple[str, int], tuple[int, torch.UntypedStorage]] = {}
         self._next_id = 0
+        self.sealed = seal.can_seal() if sealed is None else sealed
+        """Whether CPU storages go in sealed memfds (else torch's ``/dev/shm`` segments)."""
 
     def reset(self) -> None:
         """Forgets what was exported (the next export describes every storage anew)."""
@@ -99,7 +108,7 @@ class Exporter:
         for t in tensors:
             if t.device.type == "cpu":
                 if not t.is_shared():  # type: ignore[no-untyped-call]
-                    _to_shared_memory(t, tensors)
+                    _to_shared_memory(t, tensors, sealed=self.sealed)
             elif t.device.type != "cuda":
                 raise UnsupportedValueError(f"a tensor on {t.device}", t)
         live = {(str(t.device), t.untyped_storage().data_ptr()) for t in tensors}
@@ -142,7 +151,28 @@ class Exporter:
         )
 
 
-def _to_shared_memory(t: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+def raise_nofile_limit() -> None:
+    """Raises the soft open-files limit to the hard one: each shared storage holds a
+    descriptor (in the trainer, and in the sidecar while it maps it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def _to_shared_memory(t: torch.Tensor, tensors: list[torch.Tensor], *, sealed: bool) -> None:
+    if sealed:
+        storage = t.untyped_storage()
+        if storage.nbytes() == 0:
+            return  # an empty storage is never handed over (its spans have no handle)
+        try:
+            seal.move_to_sealed_memory(storage)
+        except OSError as err:
+            total = sum(x.untyped_storage().nbytes() for x in tensors if x.device.type == "cpu")
+            raise seal.memory_error(err, total) from err
+        return
     try:
         t.share_memory_()  # type: ignore[no-untyped-call]
     except RuntimeError as err:
@@ -186,10 +216,17 @@ def _handle(h: int, storage: torch.UntypedStorage, fds: list[int]) -> StorageHan
 
 
 class SharedState:
-    """The sidecar's side: the trainer's storages, mapped, and its state over them."""
+    """The sidecar's side: the trainer's storages, mapped, and its state over them.
 
-    def __init__(self) -> None:
+    Args:
+        require_sealed: map only CPU segments sealed against shrinking (see
+            :func:`recoveryd.sidecar.seal.check_segment`).
+    """
+
+    def __init__(self, *, require_sealed: bool = True) -> None:
         self._storages: dict[int, torch.UntypedStorage] = {}
+        self._unsealed: dict[int, int] = {}  # id -> bytes mapped, for storages to check again
+        self.require_sealed = require_sealed
         self.cuda = False
 
     def update(self, layout: SharedLayout, fds: list[int]) -> None:
@@ -201,6 +238,7 @@ class SharedState:
         """Unmaps storages the trainer's state no longer uses."""
         for h in ids:
             self._storages.pop(h, None)
+            self._unsealed.pop(h, None)
 
     def add(self, handles: Sequence[StorageHandle], fds: list[int]) -> None:
         """Maps new handles (closes the descriptors: the mappings keep the memory).
@@ -208,15 +246,28 @@ class SharedState:
         Raises:
             ConfigError: a handle that cannot be mapped here (e.g. a CUDA
                 handle without the trainer's GPU visible to this process).
+            ManifestError: a descriptor that is not a trainer's segment as its
+                handle describes it (see :func:`recoveryd.sidecar.seal.check_segment`).
         """
         fd_iter = iter(fds)
         try:
+            if len(fds) != sum(1 for h in handles if h.kind == "cpu"):
+                raise ManifestError(
+                    f"{len(fds)} descriptors for {sum(h.kind == 'cpu' for h in handles)} CPU storages"
+                )
             for h in handles:
+                if h.id in self._storages:
+                    raise ManifestError(f"storage {h.id} is shared twice")
                 if h.kind == "cpu":
                     fd = next(fd_iter)
+                    sealed = seal.check_segment(
+                        fd, h.size, h.id, require_sealed=self.require_sealed
+                    )
                     self._storages[h.id] = torch.UntypedStorage._new_shared_fd_cpu(  # type: ignore[attr-defined]
                         fd, h.size
                     )
+                    if not sealed:
+                        self._unsealed[h.id] = h.size
                 else:
                     self._storages[h.id] = _map_cuda(h)
                     self.cuda = True
@@ -229,7 +280,7 @@ class SharedState:
                 except OSError:
                     pass
 
-    def state(self, manifest: bytes, spans: Sequence[SpanRef]) -> object:
+    def state(self, manifest: bytes | bytearray, spans: Sequence[SpanRef]) -> object:
         """The trainer's state tree over the mapped storages.
 
         Raises:
@@ -237,7 +288,7 @@ class SharedState:
         """
         m = pb.Manifest()
         try:
-            m.ParseFromString(manifest)
+            m.ParseFromString(cast(bytes, manifest))  # upb parses any buffer, without a copy
         except DecodeError as err:
             raise ManifestError(f"the trainer's description does not parse: {err}") from err
         tensors = decode_tensors(m)
@@ -283,9 +334,26 @@ class SharedState:
             storage, lo, (n,), (1,)
         )
 
+    def check_whole(self) -> None:
+        """Checks that no unsealed segment shrank since it was mapped (call before every
+        access; a shrink between this check and the access still crashes the process).
+
+        Raises:
+            ManifestError: one did: its memory must not be touched any more.
+        """
+        for h, size in self._unsealed.items():
+            now = seal.shrunk(self._storages[h]._get_shared_fd(), size)  # type: ignore[attr-defined]
+            if now is not None:
+                raise ManifestError(
+                    f"storage {h} shrank from {size} to {now} bytes after it was shared: the "
+                    "trainer cut its own memory; this sidecar will not touch it (the rank's "
+                    "session ends, reported unhealthy)"
+                )
+
     def close(self) -> None:
         """Drops the mappings (the trainer's memory is freed once it lets go too)."""
         self._storages.clear()
+        self._unsealed.clear()
 
 
 def _map_cuda(h: StorageHandle) -> torch.UntypedStorage:

@@ -86,10 +86,8 @@ def rebuild_allocated(
         group = shard_group if shard_group is not None else _group_of(smeta, path)
         return _sharded(smeta, [plain(i) for i in smeta.local_tensor], group, path)
 
-    # Paths only name a DTensor or ShardedTensor in an error; a state without
-    # them does not build them (a tuple per node saved).
-    sharded = bool(m.dtensors) or bool(m.sharded_tensors)
-    return TreeBuilder(m, leaf, paths=sharded, tensors=tensors).build()
+    # Paths only name a DTensor or ShardedTensor (which get theirs regardless).
+    return TreeBuilder(m, leaf, paths=False, tensors=tensors).build()
 
 
 def _dtensor(meta: pb.DTensorMeta, local: torch.Tensor, mesh: Any, path: Path) -> DTensor:

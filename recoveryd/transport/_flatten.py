@@ -4,7 +4,10 @@ The walk finds every tensor (plain, DTensor local, ShardedTensor local shard),
 groups them by the storage they view, and sends each storage's covered bytes
 once: tied weights and views of one flat buffer stay one span on the wire and
 come back as views of one buffer. A strided view whose extent is mostly gaps
-(``t[:, ::1000]``) is sent as a dense copy instead, so no gap bytes are sent.
+(``t[:, ::1000]``) is sent as a dense copy instead, so no gap bytes are sent,
+and so is a view whose elements share memory (``expand``'s zero strides,
+``unfold``'s overlapping windows): a joiner refuses such strides, since a
+manifest could otherwise make it a tensor of 2**59 elements over 4 bytes.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from recoveryd.transport._sharding import (
     dtensor_meta,
     sharded_meta,
 )
+from recoveryd.transport._validate import one_to_one
 from recoveryd.transport.format import (
     FORMAT_VERSION,
     KEY_INT,
@@ -169,14 +173,17 @@ class _Walker:
             t = t.detach().resolve_conj().resolve_neg().contiguous()
         itemsize = t.element_size()
         nbytes = t.numel() * itemsize
-        if t.is_contiguous():
+        contiguous = t.is_contiguous()
+        if contiguous:
             lo = int(t.storage_offset()) * itemsize
             hi = lo + nbytes
         else:
             lo, hi = _extent(t)
         if nbytes == 0:
             self.dense.append(_Leaf(t, index, t.data_ptr(), 0, 0))
-        elif hi - lo > _GAPPY_RATIO * nbytes and hi - lo > 64 * 1024:
+        elif (hi - lo > _GAPPY_RATIO * nbytes and hi - lo > 64 * 1024) or (
+            not contiguous and not one_to_one(tuple(t.shape), t.stride())
+        ):
             t = t.detach().contiguous()
             self.dense.append(_Leaf(t, index, t.data_ptr(), 0, nbytes))
         else:

@@ -20,11 +20,16 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 import threading
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
+from recoveryd._format import human_bytes
+from recoveryd.errors import ManifestError
 from recoveryd.transport._pieces import Message
 
 logger = logging.getLogger(__name__)
@@ -189,7 +194,9 @@ class Arena:
                 base += (m.nbytes + 63) & ~63
         for i, m in enumerate(messages):
             if m.direct:
-                landing[i] = buffers[m.span_ids[0]].narrow(0, m.offsets[0], m.sizes[0])
+                buf = buffers[m.span_ids[0]]
+                whole = m.sizes[0] == buf.numel()  # no view object per one-message span
+                landing[i] = buf if whole else buf.narrow(0, m.offsets[0], m.sizes[0])
         return buffers, landing
 
 
@@ -233,3 +240,84 @@ class SpanBuffers:
         if where is None or self._made[s] is not None:
             return None
         return torch.frombuffer(where[0], dtype=dtype, count=numel, offset=where[1])
+
+
+AVAILABLE_SHARE = 0.75
+"""The share of the available memory a receive may allocate by default (see
+``TransferConfig.max_alloc_bytes`` for why a quarter is left)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AllocLimit:
+    """The most bytes one receive may allocate, and where that number comes from."""
+
+    nbytes: int
+    source: str
+
+    def check(self, nbytes: int, src: int, what: str) -> None:
+        """Refuses an offer that needs more than the limit, before anything is allocated.
+
+        Raises:
+            ManifestError: naming the bytes needed, the limit and the knob.
+        """
+        if nbytes > self.nbytes:
+            raise ManifestError(
+                f"rank {src}'s offer would have this joiner allocate {nbytes} bytes "
+                f"({human_bytes(nbytes)}: {what}), over its limit of {self.nbytes} bytes "
+                f"({human_bytes(self.nbytes)}, {self.source}); nothing was allocated. Set "
+                "RECOVERYD_MAX_ALLOC_BYTES (TransferConfig.max_alloc_bytes) higher if this host "
+                "has the memory",
+                peer_rank=src,
+            )
+
+
+def alloc_limit(configured: int | None, device: torch.device) -> AllocLimit:
+    """``configured``, or the default share of the memory available now on ``device``."""
+    if configured is not None:
+        return AllocLimit(configured, "max_alloc_bytes")
+    if device.type == "cuda":
+        free, where = torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    else:
+        free, where = host_available(), "available on this host"
+    share = int(free * AVAILABLE_SHARE)
+    return AllocLimit(share, f"{AVAILABLE_SHARE:.0%} of the {human_bytes(free)} {where}")
+
+
+def host_available() -> int:
+    """The host memory a process can allocate now without swapping or the OOM killer.
+
+    ``MemAvailable``, or less when this process's cgroup (v2 or v1) has less
+    left under its limit, counting its inactive file pages as free as the
+    kubelet does; physical memory where neither is readable.
+    """
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for base, limit, usage, inactive in (
+        ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+        (
+            "/sys/fs/cgroup/memory",
+            "memory.limit_in_bytes",
+            "memory.usage_in_bytes",
+            "total_inactive_file",
+        ),
+    ):
+        try:
+            cap = int(Path(base, limit).read_text())
+            used = int(Path(base, usage).read_text())
+            lines = Path(base, "memory.stat").read_text().splitlines()
+            stat = {k: int(v) for k, v in (line.split() for line in lines)}
+            found.append(cap - used + stat.get(inactive, 0))
+            break
+        except (OSError, ValueError):
+            continue  # no such cgroup version here, or no limit ("max")
+    if not found:
+        try:
+            found.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            return 1 << 50  # unknown: no practical limit
+    return max(0, min(found))

@@ -1,4 +1,4 @@
-"""Checking a received manifest before anything is allocated: tensor columns and references.
+"""Checking a received manifest before anything is built: counts, tensor columns, references.
 
 Nothing here trusts the manifest: every index, size, stride and extent is
 checked against the others and against fixed bounds, so a hostile or broken
@@ -15,13 +15,13 @@ import torch
 from recoveryd.errors import ManifestError
 from recoveryd.transport import _dtypes
 from recoveryd.transport._pieces import Message
+from recoveryd.transport.config import MIN_BUCKET_BYTES
 from recoveryd.transport.format import (
     FORMAT_VERSION,
     MAX_MESSAGE_BYTES,
     MAX_NUMEL,
-    NODE_DTENSOR,
-    NODE_SHARDED_TENSOR,
     NODE_TENSOR,
+    SPAN_ALIGN,
 )
 from recoveryd.v1 import manifest_pb2 as pb
 
@@ -78,12 +78,22 @@ class PairBudget:
             )
 
 
-def decode_tensors(m: pb.Manifest) -> list[TensorSpec]:
-    """Decodes and bounds-checks the tensor columns.
-
-    Raises:
-        ManifestError: any column is inconsistent or a tensor reaches outside its span.
-    """
+def _check_columns(m: pb.Manifest) -> None:
+    """The cheap facts, before any object is built: version, column lengths, counts, messages."""
+    if m.format_version != FORMAT_VERSION:
+        raise ManifestError(
+            f"manifest format {m.format_version}, this recoveryd reads {FORMAT_VERSION}: "
+            "upgrade the older side"
+        )
+    nodes = len(m.node_kind)
+    if len(m.node_arg) != nodes:
+        raise ManifestError("node columns have different lengths")
+    if len(m.key_str) + len(m.key_int) != len(m.key_kind):
+        raise ManifestError(
+            f"{len(m.key_kind)} dict keys, {len(m.key_str)} str and {len(m.key_int)} int ones"
+        )
+    if len(m.values) + len(m.dtensors) + len(m.sharded_tensors) > nodes:
+        raise ManifestError("more values, DTensors and ShardedTensors than tree nodes")
     n = len(m.tensor_dtype)
     cols = (
         m.tensor_ndim,
@@ -94,16 +104,56 @@ def decode_tensors(m: pb.Manifest) -> list[TensorSpec]:
     )
     if any(len(c) != n for c in cols):
         raise ManifestError("tensor columns have different lengths")
+    if len(m.storage_nbytes) > n:
+        raise ManifestError(
+            f"{len(m.storage_nbytes)} spans for {n} tensors: every span is some tensor's"
+        )
+    _check_messages(m)
+
+
+def _check_messages(m: pb.Manifest) -> None:
+    """No more messages than a donor cuts, each in bounds, covering the spans exactly.
+
+    A donor packs small spans whole and cuts a span of ``n`` bytes into at most
+    ``ceil(n / bucket_bytes)`` messages, ``bucket_bytes >= MIN_BUCKET_BYTES``
+    (an exact bound: 4 KiB buckets and ``direct_bytes=1`` reach it).
+    """
+    sizes = list(m.storage_nbytes)
+    count = len(m.message_nbytes)
+    total = sum(sizes)
+    if count > len(sizes) - sizes.count(0):  # more than one per span: the exact bound
+        most = sum(-(-n // MIN_BUCKET_BYTES) for n in sizes)
+        if count > most:
+            raise ManifestError(
+                f"{count} messages for {total} bytes in {len(sizes)} spans; a donor cuts "
+                f"them into at most {most} (a span of n bytes into ceil(n / "
+                f"{MIN_BUCKET_BYTES}) at most, small ones packed whole)"
+            )
+    if any(n == 0 or n > MAX_MESSAGE_BYTES for n in m.message_nbytes):
+        raise ManifestError("a message is empty or larger than 1 GiB")
+    if sum(m.message_nbytes) != total:
+        raise ManifestError("messages do not cover the storages exactly")
+
+
+def decode_tensors(m: pb.Manifest) -> list[TensorSpec]:
+    """Checks the columns' lengths and counts first, then decodes and bounds-checks the tensors.
+
+    No tensor's elements may share memory (a donor sends such a view dense),
+    and every span is exactly the bytes its tensors cover, as a donor cuts it.
+
+    Raises:
+        ManifestError: naming what is inconsistent, and where.
+    """
+    _check_columns(m)
     ndims = list(m.tensor_ndim)
-    total_dims = sum(ndims)
-    if len(m.tensor_shape) != total_dims or len(m.tensor_stride) != total_dims:
+    if not len(m.tensor_shape) == len(m.tensor_stride) == sum(ndims):
         raise ManifestError("tensor shapes/strides do not match the tensors' dimensions")
-    shapes = list(m.tensor_shape)
-    strides = list(m.tensor_stride)
-    storages = list(m.tensor_storage)
-    offsets = list(m.tensor_byte_offset)
-    grads = list(m.tensor_requires_grad)
-    span = list(m.storage_nbytes)
+    shapes, strides = list(m.tensor_shape), list(m.tensor_stride)
+    storages, offsets = list(m.tensor_storage), list(m.tensor_byte_offset)
+    grads, span = list(m.tensor_requires_grad), list(m.storage_nbytes)
+    # Per span: whether any tensor is in it, its tensors' first byte and end.
+    seen, end = bytearray(len(span)), [0] * len(span)
+    first = [0 if n == 0 else MAX_NUMEL for n in span]
     out: list[TensorSpec] = []
     pos = 0
     for i, code in enumerate(m.tensor_dtype):
@@ -124,11 +174,10 @@ def decode_tensors(m: pb.Manifest) -> list[TensorSpec]:
         if off % itemsize:
             raise ManifestError(f"tensor {i}: byte offset {off} not a multiple of {itemsize}")
         if nd == 1:  # the common case, without the generic loops
-            numel, last = shape[0], shape[0] - 1
-            contiguous = stride[0] == 1 or numel < 2
-            if numel < 0 or stride[0] < 0:
+            numel, st = shape[0], stride[0]
+            if numel < 0 or st < 0:
                 raise ManifestError(f"tensor {i}: negative size or stride")
-            last *= stride[0]
+            last, contiguous = (numel - 1) * st, st == 1 or numel < 2
         else:
             if any(d < 0 for d in shape) or any(st < 0 for st in stride):
                 raise ManifestError(f"tensor {i}: negative size or stride")
@@ -136,16 +185,50 @@ def decode_tensors(m: pb.Manifest) -> list[TensorSpec]:
             last = sum((d - 1) * st for d, st in zip(shape, stride, strict=True))
             contiguous = _is_contiguous(shape, stride)
         extent = 0
+        seen[s] = 1
         if numel:
             if numel > MAX_NUMEL:
                 raise ManifestError(f"tensor {i}: {numel} elements")
-            extent = (last + 1) * itemsize
-            if off + extent > span[s]:
+            if not contiguous and numel > 1 and not one_to_one(shape, stride):
                 raise ManifestError(
-                    f"tensor {i}: reaches byte {off + extent} of a {span[s]}-byte span"
+                    f"tensor {i}: shape {list(shape)} with strides {list(stride)} puts "
+                    "several elements in one place (a zero or overlapping stride); a donor "
+                    "sends such a view dense"
                 )
+            extent = (last + 1) * itemsize
+            reach = off + extent
+            if reach > span[s]:
+                raise ManifestError(f"tensor {i}: reaches byte {reach} of a {span[s]}-byte span")
+            if off < first[s]:
+                first[s] = off
+            if reach > end[s]:
+                end[s] = reach
         out.append(TensorSpec(dtype, shape, stride, s, off, grads[i], numel, contiguous, extent))
+    if end != span or 0 in seen or max(first, default=0) >= SPAN_ALIGN:
+        _refuse_span(span, seen, first, end)
     return out
+
+
+def one_to_one(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Whether every element has bytes of its own: taken by growing stride, each dim
+    of size > 1 steps past everything the smaller ones reach."""
+    reach = 0
+    for st, d in sorted((st, d) for d, st in zip(shape, stride, strict=True) if d > 1):
+        if st <= reach:
+            return False
+        reach += (d - 1) * st
+    return True
+
+
+def _refuse_span(span: list[int], seen: bytearray, first: list[int], end: list[int]) -> None:
+    """Names the first span that is no tensor's, or not exactly the bytes its tensors cover."""
+    for s, (n, e) in enumerate(zip(span, end, strict=True)):
+        if e != n or not seen[s] or first[s] >= SPAN_ALIGN:
+            covered = f"bytes {first[s]} to {e}" if e else "no bytes" if seen[s] else "none"
+            raise ManifestError(
+                f"span {s} is {n} bytes, its tensors cover {covered}: a donor sends the bytes "
+                f"its tensors cover, from the {SPAN_ALIGN}-byte boundary below the first"
+            )
 
 
 def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
@@ -158,18 +241,7 @@ def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 
 
 def check_manifest(m: pb.Manifest, tensors: list[TensorSpec]) -> None:
-    """Checks everything but the tree (walked when it is rebuilt)."""
-    if m.format_version != FORMAT_VERSION:
-        raise ManifestError(
-            f"manifest format {m.format_version}, this recoveryd reads {FORMAT_VERSION}: "
-            "upgrade the older side"
-        )
-    if len(m.node_kind) != len(m.node_arg):
-        raise ManifestError("node columns have different lengths")
-    if any(n == 0 or n > MAX_MESSAGE_BYTES for n in m.message_nbytes):
-        raise ManifestError("a message is empty or larger than 1 GiB")
-    if sum(m.message_nbytes) != sum(m.storage_nbytes):
-        raise ManifestError("messages do not cover the storages exactly")
+    """Checks the columns' references to each other (the tree is checked as it is built)."""
     for d in m.dtensors:
         if d.local_tensor >= len(tensors):
             raise ManifestError("a DTensor names a tensor out of range")
@@ -180,10 +252,6 @@ def check_manifest(m: pb.Manifest, tensors: list[TensorSpec]) -> None:
         refs.extend(st.local_tensor)
     if len(refs) != len(tensors) or sorted(refs) != list(range(len(tensors))):
         raise ManifestError("tensors are not each referenced exactly once by the tree")
-    nd, ns = len(m.dtensors), len(m.sharded_tensors)
-    for k, a in zip(m.node_kind, m.node_arg, strict=True):
-        if (k == NODE_DTENSOR and a >= nd) or (k == NODE_SHARDED_TENSOR and a >= ns):
-            raise ManifestError("a DTensor or ShardedTensor node is out of range")
     for st in m.sharded_tensors:
         if len(st.local_shard) != len(st.local_tensor):
             raise ManifestError("a ShardedTensor's local shard columns differ in length")

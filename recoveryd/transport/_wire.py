@@ -7,17 +7,21 @@ set, and every backend failure becomes a :class:`TransferTimeoutError` or a
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Protocol
 
 import torch
 
 from recoveryd._time import Deadline
-from recoveryd.errors import PeerLostError, TransferTimeoutError
+from recoveryd.errors import PeerLostError, TransferError, TransferTimeoutError
 
 # Gloo raises RuntimeError subclasses whose text is all we get to tell a
 # deadline from a dead peer.
 _TIMEOUT_HINTS = ("timed out", "timeout", "deadline")
+_WATCH_S = 0.1
+"""How often a watched wait asks whether the transfer is still wanted."""
 
 
 class Group(Protocol):
@@ -63,6 +67,12 @@ class Wire:
         self.messages = 0
         self.stall: timedelta | None = None
         """Once set, no single wait lasts longer (the bytes are flowing)."""
+        self.abandoned: Callable[[], bool] | None = None
+        """While set, asked every 0.1 s during a wait; ``True`` ends the wait with a
+        :class:`TransferError` at once (the plan was dropped: nobody will answer).
+        A Gloo wait cannot be cut short without breaking the pair, so the backend's
+        wait goes on in a thread until its own timeout, on a group that is then
+        abandoned anyway."""
         # Posted operations not yet waited for, by id of their work. If the
         # transfer fails, the backend may still write into or read from their
         # buffers later, so those must outlive it (see abandon()).
@@ -105,7 +115,14 @@ class Wire:
         if self.stall is not None and self.stall < left:
             left, stalled = self.stall, True
         try:
-            ok = work.wait(left)
+            ok = work.wait(left) if self.abandoned is None else self._watched(work, left, peer)
+        except _Abandoned:
+            self.abandon()
+            raise TransferError(
+                f"the transfer was abandoned while waiting for rank {peer} (its plan was "
+                "cancelled or the peer left it)",
+                peer_rank=peer,
+            ) from None
         except RuntimeError as e:
             self.abandon()
             err = _translate(e, peer, self.deadline)
@@ -121,6 +138,28 @@ class Wire:
                 peer_rank=peer,
             )
         self._outstanding.pop(id(work), None)
+
+    def _watched(self, work: Any, left: timedelta, peer: int) -> Any:
+        """``work.wait(left)`` in a thread, asking :attr:`abandoned` meanwhile."""
+        box: list[tuple[bool, Any]] = []
+
+        def run() -> None:
+            try:
+                box.append((True, work.wait(left)))
+            except BaseException as e:  # handed to the waiting thread
+                box.append((False, e))
+
+        t = threading.Thread(target=run, name="recoveryd-wait", daemon=True)
+        t.start()
+        while True:
+            t.join(_WATCH_S)
+            if box:
+                done, value = box[0]
+                if done:
+                    return value
+                raise value
+            if self.abandoned is not None and self.abandoned():
+                raise _Abandoned
 
     def _stalled(self, peer: int) -> TransferTimeoutError:
         return TransferTimeoutError(
@@ -138,9 +177,9 @@ class Wire:
     def send_ints(self, values: list[int], dst: int, tag: int) -> None:
         self.send(torch.tensor(values, dtype=torch.int64, device=self.device), dst, tag)
 
-    def recv_ints(self, n: int, src: int, tag: int) -> list[int]:
+    def recv_ints(self, n: int, src: int, tag: int, cap: timedelta | None = None) -> list[int]:
         t = torch.zeros(n, dtype=torch.int64, device=self.device)
-        self.recv(t, src, tag)
+        self.wait(self.irecv(t, src, tag), src, cap=cap)
         return [int(x) for x in t.tolist()]
 
     def abandon(self) -> None:
@@ -158,6 +197,10 @@ class Wire:
             self.pg._recoveryd_orphans = parked  # type: ignore[attr-defined]
         except AttributeError:
             _UNPARKABLE.extend(parked)  # a group that takes no attributes: keep them for good
+
+
+class _Abandoned(Exception):
+    """A watched wait saw the transfer abandoned."""
 
 
 # Orphaned buffers of groups that cannot hold attributes (leaked on purpose).

@@ -12,6 +12,23 @@ from recoveryd.errors import ConfigError
 
 _MiB = 1 << 20
 
+MIN_BUCKET_BYTES = 4096
+"""The smallest ``bucket_bytes`` a donor may use: what bounds, on the joiner's side, how
+many messages an honest donor cuts a span into."""
+MANIFEST_COST_PER_BYTE = 200
+"""The most memory (bytes) one manifest byte can make a joiner spend before any data arrives.
+
+Everything a joiner builds from a manifest (nodes, keys, values, tensors,
+spans, messages) is paid for by manifest bytes, and no count can exceed what
+those bytes and the spans justify (see ``_validate``). The costliest
+manifest found, 0-d tensors each in a span and a message of its own received
+allocating (~14 manifest bytes for a tensor, its buffer and its message),
+measured 153-156 bytes of peak RSS per manifest byte (torch 2.13, Python
+3.11); in place the same manifest costs 46-50, and 0-d tensors sharing one
+span 111, Parameters 127, ShardedTensor shards 122, DTensors 105, empty lists
+47, dict keys 33 (tests/integration/test_transport_bounds.py checks the worst).
+"""
+
 
 def _physical_memory() -> int:
     try:
@@ -73,9 +90,19 @@ class TransferConfig:
     """
 
     max_manifest_bytes: int = field(
-        default_factory=lambda: _bytes("RECOVERYD_MAX_MANIFEST_BYTES", 256 * _MiB)
+        default_factory=lambda: _bytes("RECOVERYD_MAX_MANIFEST_BYTES", 64 * _MiB)
     )
-    """Largest manifest a joiner accepts (``RECOVERYD_MAX_MANIFEST_BYTES``)."""
+    """Largest manifest a joiner accepts (``RECOVERYD_MAX_MANIFEST_BYTES``, default 64 MiB).
+
+    It also bounds the memory an offer costs before any data arrives: at most
+    :data:`MANIFEST_COST_PER_BYTE` (200) bytes per manifest byte, so 12.8 GiB at
+    the default (and a manifest comes only from the plan's donor: with a plan
+    key, its MAC is checked before it is parsed). 64 MiB, not less, so that the
+    DTensor state of a large sharded job fits (below). Real manifests are far smaller: an AdamW state of 20,001
+    tensors is 0.55 MiB, with its model (26,668 tensors) 0.78 MiB; DTensors
+    repeat their mesh's ranks, so 20,000 of them are 2.7 MiB on a 64-rank mesh
+    and 38 MiB on a 1,024-rank one.
+    """
 
     max_state_bytes: int = field(
         default_factory=lambda: _bytes("RECOVERYD_MAX_STATE_BYTES", _physical_memory())
@@ -84,6 +111,44 @@ class TransferConfig:
 
     A manifest announcing more is refused before anything is allocated.
     """
+
+    max_alloc_bytes: int | None = field(
+        default_factory=lambda: env_int(
+            "RECOVERYD_MAX_ALLOC_BYTES", None, what="an integer number of bytes"
+        )
+    )
+    """Most memory one receive may allocate (``RECOVERYD_MAX_ALLOC_BYTES``, bytes).
+
+    Counts the span buffers of an allocating receive, the scratch of an
+    in-place one (spans laid out unlike the joiner's tensors) and two staging
+    buffers of the largest message; an offer needing more is refused before
+    anything is allocated or pre-faulted. Default (``None``): three quarters of
+    the memory available when the receive starts, on the device an allocating
+    receive fills (``MemAvailable`` in /proc/meminfo, or less when the cgroup's
+    limit leaves less; a GPU's free memory). Available memory, not physical:
+    a manifest announcing more than is free would otherwise end in the OOM
+    killer after the data streamed. A quarter is left for what the receive
+    builds from the manifest, for the page cache the kernel counts as
+    available but that others use, and for the joiner to go on training.
+    """
+
+    handshake_timeout: timedelta = field(
+        default_factory=lambda: env_seconds("RECOVERYD_HANDSHAKE_TIMEOUT", timedelta(seconds=30))
+    )
+    """The longest either side waits for the other during the handshake: the
+    challenge, the header and manifest, the joiners' answers and the go
+    (``RECOVERYD_HANDSHAKE_TIMEOUT``, default 30 s). A donor sends only once its
+    joiner waits for it, so the handshake takes round trips plus the joiner's
+    validation of the manifest (0.1-0.3 s for a 20,000-tensor state here); a
+    joiner that vanished after the group formed holds the donor this long at
+    most, not the whole transfer's timeout."""
+
+    data_macs: bool = field(default_factory=lambda: env_bool("RECOVERYD_DATA_MACS", False))
+    """On the joiner: demand a keyed MAC (BLAKE3) on every data message of a
+    transfer that has a plan key (``RECOVERYD_DATA_MACS``, default off). The
+    joiner decides: a donor that does not MAC them is refused before any data.
+    The handshake and the manifest are MAC'd either way. Off by default for its
+    cost (see bench/RESULTS.md); CPU (Gloo) wires only."""
 
     stall_timeout: timedelta = field(
         default_factory=lambda: env_seconds("RECOVERYD_STALL_TIMEOUT", timedelta(seconds=10))
@@ -105,12 +170,18 @@ class TransferConfig:
     """
 
     def __post_init__(self) -> None:
-        if self.bucket_bytes < 4096:
-            raise ConfigError("bucket_bytes", self.bucket_bytes, "must be at least 4096")
+        if self.bucket_bytes < MIN_BUCKET_BYTES:
+            raise ConfigError(
+                "bucket_bytes", self.bucket_bytes, f"must be at least {MIN_BUCKET_BYTES}"
+            )
         if self.direct_bytes <= 0:
             raise ConfigError("direct_bytes", self.direct_bytes, "must be positive")
         if self.fanout not in ("chain", "star"):
             raise ConfigError("fanout", self.fanout, "must be 'chain' or 'star'")
+        if self.handshake_timeout < MIN_WAIT:
+            raise ConfigError(
+                "handshake_timeout", self.handshake_timeout, f"must be at least {MIN_WAIT}"
+            )
         if self.stall_timeout < MIN_WAIT:
             raise ConfigError(
                 "stall_timeout",
@@ -120,5 +191,7 @@ class TransferConfig:
             )
         if self.max_state_bytes <= 0:
             raise ConfigError("max_state_bytes", self.max_state_bytes, "must be positive")
+        if self.max_alloc_bytes is not None and self.max_alloc_bytes <= 0:
+            raise ConfigError("max_alloc_bytes", self.max_alloc_bytes, "must be positive")
         if self.max_manifest_bytes < 1024:
             raise ConfigError("max_manifest_bytes", self.max_manifest_bytes, "must be >= 1024")

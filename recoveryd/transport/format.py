@@ -2,10 +2,13 @@
 
 Neutral ground: the sending side (:mod:`recoveryd.transport.sender`) and the
 receiving side (:mod:`recoveryd.transport.receiver`) both read these, so
-neither borrows from the other. A transfer is, in order: a header (magic,
-version, manifest size, flags), the manifest (``proto/recoveryd/v1/manifest.proto``),
-each joiner's answer, the donor's go or abort, the data messages, a
-trailer (with the checksums, when on), and each joiner's done.
+neither borrows from the other. A transfer is, in order: with a plan key,
+the mutual challenge (each joiner's hello, the donor's answer, each joiner's
+proof: :mod:`recoveryd.transport._auth`); a header (magic, version, manifest
+size, flags), the manifest (``proto/recoveryd/v1/manifest.proto``; with a
+plan key followed by its MAC), each joiner's answer, the donor's go or
+abort, the data messages, a trailer (the checksums or MACs, when on), and
+each joiner's done.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ TAG_GO = _TAG_BASE + 4
 TAG_DATA = _TAG_BASE + 5
 TAG_TRAILER = _TAG_BASE + 6
 TAG_DONE = _TAG_BASE + 7
+TAG_HELLO = _TAG_BASE + 8
+TAG_ANSWER = _TAG_BASE + 9
+TAG_PROOF = _TAG_BASE + 10
 
 MAGIC = 0x5245434F56455259  # "RECOVERY"
 TRAILER_MAGIC = 0x454E444F46535452  # "ENDOFSTR"
@@ -41,6 +47,8 @@ GO = 0
 ABORT = 1
 HEADER_SENDER_FAILED = 1
 """Header flag: the donor failed before it could describe its state."""
+HEADER_DATA_MACS = 2
+"""Header flag: every data message is MAC'd (the trailer carries the MACs)."""
 
 ACK_REASONS = {
     ACK_STEP_MISMATCH: "its demanded step differs from the sent step",

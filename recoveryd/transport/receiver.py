@@ -8,7 +8,6 @@ answer nothing is written, and a refusal is told to the donor.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -17,12 +16,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from google.protobuf.message import DecodeError
 
 from recoveryd._time import Deadline
 from recoveryd.errors import (
     ConfigError,
-    IntegrityError,
     ManifestError,
     PeerLostError,
     RecoverydError,
@@ -31,12 +28,14 @@ from recoveryd.errors import (
     TransferError,
     TransferTimeoutError,
 )
+from recoveryd.transport import _auth
+from recoveryd.transport import _handshake as hs
 from recoveryd.transport import _wire as w
 from recoveryd.transport import format as f
 from recoveryd.transport._allocating import allocate_targets, rebuild_allocated
 from recoveryd.transport._gc import gc_paused
-from recoveryd.transport._inplace import match_in_place, place_in_place
-from recoveryd.transport._memory import Arena, Prefaulter
+from recoveryd.transport._inplace import copy_into, match_in_place, place_in_place
+from recoveryd.transport._memory import Arena, Prefaulter, alloc_limit
 from recoveryd.transport._pieces import (
     WINDOW,
     Buffers,
@@ -78,6 +77,7 @@ def recv_state_dict(
     alloc_device: torch.device | None = None,
     device_mesh: Any | None = None,
     shard_group: dist.ProcessGroup | None = None,
+    auth_key: bytes | None = None,
 ) -> ReceivedState:
     """Receives the state_dict that ``src_rank`` sends with :func:`send_state_dict`.
 
@@ -104,6 +104,12 @@ def recv_state_dict(
         shard_group: the group ShardedTensors received without ``into`` are
             rebuilt on (default: the default group); this rank's rank in it
             must be the donor's in its own.
+        auth_key: the plan's key (32 bytes; the donor must be given the same):
+            the donor proves it holds it, then this rank does, before the
+            manifest; the manifest's MAC is checked before it is parsed, and
+            with ``config.data_macs`` every data message's too (this joiner
+            decides: a donor that does not MAC them is refused). ``None``: no
+            challenge (any rank of the group is trusted).
 
     Returns:
         The state_dict, the donor's step and the counters.
@@ -112,7 +118,8 @@ def recv_state_dict(
         StepMismatchError: the donor is at another step (nothing written).
         StateMismatchError: ``into`` does not match the donor's state (nothing written).
         ManifestError: the manifest is malformed or hostile.
-        IntegrityError: a message failed its checksum.
+        UntrustedPeerError: the donor could not prove the plan's key (nothing written).
+        IntegrityError: the manifest or a message failed its MAC or checksum.
         TransferTimeoutError: the deadline passed.
         PeerLostError: the donor or the rank relaying to this one went away.
     """
@@ -123,18 +130,28 @@ def recv_state_dict(
         raise ConfigError("src_rank", src_rank, f"must be another rank of the group (this is {me})")
     wire = w.Wire(pg, w.wire_device(pg, device), Deadline(timeout))
     into_ = _Into(into, alloc_device or torch.device("cpu"), device_mesh, shard_group)
+    demanded = config.data_macs and wire.device.type == "cpu"  # GPU wires: bytes stay on the GPU
+    keys = None
+    if auth_key is not None:
+        _auth.check_key(auth_key)
+        keys = _auth.prove_to_donor(wire, src_rank, auth_key, demanded, config.handshake_timeout)
     with Prefaulter() as prefaulter:
-        plan, manifest_bytes = _offered(wire, src_rank, me, step, config, into_, prefaulter, clock)
-        _accept(wire, src_rank)
+        plan, manifest_bytes = _offered(
+            wire, src_rank, me, step, config, into_, prefaulter, clock, keys, demanded
+        )
+        hs.accept(wire, src_rank, config.handshake_timeout)
         clock.mark("handshake")
         try:
             wire.stall = config.stall_timeout
             hashes = _stream(wire, plan)
             clock.mark("data")
-            _verify(wire, src_rank, hashes, plan.manifest.checksums)
+            if plan.macs is not None:
+                hs.verify_trailer(wire, src_rank, hashes, _auth.TAG_WORDS, "MAC")
+            else:
+                hs.verify_trailer(wire, src_rank, hashes, int(plan.manifest.checksums), "checksum")
             plan.copy_out()
         except BaseException as e:
-            _best_effort(wire, [f.ACK_OTHER, 0], src_rank, f.TAG_DONE)
+            hs.best_effort(wire, [f.ACK_OTHER, 0], src_rank, f.TAG_DONE)
             logger.warning("receive from rank %d failed: %s", src_rank, e)
             if isinstance(e, Exception) and not isinstance(e, RecoverydError):
                 raise TransferError(
@@ -201,13 +218,15 @@ class _RecvPlan:
     """The rank this one relays to, if any."""
     gpus: tuple[torch.device, ...]
     """The GPUs bytes land on (none: all in host memory)."""
+    macs: _auth.StreamKeys | None = None
+    """The keys data messages are MAC'd under (``None``: not MAC'd)."""
 
     def copy_out(self) -> None:
         """Copies tensors laid out unlike the donor's out of scratch into the joiner's."""
         with torch.no_grad():  # the joiner's tensors may be leaves that require grad
             for t, i in self.copies:
                 spec = self.tensors[i]
-                t.copy_(typed_view(self.targets[spec.storage], spec))
+                copy_into(t, typed_view(self.targets[spec.storage], spec))
 
 
 def _offered(
@@ -219,6 +238,8 @@ def _offered(
     into: _Into,
     prefaulter: Prefaulter,
     clock: PhaseClock,
+    keys: _auth.StreamKeys | None,
+    demanded: bool,
 ) -> tuple[_RecvPlan, int]:
     """Reads the donor's offer and prepares for it; a refusal is told to the donor.
 
@@ -226,10 +247,11 @@ def _offered(
         The receive's plan, and the manifest's size.
     """
     try:
-        m, manifest_bytes = _recv_manifest(wire, src, config)
+        offer = hs.recv_offer(wire, src, config, keys, demanded)
         clock.mark("manifest")
-        plan = _prepare(m, src, me, wire.pg.size(), step, config, into, prefaulter)
-    except (TransferTimeoutError, PeerLostError, _DonorFailedError):
+        plan = _prepare(offer.manifest, src, me, wire.pg.size(), step, config, into, prefaulter)
+        plan.macs = keys if offer.macs else None
+    except (TransferTimeoutError, PeerLostError, hs.DonorFailedError):
         raise  # the donor is gone, silent or failed: nobody would read a refusal
     except BaseException as e:
         prefaulter.stop()  # the buffers it fills are dropped with the refusal
@@ -238,10 +260,10 @@ def _offered(
             StateMismatchError: f.ACK_STATE_MISMATCH,
             ManifestError: f.ACK_BAD_MANIFEST,
         }.get(type(e), f.ACK_OTHER)
-        _best_effort(wire, [code, 0], src, f.TAG_ACK)
+        hs.best_effort(wire, [code, 0], src, f.TAG_ACK)
         raise
     clock.mark("prepare")
-    return plan, manifest_bytes
+    return plan, offer.nbytes
 
 
 def _prepare(
@@ -254,7 +276,12 @@ def _prepare(
     into: _Into,
     prefaulter: Prefaulter,
 ) -> _RecvPlan:
-    """Validates the manifest, then matches ``into.state`` or allocates; nothing written yet."""
+    """Validates the manifest, then matches ``into.state`` or allocates; nothing written yet.
+
+    What it would allocate (span buffers or scratch for spans laid out unlike
+    the joiner's, plus two staging buffers of the largest message) is checked
+    against ``max_alloc_bytes`` first.
+    """
     tensors = decode_tensors(m)
     check_manifest(m, tensors)
     chain = list(m.chain)
@@ -274,7 +301,10 @@ def _prepare(
     arena = Arena(hugepages=config.hugepages)
     copies: list[tuple[torch.Tensor, int]] = []
     targets: Buffers
+    staging = 2 * max(m.message_nbytes, default=0)  # at most: most messages land in place
     if into.state is None:
+        limit = alloc_limit(config.max_alloc_bytes, into.device)
+        limit.check(total + staging, src, f"its {total}-byte state, and staging")
         spans, landing = allocate_targets(sizes, messages, into.device, arena)
         targets = spans
         # Fresh memory: populate it ahead of the wire, in stream order.
@@ -285,7 +315,12 @@ def _prepare(
         gpus = cuda_devices([into.device])
     else:
         dst, state = match_in_place(m, tensors, into.state)
-        mine, copies = place_in_place(tensors, sizes, dst, arena)
+        limit = alloc_limit(config.max_alloc_bytes, torch.device("cpu"))
+
+        def reserve(n: int) -> None:
+            limit.check(n + staging, src, f"{n} bytes of scratch, and staging")
+
+        mine, copies = place_in_place(tensors, sizes, dst, arena, reserve)
         landing = landing_in_place(messages, mine)
         targets = mine
         gpus = cuda_devices(t.device for t in mine)
@@ -297,56 +332,12 @@ def _prepare(
     )
 
 
-def _accept(wire: w.Wire, src: int) -> None:
-    """Tells the donor this joiner is ready; waits for its go (an abort: another refused)."""
-    wire.send_ints([f.ACK_OK, 0], src, f.TAG_ACK)
-    if wire.recv_ints(2, src, f.TAG_GO)[0] != f.GO:
-        raise TransferError(
-            f"rank {src} aborted the transfer because another joiner refused it",
-            peer_rank=src,
-        )
-
-
-class _DonorFailedError(TransferError):
-    """The donor said it cannot send; it is not listening for an answer."""
-
-
-def _recv_manifest(wire: w.Wire, src: int, config: TransferConfig) -> tuple[pb.Manifest, int]:
-    magic, version, nbytes, flags = wire.recv_ints(4, src, f.TAG_HEADER)
-    if magic != f.MAGIC:
-        raise ManifestError(f"rank {src} did not send a recoveryd header (magic {magic:#x})")
-    if flags == f.HEADER_SENDER_FAILED:
-        raise _DonorFailedError(
-            f"rank {src} could not send its state (it failed while describing it; see its "
-            "logs); nothing was received",
-            peer_rank=src,
-        )
-    if version != f.FORMAT_VERSION:
-        raise ManifestError(
-            f"rank {src} speaks manifest format {version}, this recoveryd reads "
-            f"{f.FORMAT_VERSION}: run the same recoveryd version on both sides"
-        )
-    if not 0 < nbytes <= config.max_manifest_bytes:
-        raise ManifestError(
-            f"manifest of {nbytes} bytes outside (0, {config.max_manifest_bytes}]; raise "
-            "RECOVERYD_MAX_MANIFEST_BYTES if the state really is that large"
-        )
-    body = torch.empty(nbytes, dtype=torch.uint8, device=wire.device)
-    wire.recv(body, src, f.TAG_MANIFEST)
-    m = pb.Manifest()
-    try:
-        host = body.cpu()
-        m.ParseFromString(ctypes.string_at(host.data_ptr(), nbytes))
-    except (DecodeError, RecursionError, ValueError) as e:
-        raise ManifestError(f"manifest from rank {src} does not parse: {e}") from e
-    return m, nbytes
-
-
 def _stream(wire: w.Wire, plan: _RecvPlan) -> list[int]:
-    """Receives (and relays) the data messages; returns their checksums."""
+    """Receives (and relays) the data messages; returns their checksums or MACs (int64 words)."""
     dev = wire.device
     messages, targets, landing = plan.messages, plan.targets, plan.landing
-    pred, succ, checksums = plan.pred, plan.succ, plan.manifest.checksums
+    pred, succ, macs = plan.pred, plan.succ, plan.macs
+    checksums = plan.manifest.checksums and macs is None
 
     def zero_copy(i: int) -> bool:
         buf = landing[i]
@@ -370,7 +361,9 @@ def _stream(wire: w.Wire, plan: _RecvPlan) -> list[int]:
     def land() -> None:
         m, work, buf, pooled = pending.popleft()
         wire.wait(work, pred)
-        if checksums:
+        if macs is not None:
+            hashes.extend(macs.message_tag(len(hashes) // _auth.TAG_WORDS, buf))
+        elif checksums:
             hashes.append(checksum(buf))
         copied: list[Any] = []
         if pooled is not None:
@@ -406,26 +399,3 @@ def _stream(wire: w.Wire, plan: _RecvPlan) -> list[int]:
     if staging.pinned:
         synchronize(plan.gpus)  # every byte is in GPU memory before this rank says done
     return hashes
-
-
-def _verify(wire: w.Wire, src: int, hashes: list[int], checksums: bool) -> None:
-    n = len(hashes) if checksums else 0
-    trailer = wire.recv_ints(2 + n, src, f.TAG_TRAILER)
-    if trailer[0] != f.TRAILER_MAGIC or trailer[1] != n:
-        raise IntegrityError(f"rank {src} sent a bad trailer; the stream is not complete")
-    bad = [i for i, (a, b) in enumerate(zip(hashes, trailer[2:], strict=True)) if a != b]
-    if bad:
-        raise IntegrityError(
-            f"{len(bad)} of {n} messages from rank {src} failed their checksum (first: message "
-            f"{bad[0]}); the received state is corrupt and must not be used",
-            peer_rank=src,
-        )
-
-
-def _best_effort(wire: w.Wire, values: list[int], dst: int, tag: int) -> None:
-    """Tells the donor we failed, if it listens within a second; a failure here adds nothing."""
-    try:
-        t = torch.tensor(values, dtype=torch.int64, device=wire.device)
-        wire.wait(wire.isend(t, dst, tag), dst, cap=timedelta(seconds=1))
-    except RecoverydError:
-        pass

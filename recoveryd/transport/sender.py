@@ -11,14 +11,15 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
 import torch
 
 from recoveryd._time import Deadline
-from recoveryd.errors import ConfigError, RecoverydError, TransferError
+from recoveryd.errors import ConfigError, RecoverydError, TransferError, UntrustedPeerError
+from recoveryd.transport import _auth
 from recoveryd.transport import _wire as w
 from recoveryd.transport import format as f
 from recoveryd.transport._flatten import SendPlan, build_plan
@@ -49,6 +50,8 @@ def send_state_dict(
     step: int | None = None,
     config: TransferConfig | None = None,
     device: torch.device | None = None,
+    auth_key: bytes | None = None,
+    abandoned: Callable[[], bool] | None = None,
 ) -> TransferStats:
     """Streams ``state_dict`` to ``dst_ranks``, which call :func:`recv_state_dict`.
 
@@ -67,14 +70,24 @@ def send_state_dict(
         config: bucket size, checksums and fan-out; defaults from the environment.
         device: the device message buffers live on; defaults to cuda for NCCL
             groups and cpu otherwise.
+        auth_key: the plan's key (32 bytes; the joiners must be given the same):
+            each joiner proves it holds it, and this rank proves it to them,
+            before anything of the state is sent; the manifest carries a MAC
+            under it, and so does every data message when a joiner demands it.
+            ``None``: no challenge (any rank of the group is trusted).
+        abandoned: says whether the transfer is no longer wanted (the plan
+            was cancelled, the joiner left); asked while waiting for the
+            joiners' first answers, so a vanished joiner does not hold this
+            rank for the handshake's whole timeout.
 
     Returns:
         The donor's counters.
 
     Raises:
         UnsupportedValueError: a leaf the manifest cannot carry (nothing was sent).
+        UntrustedPeerError: a joiner could not prove the plan's key (nothing was sent).
         TransferError: a joiner refused the state (step or layout mismatch)
-            or reported it broken.
+            or reported it broken, or the transfer was abandoned.
         TransferTimeoutError: the deadline passed.
         PeerLostError: a joiner went away.
     """
@@ -88,7 +101,17 @@ def send_state_dict(
         raise ConfigError("dst_ranks", dst, f"must be ranks of the group (size {pg.size()})")
     dev = w.wire_device(pg, device)
     wire = w.Wire(pg, dev, Deadline(timeout))
-    checksums = config.checksums and dev.type == "cpu"
+    wire.abandoned = abandoned
+    keys, macs = None, False
+    if auth_key is not None:
+        _auth.check_key(auth_key)
+        try:
+            keys, macs = _auth.challenge_joiners(wire, dst, auth_key, config.handshake_timeout)
+        except UntrustedPeerError as err:
+            _abort(wire, [d for d in dst if d != err.peer_rank])
+            raise
+        macs = macs and dev.type == "cpu"  # GPU wires: the bytes never reach the host
+    checksums = config.checksums and dev.type == "cpu" and not macs  # a MAC is a checksum too
     try:
         plan = build_plan(
             state_dict,
@@ -105,11 +128,12 @@ def send_state_dict(
     plan.manifest.star = config.fanout == "star"
     blob = plan.manifest.SerializeToString()
     clock.mark("plan")
-    streamer = _Streamer(wire, plan, checksums)
-    offered = _offer(wire, dst, blob)
+    streamer = _Streamer(wire, plan, checksums, keys if macs else None)
+    offered = _offer(wire, dst, blob, keys, macs)
     streamer.prepack()  # while the joiners validate the manifest
-    _settle(wire, dst, offered)
+    _settle(wire, dst, offered, config.handshake_timeout)
     clock.mark("handshake")
+    wire.abandoned = None  # from here on the joiners are streaming: the stall bound applies
     wire.stall = config.stall_timeout
     hashes = streamer.run(dst if plan.manifest.star else dst[:1])
     clock.mark("data")
@@ -141,7 +165,8 @@ _Pending = list[tuple[Any, int, torch.Tensor]]
 
 
 def _confirm(wire: w.Wire, dst: list[int], hashes: list[int]) -> None:
-    """Sends the trailer (the checksums) and waits for every joiner to confirm."""
+    """Sends the trailer (the checksums or MACs, as int64 words) and waits for every
+    joiner to confirm."""
     dev = wire.device
     trailer = torch.tensor([f.TRAILER_MAGIC, len(hashes), *hashes], dtype=torch.int64, device=dev)
     works = [(wire.isend(trailer, d, f.TAG_TRAILER), d) for d in dst]
@@ -177,11 +202,16 @@ def _abort(wire: w.Wire, dst: list[int]) -> None:
             pass
 
 
-def _offer(wire: w.Wire, dst: list[int], blob: bytes) -> tuple[_Pending, _Pending]:
-    """Posts header and manifest to every joiner, and the receives of their verdicts."""
+def _offer(
+    wire: w.Wire, dst: list[int], blob: bytes, keys: _auth.StreamKeys | None, macs: bool
+) -> tuple[_Pending, _Pending]:
+    """Posts header and manifest (and its MAC) to every joiner, and the receives of
+    their verdicts."""
     dev = wire.device
-    header = torch.tensor([f.MAGIC, f.FORMAT_VERSION, len(blob), 0], dtype=torch.int64, device=dev)
-    body = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(dev)
+    words = [f.MAGIC, f.FORMAT_VERSION, len(blob), f.HEADER_DATA_MACS if macs else 0]
+    header = torch.tensor(words, dtype=torch.int64, device=dev)
+    tag = keys.manifest_tag(words, blob) if keys is not None else b""
+    body = torch.frombuffer(bytearray(blob + tag), dtype=torch.uint8).to(dev)
     sends: _Pending = []
     acks: _Pending = []
     for d in dst:
@@ -192,14 +222,17 @@ def _offer(wire: w.Wire, dst: list[int], blob: bytes) -> tuple[_Pending, _Pendin
     return sends, acks
 
 
-def _settle(wire: w.Wire, dst: list[int], offered: tuple[_Pending, _Pending]) -> None:
-    """Waits for the joiners' verdicts and answers go, or abort if any refused."""
+def _settle(
+    wire: w.Wire, dst: list[int], offered: tuple[_Pending, _Pending], cap: timedelta
+) -> None:
+    """Waits (each wait within ``cap``) for the joiners' verdicts and answers go,
+    or abort if any refused."""
     sends, acks = offered
     for work, d, _ in sends:
-        wire.wait(work, d)
+        wire.wait(work, d, cap=cap)
     refused: list[tuple[int, int]] = []
     for work, d, t in acks:
-        wire.wait(work, d)
+        wire.wait(work, d, cap=cap)
         if int(t[0]) != f.ACK_OK:
             refused.append((d, int(t[0])))
     verdict = f.ABORT if refused else f.GO
@@ -220,10 +253,13 @@ def _settle(wire: w.Wire, dst: list[int], offered: tuple[_Pending, _Pending]) ->
 class _Streamer:
     """Sends the data messages, packing small spans into at most two staging buckets."""
 
-    def __init__(self, wire: w.Wire, plan: SendPlan, checksums: bool) -> None:
+    def __init__(
+        self, wire: w.Wire, plan: SendPlan, checksums: bool, macs: _auth.StreamKeys | None
+    ) -> None:
         self._wire = wire
         self._spans = plan.spans
         self._checksums = checksums
+        self._macs = macs
         self._messages = cut([s.nbytes for s in self._spans], list(plan.manifest.message_nbytes))
         staged = max(
             (m.nbytes for m in self._messages if not self._zero_copy(m)),
@@ -276,7 +312,8 @@ class _Streamer:
                 event.synchronize()
 
     def run(self, targets: list[int]) -> list[int]:
-        """Sends every message to ``targets``; returns their checksums (empty when off)."""
+        """Sends every message to ``targets``; returns their checksums or MACs as int64
+        words (empty when neither is on)."""
         wire, staging = self._wire, self._staging
         hashes: list[int] = []
         inflight: deque[tuple[list[tuple[Any, int]], torch.Tensor, torch.Tensor | None]] = deque()
@@ -303,7 +340,9 @@ class _Streamer:
                 buf = pooled[: m.nbytes]
                 self._pack(m, buf)
             works = [(wire.isend(buf, d, f.TAG_DATA), d) for d in targets]
-            if self._checksums:
+            if self._macs is not None:
+                hashes += self._macs.message_tag(i, buf)
+            elif self._checksums:
                 hashes.append(checksum(buf))
             inflight.append((works, buf, pooled))
             while len(inflight) > WINDOW:

@@ -49,6 +49,7 @@ from recoveryd.transport.format import (
     NODE_DTENSOR,
     NODE_LIST,
     NODE_ORDERED_DICT,
+    NODE_SHARDED_TENSOR,
     NODE_TENSOR,
     NODE_TUPLE,
     NODE_VALUE,
@@ -78,6 +79,7 @@ __all__ = [
 ]
 
 _BIG_INT = re.compile(r"-?[0-9]{1,4300}")
+_CONTAINERS = frozenset((NODE_DICT, NODE_ORDERED_DICT, NODE_LIST, NODE_TUPLE))
 LeafFn = Callable[[int, int, Path], object]
 
 
@@ -100,16 +102,20 @@ def describe(state: object) -> SendPlan:
 class TreeBuilder:
     """Walks the manifest's pre-order tree, calling ``leaf`` for tensor-like nodes.
 
-    Every node count, key and index is checked as it is read; a malformed
-    tree raises :class:`ManifestError` and builds nothing.
+    Every node count, key and index is checked as it is read, and every value,
+    DTensor and ShardedTensor must be used once, in pre-order (as a donor
+    writes them: one node cannot make the joiner decode or check one entry
+    many times); a malformed tree raises :class:`ManifestError` and builds
+    nothing.
 
     Args:
         m: the manifest (validated by :func:`decode_tensors` first).
         leaf: called as ``leaf(kind, arg, path)`` for every tensor, DTensor and
             ShardedTensor node (``kind`` one of ``NODE_*``, ``arg`` its index);
             its return value stands at that place in the tree.
-        paths: build each node's key path (``False`` passes ``()`` to ``leaf``:
-            cheaper, for callers that never name a path).
+        paths: pass each plain tensor's key path to ``leaf`` (``False`` passes
+            ``()``: cheaper, for callers that never name one; DTensors and
+            ShardedTensors always get theirs).
         tensors: the manifest's decoded tensors; when given, every DTensor's
             and ShardedTensor's sharding facts are checked (naming its path)
             before ``leaf`` sees it.
@@ -125,87 +131,158 @@ class TreeBuilder:
     ) -> None:
         self._kinds = list(m.node_kind)
         self._args = list(m.node_arg)
-        self._key_kind = list(m.key_kind)
-        self._key_str = list(m.key_str)
-        self._key_int = list(m.key_int)
+        self._keys = _keys(m)
         self._values = m.values
         self._leaf = leaf
         self._paths = paths
+        # Key paths are kept up to date only where some leaf is given its own.
+        self._track = paths or bool(m.dtensors) or bool(m.sharded_tensors)
         self._tensors = tensors
         self._dtensors = m.dtensors
         self._sharded = m.sharded_tensors
         self._pairs = PairBudget()
+        self._path: list[object] = []  # the keys from the root to the node being built
         self._pos = 0
         self._key = 0
-        self._str = 0
-        self._int = 0
+        self._used: dict[int, int] = {NODE_VALUE: 0, NODE_DTENSOR: 0, NODE_SHARDED_TENSOR: 0}
 
     def build(self) -> object:
         """The tree, with ``leaf``'s results at the tensor-like nodes."""
         if not self._kinds:
             raise ManifestError("empty tree")
-        root = self._node((), 0)
-        if self._pos != len(self._kinds) or self._key != len(self._key_kind):
+        root = self._node(0)
+        if self._pos != len(self._kinds) or self._key != len(self._keys):
             raise ManifestError("tree has trailing nodes or keys")
+        if self._used != {
+            NODE_VALUE: len(self._values),
+            NODE_DTENSOR: len(self._dtensors),
+            NODE_SHARDED_TENSOR: len(self._sharded),
+        }:
+            raise ManifestError("the tree leaves values, DTensors or ShardedTensors unused")
         return root
 
-    def _check_sharding(self, kind: int, arg: int, path: Path) -> None:
-        assert self._tensors is not None
-        if kind == NODE_DTENSOR:
-            if arg >= len(self._dtensors):
-                raise ManifestError("DTensor index out of range")
-            check_dtensor(self._dtensors[arg], self._tensors, path_str(path))
-        else:
-            if arg >= len(self._sharded):
-                raise ManifestError("ShardedTensor index out of range")
-            check_sharded(self._sharded[arg], self._tensors, path_str(path), self._pairs)
-
-    def _next_key(self) -> object:
-        if self._key >= len(self._key_kind):
-            raise ManifestError("tree runs out of dict keys")
-        kind = self._key_kind[self._key]
-        self._key += 1
-        if kind == KEY_STR and self._str < len(self._key_str):
-            self._str += 1
-            return self._key_str[self._str - 1]
-        if kind == KEY_INT and self._int < len(self._key_int):
-            self._int += 1
-            return self._key_int[self._int - 1]
-        raise ManifestError(f"bad dict key kind {kind}")
-
-    def _node(self, path: Path, depth: int) -> object:
+    def _read(self, depth: int) -> tuple[int, int]:
+        """The next node's kind and argument."""
         if depth > MAX_DEPTH:
             raise ManifestError(f"tree deeper than {MAX_DEPTH}")
         pos = self._pos
         if pos >= len(self._kinds):
             raise ManifestError("tree runs out of nodes")
-        kind, arg = self._kinds[pos], self._args[pos]
         self._pos = pos + 1
+        kind, arg = self._kinds[pos], self._args[pos]
+        if kind in _CONTAINERS and arg > len(self._kinds):
+            raise ManifestError("a dict or list larger than the tree")
+        return kind, arg
+
+    def _use(self, kind: int, arg: int) -> None:
+        """Counts a value, DTensor or ShardedTensor node, which must name the next entry."""
+        if arg != self._used[kind]:
+            raise ManifestError(
+                "values, DTensors and ShardedTensors are not each used once, in pre-order"
+            )
+        self._used[kind] = arg + 1
+
+    def _next_key(self) -> object:
+        i = self._key
+        if i >= len(self._keys):
+            raise ManifestError("tree runs out of dict keys")
+        self._key = i + 1
+        return self._keys[i]
+
+    def _leaf_node(self, kind: int, arg: int) -> object:
+        if kind == NODE_TENSOR:
+            return self._leaf(kind, arg, tuple(self._path) if self._paths else ())
+        self._use(kind, arg)
+        path = tuple(self._path)
+        if kind == NODE_DTENSOR:
+            if arg >= len(self._dtensors):
+                raise ManifestError("DTensor index out of range")
+            if self._tensors is not None:
+                check_dtensor(self._dtensors[arg], self._tensors, path_str(path))
+        else:
+            if arg >= len(self._sharded):
+                raise ManifestError("ShardedTensor index out of range")
+            if self._tensors is not None:
+                check_sharded(self._sharded[arg], self._tensors, path_str(path), self._pairs)
+        return self._leaf(kind, arg, path)
+
+    def _value(self, arg: int) -> object:
+        self._use(NODE_VALUE, arg)
+        if arg >= len(self._values):
+            raise ManifestError("value index out of range")
+        return decode_value(self._values[arg])
+
+    def _node(self, depth: int) -> object:
+        # The hot loop of a receive (a node per key, value and tensor): _read and
+        # _next_key inlined, paths kept only when tracked.
+        pos = self._pos
+        if pos >= len(self._kinds) or depth > MAX_DEPTH:
+            self._read(depth)  # raises, saying which
+        self._pos = pos + 1
+        kind, arg = self._kinds[pos], self._args[pos]
+        if kind == NODE_TENSOR:
+            return self._leaf(kind, arg, tuple(self._path) if self._paths else ())
         if kind in LEAF_KINDS:
-            if self._tensors is not None and kind != NODE_TENSOR:
-                self._check_sharding(kind, arg, path)
-            return self._leaf(kind, arg, path)
+            return self._leaf_node(kind, arg)
+        if kind in _CONTAINERS and arg > len(self._kinds):
+            raise ManifestError("a dict or list larger than the tree")
+        path, track = self._path, self._track
         if kind in (NODE_DICT, NODE_ORDERED_DICT):
-            if arg > len(self._kinds):
-                raise ManifestError("dict larger than the tree")
             d: dict[object, object] = {} if kind == NODE_DICT else OrderedDict()
+            keys = self._keys
             for _ in range(arg):
-                k = self._next_key()
-                d[k] = self._node((*path, k) if self._paths else path, depth + 1)
+                i = self._key
+                if i >= len(keys):
+                    raise ManifestError("tree runs out of dict keys")
+                self._key = i + 1
+                k = keys[i]
+                if track:
+                    path.append(k)
+                    d[k] = self._node(depth + 1)
+                    path.pop()
+                else:
+                    d[k] = self._node(depth + 1)
             return d
         if kind in (NODE_LIST, NODE_TUPLE):
-            if arg > len(self._kinds):
-                raise ManifestError("list larger than the tree")
-            if self._paths:
-                items = [self._node((*path, i), depth + 1) for i in range(arg)]
+            if track:
+                items = []
+                for i in range(arg):
+                    path.append(i)
+                    items.append(self._node(depth + 1))
+                    path.pop()
             else:
-                items = [self._node(path, depth + 1) for _ in range(arg)]
+                items = [self._node(depth + 1) for _ in range(arg)]
             return items if kind == NODE_LIST else tuple(items)
         if kind == NODE_VALUE:
-            if arg >= len(self._values):
-                raise ManifestError("value index out of range")
-            return decode_value(self._values[arg])
+            return self._value(arg)
         raise ManifestError(f"unknown node kind {kind}")
+
+    def _skip(self, depth: int) -> None:
+        """Reads past the next node's subtree, checking it as :meth:`build` would, building nothing."""
+        kind, arg = self._read(depth)
+        if kind in _CONTAINERS:
+            for _ in range(arg):
+                if kind in (NODE_DICT, NODE_ORDERED_DICT):
+                    self._next_key()
+                self._skip(depth + 1)
+        elif kind in (NODE_VALUE, NODE_DTENSOR, NODE_SHARDED_TENSOR):
+            self._use(kind, arg)
+        elif kind != NODE_TENSOR:
+            raise ManifestError(f"unknown node kind {kind}")
+
+
+def _keys(m: pb.Manifest) -> list[object]:
+    """The dict keys in the order the tree reads them (``key_kind`` picks each one's column)."""
+    kinds = list(m.key_kind)
+    strs = kinds.count(KEY_STR)
+    if strs != len(m.key_str) or kinds.count(KEY_INT) != len(kinds) - strs:
+        raise ManifestError("dict key kinds do not match the key columns")
+    if not m.key_int:
+        return list(m.key_str)
+    if not m.key_str:
+        return list(m.key_int)
+    by_str, by_int = iter(m.key_str), iter(m.key_int)
+    return [next(by_str) if k == KEY_STR else next(by_int) for k in kinds]
 
 
 def decode_value(v: pb.Value) -> object:

@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LeaveRequest(_message.Message):
-    __slots__ = ("replica_id", "group_rank", "agent_id")
+    __slots__ = ("replica_id", "group_rank", "agent_id", "rank_secret")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_RANK_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_SECRET_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     group_rank: int
     agent_id: str
-    def __init__(self, replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., agent_id: _Optional[str] = ...) -> None: ...
+    rank_secret: str
+    def __init__(self, replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., agent_id: _Optional[str] = ..., rank_secret: _Optional[str] = ...) -> None: ...
 
 class LeaveResponse(_message.Message):
     __slots__ = ("left",)
@@ -55,30 +57,36 @@ class Member(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., group_world_size: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., device_kind: _Optional[str] = ..., rendezvous: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., step: _Optional[int] = ..., agent_id: _Optional[str] = ..., interface: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("member",)
+    __slots__ = ("member", "rank_secret")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
+    RANK_SECRET_FIELD_NUMBER: _ClassVar[int]
     member: Member
-    def __init__(self, member: _Optional[_Union[Member, _Mapping]] = ...) -> None: ...
+    rank_secret: str
+    def __init__(self, member: _Optional[_Union[Member, _Mapping]] = ..., rank_secret: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("coordinator_id", "heartbeat_interval_s")
+    __slots__ = ("coordinator_id", "heartbeat_interval_s", "rank_secret")
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    RANK_SECRET_FIELD_NUMBER: _ClassVar[int]
     coordinator_id: str
     heartbeat_interval_s: float
-    def __init__(self, coordinator_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    rank_secret: str
+    def __init__(self, coordinator_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., rank_secret: _Optional[str] = ...) -> None: ...
 
 class Beat(_message.Message):
-    __slots__ = ("replica_id", "group_rank", "step", "healthy")
+    __slots__ = ("replica_id", "group_rank", "step", "healthy", "rank_secret")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    RANK_SECRET_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     group_rank: int
     step: int
     healthy: bool
-    def __init__(self, replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., step: _Optional[int] = ..., healthy: _Optional[bool] = ...) -> None: ...
+    rank_secret: str
+    def __init__(self, replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., step: _Optional[int] = ..., healthy: _Optional[bool] = ..., rank_secret: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("beats",)
@@ -95,15 +103,17 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, coordinator_id: _Optional[str] = ..., unknown: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("replica_id", "group_rank")
+    __slots__ = ("replica_id", "group_rank", "rank_secret")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_RANK_FIELD_NUMBER: _ClassVar[int]
+    RANK_SECRET_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     group_rank: int
-    def __init__(self, replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ...) -> None: ...
+    rank_secret: str
+    def __init__(self, replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., rank_secret: _Optional[str] = ...) -> None: ...
 
 class Order(_message.Message):
-    __slots__ = ("kind", "plan_id", "joiner", "step", "timeout_s", "rendezvous_prefix", "backend")
+    __slots__ = ("kind", "plan_id", "joiner", "step", "timeout_s", "rendezvous_prefix", "backend", "plan_key")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Order.Kind]
@@ -121,6 +131,7 @@ class Order(_message.Message):
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     RENDEZVOUS_PREFIX_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PLAN_KEY_FIELD_NUMBER: _ClassVar[int]
     kind: Order.Kind
     plan_id: int
     joiner: str
@@ -128,23 +139,26 @@ class Order(_message.Message):
     timeout_s: float
     rendezvous_prefix: str
     backend: str
-    def __init__(self, kind: _Optional[_Union[Order.Kind, str]] = ..., plan_id: _Optional[int] = ..., joiner: _Optional[str] = ..., step: _Optional[int] = ..., timeout_s: _Optional[float] = ..., rendezvous_prefix: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+    plan_key: bytes
+    def __init__(self, kind: _Optional[_Union[Order.Kind, str]] = ..., plan_id: _Optional[int] = ..., joiner: _Optional[str] = ..., step: _Optional[int] = ..., timeout_s: _Optional[float] = ..., rendezvous_prefix: _Optional[str] = ..., backend: _Optional[str] = ..., plan_key: _Optional[bytes] = ...) -> None: ...
 
 class AcknowledgeRequest(_message.Message):
-    __slots__ = ("plan_id", "replica_id", "group_rank", "step", "idle", "step_time_s")
+    __slots__ = ("plan_id", "replica_id", "group_rank", "step", "idle", "step_time_s", "rank_secret")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     IDLE_FIELD_NUMBER: _ClassVar[int]
     STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    RANK_SECRET_FIELD_NUMBER: _ClassVar[int]
     plan_id: int
     replica_id: str
     group_rank: int
     step: int
     idle: bool
     step_time_s: float
-    def __init__(self, plan_id: _Optional[int] = ..., replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., step: _Optional[int] = ..., idle: _Optional[bool] = ..., step_time_s: _Optional[float] = ...) -> None: ...
+    rank_secret: str
+    def __init__(self, plan_id: _Optional[int] = ..., replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., step: _Optional[int] = ..., idle: _Optional[bool] = ..., step_time_s: _Optional[float] = ..., rank_secret: _Optional[str] = ...) -> None: ...
 
 class AcknowledgeResponse(_message.Message):
     __slots__ = ("active",)
@@ -153,21 +167,23 @@ class AcknowledgeResponse(_message.Message):
     def __init__(self, active: _Optional[bool] = ...) -> None: ...
 
 class RecoverRequest(_message.Message):
-    __slots__ = ("replica_id", "group_rank", "wait_s", "received_plan_id", "joined_plan_id")
+    __slots__ = ("replica_id", "group_rank", "wait_s", "received_plan_id", "joined_plan_id", "rank_secret")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_RANK_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     JOINED_PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_SECRET_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     group_rank: int
     wait_s: float
     received_plan_id: int
     joined_plan_id: int
-    def __init__(self, replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., wait_s: _Optional[float] = ..., received_plan_id: _Optional[int] = ..., joined_plan_id: _Optional[int] = ...) -> None: ...
+    rank_secret: str
+    def __init__(self, replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., wait_s: _Optional[float] = ..., received_plan_id: _Optional[int] = ..., joined_plan_id: _Optional[int] = ..., rank_secret: _Optional[str] = ...) -> None: ...
 
 class RecoverResponse(_message.Message):
-    __slots__ = ("state", "reason", "plan_id", "donor", "step", "rendezvous", "rendezvous_prefix", "timeout_s", "backend", "fresh")
+    __slots__ = ("state", "reason", "plan_id", "donor", "step", "rendezvous", "rendezvous_prefix", "timeout_s", "backend", "fresh", "plan_key")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[RecoverResponse.State]
@@ -190,6 +206,7 @@ class RecoverResponse(_message.Message):
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     FRESH_FIELD_NUMBER: _ClassVar[int]
+    PLAN_KEY_FIELD_NUMBER: _ClassVar[int]
     state: RecoverResponse.State
     reason: str
     plan_id: int
@@ -200,10 +217,11 @@ class RecoverResponse(_message.Message):
     timeout_s: float
     backend: str
     fresh: bool
-    def __init__(self, state: _Optional[_Union[RecoverResponse.State, str]] = ..., reason: _Optional[str] = ..., plan_id: _Optional[int] = ..., donor: _Optional[str] = ..., step: _Optional[int] = ..., rendezvous: _Optional[str] = ..., rendezvous_prefix: _Optional[str] = ..., timeout_s: _Optional[float] = ..., backend: _Optional[str] = ..., fresh: _Optional[bool] = ...) -> None: ...
+    plan_key: bytes
+    def __init__(self, state: _Optional[_Union[RecoverResponse.State, str]] = ..., reason: _Optional[str] = ..., plan_id: _Optional[int] = ..., donor: _Optional[str] = ..., step: _Optional[int] = ..., rendezvous: _Optional[str] = ..., rendezvous_prefix: _Optional[str] = ..., timeout_s: _Optional[float] = ..., backend: _Optional[str] = ..., fresh: _Optional[bool] = ..., plan_key: _Optional[bytes] = ...) -> None: ...
 
 class TransferReport(_message.Message):
-    __slots__ = ("plan_id", "replica_id", "group_rank", "role", "result", "message", "step", "bytes", "seconds", "phases", "address")
+    __slots__ = ("plan_id", "replica_id", "group_rank", "role", "result", "message", "step", "bytes", "seconds", "phases", "address", "rank_secret")
     class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ROLE_UNSPECIFIED: _ClassVar[TransferReport.Role]
@@ -230,6 +248,7 @@ class TransferReport(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     PHASES_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RANK_SECRET_FIELD_NUMBER: _ClassVar[int]
     plan_id: int
     replica_id: str
     group_rank: int
@@ -241,17 +260,22 @@ class TransferReport(_message.Message):
     seconds: float
     phases: _containers.ScalarMap[str, float]
     address: str
-    def __init__(self, plan_id: _Optional[int] = ..., replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., role: _Optional[_Union[TransferReport.Role, str]] = ..., result: _Optional[str] = ..., message: _Optional[str] = ..., step: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., phases: _Optional[_Mapping[str, float]] = ..., address: _Optional[str] = ...) -> None: ...
+    rank_secret: str
+    def __init__(self, plan_id: _Optional[int] = ..., replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., role: _Optional[_Union[TransferReport.Role, str]] = ..., result: _Optional[str] = ..., message: _Optional[str] = ..., step: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., phases: _Optional[_Mapping[str, float]] = ..., address: _Optional[str] = ..., rank_secret: _Optional[str] = ...) -> None: ...
 
 class ReportTransferResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ("recent",)
+    __slots__ = ("recent", "page_size", "page_token")
     RECENT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     recent: int
-    def __init__(self, recent: _Optional[int] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, recent: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class RankStatus(_message.Message):
     __slots__ = ("group_rank", "step", "healthy", "last_seen_s", "rendezvous", "device_kind", "labels", "interface")
@@ -336,15 +360,17 @@ class PlanStatus(_message.Message):
     def __init__(self, plan_id: _Optional[int] = ..., joiner: _Optional[str] = ..., donor: _Optional[str] = ..., step: _Optional[int] = ..., state: _Optional[str] = ..., age_s: _Optional[float] = ..., ranks_done: _Optional[int] = ..., reason: _Optional[str] = ..., bytes: _Optional[int] = ..., recovery_s: _Optional[float] = ..., phases: _Optional[_Mapping[str, float]] = ..., addresses: _Optional[_Iterable[str]] = ..., attempt: _Optional[int] = ..., transfer_s: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("coordinator_id", "uptime_s", "replicas", "active", "recent")
+    __slots__ = ("coordinator_id", "uptime_s", "replicas", "active", "recent", "next_page_token")
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     RECENT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     coordinator_id: str
     uptime_s: float
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
     active: _containers.RepeatedCompositeFieldContainer[PlanStatus]
     recent: _containers.RepeatedCompositeFieldContainer[PlanStatus]
-    def __init__(self, coordinator_id: _Optional[str] = ..., uptime_s: _Optional[float] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., active: _Optional[_Iterable[_Union[PlanStatus, _Mapping]]] = ..., recent: _Optional[_Iterable[_Union[PlanStatus, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, coordinator_id: _Optional[str] = ..., uptime_s: _Optional[float] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., active: _Optional[_Iterable[_Union[PlanStatus, _Mapping]]] = ..., recent: _Optional[_Iterable[_Union[PlanStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -432,7 +432,9 @@ def test_recover_long_poll_holds_for_the_wait(client: CoordinatorClient) -> None
 
 def test_recover_long_poll_returns_on_acknowledge(client: CoordinatorClient) -> None:
     plan_id = _armable_plan(client)
-    acker = CoordinatorClient(client.address, timeout=_CLIENT_TIMEOUT)
+    acker = CoordinatorClient(client.address, timeout=_CLIENT_TIMEOUT)  # the donor's own channel
+    for r in range(2):
+        acker.hold("donor", r, client.secret("donor", r))
     acks: list[bool] = []
 
     def ack_all() -> None:

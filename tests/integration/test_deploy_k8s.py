@@ -43,7 +43,12 @@ VERSIONS = {"sidecar": ("1.29", "1.37")}
 NAMESPACE = "recoveryd"
 IMAGE = "ghcr.io/recoveryd/recoveryd"
 # Per overlay: the image tag and the RECOVERYD_DEVICE it runs the trainer with.
-EXPECTED = {"cpu": ("cpu", "cpu"), "gpu": ("cuda", "cuda"), "sidecar": ("cpu", "cpu")}
+EXPECTED = {
+    "cpu": ("cpu", "cpu"),
+    "gpu": ("cuda", "cuda"),
+    "sidecar": ("cpu", "cpu"),
+    "tls": ("cpu", "cpu"),
+}
 # kubectl apply (client side) stores the whole object in an annotation, and all
 # of an object's annotations together may take at most 256 KiB.
 MAX_APPLY_BYTES = 256 * 1024
@@ -169,7 +174,7 @@ def test_overlay_passes_the_kubernetes_schemas_strictly(overlay: str, tmp_path: 
     assert done.returncode == 0, out
     # kubernetes-validate only warns on a kind it has no schema for: make sure
     # that every object but the CRD kinds was really checked, at every version.
-    crd_kinds = {"PodMonitor"}
+    crd_kinds = {"PodMonitor", "Certificate", "Issuer"}
     for o in objects:
         kind, name = o["kind"], o["metadata"]["name"]
         if kind in crd_kinds:
@@ -188,6 +193,55 @@ def test_kubernetes_validate_rejects_an_unknown_field(tmp_path: Path) -> None:
     done = _kubernetes_validate(_write_objects(tmp_path / "typo.yaml", objects))
     assert done.returncode != 0
     assert "'readOnlyRootFileSystem' was unexpected" in done.stdout
+
+
+@functools.cache
+def _cert_manager_models() -> dict[str, type[pydantic.BaseModel]]:
+    from cloudcoil.models.cert_manager.v1 import Certificate, Issuer
+
+    return {"Certificate": Certificate, "Issuer": Issuer}
+
+
+def _check_cert_manager(obj: Obj) -> None:
+    _cert_manager_models()[obj["kind"]].model_validate(obj, strict=True, extra="forbid")
+
+
+@pytest.mark.parametrize("overlay", [o for o in OVERLAYS if o == "tls"])
+def test_cert_manager_objects_match_the_crd_schema_and_serve_the_coordinator(
+    overlay: str,
+) -> None:
+    objects = _objects(overlay)
+    certs = {
+        (o["kind"], o["metadata"]["name"]): o
+        for o in objects
+        if o["kind"] in ("Certificate", "Issuer")
+    }
+    for o in certs.values():
+        _check_cert_manager(o)
+    served = certs["Certificate", "recoveryd-coordinator"]["spec"]
+    # The name agents dial is in the certificate, so TLS checks pass without overrides.
+    trainer = _trainer(objects)
+    (container,) = _pod_spec(trainer)["containers"]
+    dialled = _env(container)["RECOVERYD_COORDINATOR"]["value"].rpartition(":")[0]
+    assert dialled in served["dnsNames"]
+    assert served["issuerRef"]["name"] == "recoveryd-ca"
+    assert certs["Certificate", "recoveryd-ca"]["spec"]["isCA"] is True
+    assert certs["Issuer", "recoveryd-ca"]["spec"]["ca"]["secretName"] == "recoveryd-ca"
+    coordinator = _coordinator(objects)
+    (server,) = _pod_spec(coordinator)["containers"]
+    args: list[str] = server["args"]
+    mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
+    volumes = {v["name"]: v for v in _pod_spec(coordinator)["volumes"]}
+    cert_dir = args[args.index("--tls-cert") + 1].rpartition("/")[0]
+    assert volumes[mounts[cert_dir]]["secret"]["secretName"] == served["secretName"]
+    ca = _env(container)["RECOVERYD_TLS_CA"]["value"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in _pod_spec(trainer)["volumes"]}
+    assert volumes[mounts[ca.rpartition("/")[0]]]["secret"]["secretName"] == served["secretName"]
+    bad = copy.deepcopy(certs["Certificate", "recoveryd-coordinator"])
+    bad["spec"]["dnsName"] = ["typo"]
+    with pytest.raises(pydantic.ValidationError, match="Extra inputs are not permitted"):
+        _check_cert_manager(bad)
 
 
 @functools.cache
@@ -297,10 +351,15 @@ def test_coordinator_deployment_and_service(overlay: str) -> None:
     assert int(args[args.index("--metrics-port") + 1]) == ports["metrics"]
     grace = float(args[args.index("--grace") + 1]) if "--grace" in args else 5.0
     assert _pod_spec(coordinator)["terminationGracePeriodSeconds"] > grace
+    # Over TLS the kubelet's gRPC probes (plaintext) go to the health-only port.
+    probed = int(args[args.index("--health-port") + 1]) if "--health-port" in args else None
+    if probed is not None:
+        assert probed == ports["health"]
+        assert "--tls-cert" in args
     for probe in ("readinessProbe", "livenessProbe"):
         # Native gRPC probe (grpc.health.v1) on the gRPC port; no service: the
         # server's overall health.
-        assert container[probe]["grpc"]["port"] == ports["grpc"], probe
+        assert container[probe]["grpc"]["port"] == (probed or ports["grpc"]), probe
         assert container[probe]["grpc"].get("service", "") == "", probe
 
     service = _one(objects, "Service", "recoveryd-coordinator")
@@ -314,6 +373,41 @@ def test_coordinator_deployment_and_service(overlay: str) -> None:
     for name, p in service_ports.items():
         assert p["port"] == ports[name]
         assert p["targetPort"] in (name, ports[name])
+
+
+def _token_path(workload: Obj, container: Obj) -> str:
+    """Where the container sees the Secret recoveryd-token's ``token`` key ("" if nowhere)."""
+    secrets = {
+        v["name"]: v["secret"]
+        for v in _pod_spec(workload).get("volumes", [])
+        if v.get("secret", {}).get("secretName") == "recoveryd-token"
+    }
+    for m in container.get("volumeMounts", []):
+        if m["name"] in secrets:
+            assert m.get("readOnly") is True, container["name"]
+            assert not secrets[m["name"]].get("optional", False)
+            assert secrets[m["name"]].get("defaultMode", 0o644) & 0o007 == 0  # not world-readable
+            return f"{m['mountPath']}/token"
+    return ""
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_party_of_the_control_plane_presents_the_job_token(overlay: str) -> None:
+    objects = _objects(overlay)
+    coordinator = _coordinator(objects)
+    (container,) = _pod_spec(coordinator)["containers"]
+    args: list[str] = container["args"]
+    assert "--insecure" not in args
+    assert args[args.index("--token-file") + 1] == _token_path(coordinator, container)
+    trainer = _trainer(objects)
+    talkers = [
+        c
+        for c in _containers(trainer)
+        if c["args"][0] == "agent" or "RECOVERYD_SIDECAR_SOCKET" not in _env(c)
+    ]
+    assert talkers, "no container of the trainer pod talks to the coordinator"
+    for c in talkers:
+        assert _env(c)["RECOVERYD_TOKEN_FILE"]["value"] == _token_path(trainer, c), c["name"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -216,6 +216,7 @@ def test_agents_count_their_transfers_and_recoveries() -> None:
             "peer_lost": 0,
             "rejected": 0,
             "step_mismatch": 0,
+            "untrusted": 0,
             "error": 0,
         }
         sent = [s for s in donor_samples if s.name == "recoveryd_agent_transfer_bytes_total"]

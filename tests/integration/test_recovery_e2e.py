@@ -61,7 +61,7 @@ def _wait_step(cluster: LocalCluster, replica: str, step: int) -> None:
 
 
 def _wait_coordinator_sees_step(cluster: LocalCluster, replica: str, at_least: int = 0) -> None:
-    client = CoordinatorClient(cluster.address)
+    client = cluster.client()
     end = time.monotonic() + 30
     while not any(
         r.replica_id == replica and r.step is not None and r.step >= at_least
@@ -101,7 +101,7 @@ def test_joiner_recovers_from_the_most_advanced_healthy_donor(cluster: LocalClus
     assert steps.pop() > cluster.step_of("behind")  # ...and the most advanced one
     # Only 'ahead' was ever planned (a plan may be re-fenced if a donor rank
     # overshot its fence on this loaded machine, but never goes elsewhere).
-    status = CoordinatorClient(cluster.address).status()
+    status = cluster.client().status()
     assert {p.donor for p in status.recent if p.joiner == "joiner"} == {"ahead"}
 
 
@@ -129,7 +129,7 @@ def test_donor_killed_mid_transfer_joiner_completes_from_another(
     _assert_bit_identical_to_donor(cluster, got, "spare")
     assert all(e.data["attempts"] == 2 for e in got)
     assert all(e.data["step"] == 3 for e in got)  # the parked donor's step
-    status = CoordinatorClient(cluster.address).status()
+    status = cluster.client().status()
     [failed] = [p for p in status.recent if p.state == "failed"]
     assert failed.donor == "doomed"
     # Whichever came first: the coordinator missing the donor's heartbeats,

@@ -10,6 +10,7 @@ FSDP2 over the trainer's own one-rank world (DTensor state).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -380,7 +381,10 @@ def test_a_donor_trainer_killed_mid_send_never_leaves_a_corrupt_state(
     assert "trainer gone" in a.log.read_text()
 
 
-def test_a_dev_shm_too_small_for_the_state_is_a_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sealed", [True, False], ids=["memfd", "dev-shm"])
+def test_a_dev_shm_too_small_for_the_state_is_a_clear_error_or_no_matter(
+    tmp_path: Path, sealed: bool
+) -> None:
     # A private mount namespace with a 1 MiB /dev/shm (root only; CI runs as root).
     probe = subprocess.run(
         ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
@@ -393,6 +397,9 @@ def test_a_dev_shm_too_small_for_the_state_is_a_clear_error(tmp_path: Path) -> N
     script.write_text(
         "import torch, recoveryd\n"
         "from datetime import timedelta\n"
+        "from recoveryd.sidecar import seal\n"
+        f"if not {sealed}:\n"
+        "    seal.can_seal = lambda: False  # torch's own /dev/shm segments\n"
         "big = torch.zeros(4 << 20)\n"
         "try:\n"
         f"    recoveryd.attach({str(tmp_path / 'none.sock')!r}, lambda: {{'big': big}},\n"
@@ -406,6 +413,9 @@ def test_a_dev_shm_too_small_for_the_state_is_a_clear_error(tmp_path: Path) -> N
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    if sealed:  # memfds are not in /dev/shm: the state is shared, and no sidecar answers
+        assert done.stdout.startswith("SidecarLostError"), done.stdout
+        return
     assert done.stdout.startswith("ConfigError invalid /dev/shm='16777216 bytes of CPU state'")
     assert "No space left on device" in done.stdout
     assert "emptyDir with medium: Memory" in done.stdout
@@ -495,25 +505,77 @@ def test_a_trainer_killed_while_recovering_ends_its_request_at_once(tmp_path: Pa
         coord.stop()
 
 
-def test_the_newest_attachment_of_a_rank_wins(
+def _hold_rank(socket_path: str, name: str, events: Any, stop: Any) -> None:
+    """Holds rank 0 of ``name``: attaches twice (the second takes the rank from the first,
+    in the same process), lets a child keep the socket open beyond this process's
+    life (as a forked data-loader worker would), then steps until stopped."""
+    import recoveryd
+
+    state = {"w": torch.arange(8, dtype=torch.float32)}
+    try:
+        first = recoveryd.attach(socket_path, lambda: state, replica_id=name)
+        second = recoveryd.attach(socket_path, lambda: state, replica_id=name)
+        try:
+            first.step(1)
+            replaced = False
+        except recoveryd.SidecarLostError:
+            replaced = True
+        keeper = subprocess.Popen(["sleep", "300"], pass_fds=[second._channel._sock.fileno()])
+        events.put(("held", name, {"pid": os.getpid(), "keeper": keeper.pid, "replaced": replaced}))
+        step = 1
+        while not stop.is_set():
+            step += 1
+            second.step(step)
+            if step % 10 == 0:
+                events.put(("stepped", name, {"step": step}))
+            time.sleep(0.02)
+    except BaseException as err:
+        events.put(("error", name, {"error": repr(err)}))
+    finally:
+        events.close()
+        events.join_thread()
+        os._exit(0)
+
+
+def test_a_live_attachment_keeps_its_rank_and_a_dead_one_is_replaced_at_once(
     cluster: tuple[Coordinator, Any, Events, list[Pod]], tmp_path: Path
 ) -> None:
     import recoveryd
+    from recoveryd.errors import PermissionDeniedError
 
-    coord = cluster[0]
+    coord, ctx, ev, _ = cluster
     (a,) = _pods(cluster, tmp_path, "a")
+    stop = ctx.Event()  # held: a child unpickles it after start()
+    holder = ctx.Process(target=_hold_rank, args=(a.socket, "a", ev.q, stop), daemon=True)
+    holder.start()
+    held = ev.wait("held", "a")
+    assert held["replaced"] is True  # its own second attach took it (it holds the secret)
     state = {"w": torch.arange(8, dtype=torch.float32)}
-    old = recoveryd.attach(a.socket, lambda: state, replica_id="a", timeout=timedelta(seconds=60))
-    new = recoveryd.attach(a.socket, lambda: state, replica_id="a", timeout=timedelta(seconds=60))
     try:
-        with pytest.raises(recoveryd.SidecarLostError):
-            old.step(1)  # its session was ended for the newer one
-        new.step(1)
-        assert "attached again: ending its older session" in a.log.read_text()
-        end = time.monotonic() + 10
-        while _healthy(coord, "a") is not True:
-            assert time.monotonic() < end, "the newer attachment never showed healthy"
-            time.sleep(0.1)
+        # Another process: the live holder keeps its rank, and trains on.
+        with pytest.raises(PermissionDeniedError) as refused:
+            recoveryd.attach(a.socket, lambda: state, replica_id="a")
+        assert (refused.value.replica_id, refused.value.group_rank) == ("a", 0)
+        assert f"a live trainer (pid {held['pid']}, uid {os.getuid()}) holds it" in str(
+            refused.value
+        )
+        ev.seen.clear()
+        ev.wait("stepped", "a")
+        # Dead, with its socket still open (the keeper holds it): replaced at once.
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(10)
+        t0 = time.monotonic()
+        new = recoveryd.attach(a.socket, lambda: state, replica_id="a")
+        try:
+            assert time.monotonic() - t0 < 5
+            new.step(1)
+            assert f"its trainer, pid {held['pid']}, has exited" in a.log.read_text()
+            end = time.monotonic() + 10
+            while _healthy(coord, "a") is not True:
+                assert time.monotonic() < end, "the new attachment never showed healthy"
+                time.sleep(0.1)
+        finally:
+            new.close()
     finally:
-        new.close()
-        old.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(held["keeper"], signal.SIGKILL)

@@ -25,7 +25,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "errors": ("recoveryd.errors",),
     "base": ("recoveryd._time", "recoveryd._format", "recoveryd._version"),
     "transport": ("recoveryd.transport",),
-    "protocol": ("recoveryd.protocol", "recoveryd.codec"),
+    "protocol": ("recoveryd.protocol", "recoveryd.codec", "recoveryd.credentials"),
     "metrics": ("recoveryd.metrics",),
     "testing": ("recoveryd.testing",),
     "policy": (
@@ -72,7 +72,7 @@ ARROWS: dict[str, set[str]] = {
         "protocol",
         *_BOTTOM,
     },
-    "cli": {"demo", "sidecar", "agent", "coordinator", "policy", "status", *_BOTTOM},
+    "cli": {"demo", "sidecar", "agent", "coordinator", "policy", "status", "protocol", *_BOTTOM},
     "api": set(COMPONENTS) - {"api"},
 }
 
