@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 grep -qxF "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >>.git/info/exclude
 pins=()
-for name in torchft grpcio grpcio-health-checking grpcio-reflection protobuf xxhash prometheus_client; do
+for name in torchft grpcio grpcio-health-checking grpcio-reflection protobuf xxhash blake3 prometheus_client; do
   pin=$(grep -i -E "^${name//-/[-_]}==" constraints-dev.txt) || { echo "no pin for $name" >&2; exit 1; }
   pins+=("$pin")
 done
