@@ -30,6 +30,7 @@ from recoveryd.agent.link import CoordinatorLink
 from recoveryd.agent.rendezvous import (
     DONOR_RANK,
     JOINER_RANK,
+    bounded,
     connect_store,
     device_for,
     dropped_key,
@@ -258,17 +259,16 @@ class JoinerRound:
         record.phases.setdefault("plan", time.monotonic() - self._start)
         t0 = time.monotonic()
         try:
-            store = connect_store(
-                ans.rendezvous,
-                timeout=self._deadline.cap(self._link.config.rendezvous_timeout),
-            )
-            group = open_group(
-                store,
-                ans.rendezvous_prefix,
-                JOINER_RANK,
-                backend=ans.backend,
-                host=self._host,
-                timeout=self._transfer_timeout(ans),
+            within = self._deadline.cap(self._link.config.rendezvous_timeout)
+            store = connect_store(ans.rendezvous, timeout=within)
+            form = functools.partial(open_group, store, ans.rendezvous_prefix, JOINER_RANK)
+            # Formed through the donor's store, whose reads have no deadline of their own.
+            group = bounded(
+                lambda: form(
+                    backend=ans.backend, host=self._host, timeout=self._transfer_timeout(ans)
+                ),
+                within,
+                "forming the plan's group on the donor's store",
             )
         except Exception as err:  # the donor went away before the group formed
             self._report(ans.plan_id, result_of(err), started=t0, message=f"rendezvous: {err}")
@@ -403,9 +403,11 @@ class JoinerRound:
         asked = time.monotonic()
         nap = timedelta(milliseconds=1)
         forged = False
+        # The donor's store answers in milliseconds; this long without an answer is a dead link.
+        silence = config.transfer.stall_timeout
         while not self._deadline.expired:
             try:
-                go = read_go(joined.store, joined.prefix, joined.key)
+                go = read_go(joined.store, joined.prefix, joined.key, timeout=silence)
                 if go == "set":
                     return FenceWait.REACHED, ""
                 if go == "forged" and not forged:  # the donor's own go overwrites it

@@ -11,13 +11,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import socket
+import threading
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from recoveryd.errors import ConfigError
+from recoveryd.errors import ConfigError, TransferTimeoutError
+
+T = TypeVar("T")
 
 DONOR_RANK = 0
 JOINER_RANK = 1
@@ -48,17 +52,61 @@ def proof(plan_key: bytes, what: str, prefix: str) -> str:
     return hmac.new(plan_key, msg, hashlib.sha256).hexdigest()
 
 
-def read_go(store: dist.Store, prefix: str, plan_key: bytes) -> str:
+def bounded(call: Callable[[], T], timeout: timedelta, what: str) -> T:
+    """``call()`` on a remote store (or a group formed through one), waited for at most ``timeout``.
+
+    A TCPStore client reads its socket with no deadline: when the other host
+    goes silent (its packets dropped, no reset), ``get``, ``check`` and even
+    ``wait(timeout)`` block until the kernel gives up on the connection,
+    about 15 minutes (seen on a blackholed link: tests/integration/
+    test_network_faults.py). So the call runs in a thread of its own; past
+    ``timeout`` it is abandoned (the thread ends when the kernel does) and
+    the store must not be used again: a reply may still arrive on it.
+
+    Raises:
+        TransferTimeoutError: no answer within ``timeout`` (a ``RuntimeError``,
+            as the store's own failures are).
+        RuntimeError: what ``call`` raised.
+    """
+    box: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            box.append((True, call()))
+        except BaseException as err:  # handed to the waiting thread
+            box.append((False, err))
+
+    t = threading.Thread(target=run, name="recoveryd-store-call", daemon=True)
+    t.start()
+    t.join(timeout.total_seconds())
+    if not box:
+        raise TransferTimeoutError(
+            f"{what}: no answer within {timeout.total_seconds():g} s (the donor's host is "
+            "silent: down, partitioned, or dropping packets); the plan is given up"
+        )
+    done, value = box[0]
+    if not done:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+def read_go(store: dist.Store, prefix: str, plan_key: bytes, *, timeout: timedelta) -> str:
     """Whether the donor rank set its go: ``set``, ``unset``, or ``forged`` (a value it did not
     write).
 
     Raises:
-        RuntimeError: the store is unreachable (the donor died).
+        RuntimeError: the store is unreachable (the donor died), or did not
+            answer within ``timeout`` (see :func:`bounded`).
     """
     key = go_key(prefix)
-    if not store.check([key]):
+
+    def poll() -> bytes | None:
+        return store.get(key) if store.check([key]) else None
+
+    value = bounded(poll, timeout, "reading the donor's go")
+    if value is None:
         return "unset"
-    step, _, said = store.get(key).partition(b":")
+    step, _, said = value.partition(b":")
     ok = proves(plan_key, said, f"go {step.decode(errors='replace')}", prefix)
     return "set" if ok else "forged"
 

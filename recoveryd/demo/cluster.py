@@ -9,6 +9,7 @@ still running, so nothing is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -32,6 +33,21 @@ from recoveryd.coordinator.server import Coordinator
 from recoveryd.credentials import Credentials
 from recoveryd.demo.trainer import Event, TrainerSpec, run_trainer
 from recoveryd.errors import RecoverydError
+
+
+@contextlib.contextmanager
+def _environment(extra: dict[str, str]) -> Iterator[None]:
+    """``extra`` in this process's environment while a child is spawned (it execs with it)."""
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class ClusterError(RecoverydError, RuntimeError):
@@ -63,6 +79,7 @@ class LocalCluster:
         coordinator_config: CoordinatorConfig | None = None,
         prometheus_sd: str | None = None,
         sidecars: bool = False,
+        token_file: str = "",
         **defaults: Any,
     ) -> None:
         self.coordinator: Coordinator | None = None
@@ -72,9 +89,15 @@ class LocalCluster:
         """Each rank's latest incarnation's ``/metrics`` (a killed one's goes with it)."""
         if prometheus_sd is not None:
             defaults.setdefault("metrics_port", 0)
+        if token_file and coordinator is None:
+            raise ValueError(
+                "token_file is for an outside coordinator; one started here makes its own"
+            )
         self._token_dir = tempfile.mkdtemp(prefix="recoveryd-token-")  # 0700
-        self.token_file = ""
-        """The token file every rank and sidecar presents ("" with an outside coordinator)."""
+        self.token_file = token_file
+        """The token file every rank and sidecar presents ("": none, an outside coordinator's own)."""
+        if token_file:
+            defaults.setdefault("token_file", token_file)
         if coordinator is None:
             self.token_file = os.path.join(self._token_dir, "token")
             fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -118,8 +141,23 @@ class LocalCluster:
         creds = Credentials(token_file=self.token_file) if self.token_file else None
         return CoordinatorClient(self.address, timeout=timeout, credentials=creds)
 
-    def start_replica(self, replica_id: str, world_size: int, **overrides: Any) -> int:
-        """Starts every rank of a replica; returns its incarnation (0 the first time)."""
+    def start_replica(
+        self,
+        replica_id: str,
+        world_size: int,
+        *,
+        env: dict[str, str] | None = None,
+        **overrides: Any,
+    ) -> int:
+        """Starts every rank of a replica; returns its incarnation (0 the first time).
+
+        Args:
+            replica_id: the replica.
+            world_size: its ranks.
+            env: variables added to the ranks' environment (read at exec, so
+                ``LD_PRELOAD`` works: see :func:`recoveryd.testing.netlab.faketime_env`).
+            overrides: :class:`TrainerSpec` fields for these ranks.
+        """
         inc = self._incarnations.get(replica_id, -1) + 1
         self._incarnations[replica_id] = inc
         sockets = {}
@@ -144,7 +182,8 @@ class LocalCluster:
             events = self._ctx.Queue()
             self._queues.append(events)
             p = self._ctx.Process(target=run_trainer, args=(spec, events, self._stop), daemon=True)
-            p.start()
+            with _environment(env or {}):
+                p.start()
             self._procs[(replica_id, rank)] = p
         return inc
 

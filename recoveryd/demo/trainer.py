@@ -35,6 +35,7 @@ from recoveryd.credentials import Credentials
 from recoveryd.demo import jobs
 from recoveryd.demo.jobs import Model
 from recoveryd.sidecar.client import attach
+from recoveryd.testing import netlab
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,11 @@ class TrainerSpec:
     """Attach to the sidecar agent on this socket instead of running one in-process."""
     token_file: str = ""
     """The job's token file the agent presents to the coordinator ("": none)."""
+    netns: str = ""
+    """Run in this network namespace (fault tests: :mod:`recoveryd.testing.netlab`);
+    the replica must then have one rank (its training group needs no store)."""
+    host: str = "127.0.0.1"
+    """The address the agent advertises for transfers."""
     join_together: tuple[str, int] | None = None
     """``(key, ranks)``: call ``recover()`` only once that many ranks reached the
     same key on the launcher's store (tests: replicas that join at once)."""
@@ -142,6 +148,8 @@ def run_trainer(spec: TrainerSpec, events: Any, stop: Any) -> None:
         )
 
     try:
+        if spec.netns:
+            netlab.enter(spec.netns)  # before any socket or thread of this process
         _train(spec, emit, stop)
     except BaseException as err:
         emit("error", error=f"{err!r}", traceback=traceback.format_exc())
@@ -163,7 +171,13 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
     emit("started", pid=os.getpid())
     parent = os.getppid()
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
-    store = dist.TCPStore("127.0.0.1", spec.store_port, None, False, timedelta(seconds=60))
+    store: dist.Store
+    if spec.netns:  # the launcher's store is out of reach; one rank needs none
+        if spec.group_world_size != 1 or spec.join_together is not None:
+            raise ValueError("a replica in a network namespace has one rank and no join_together")
+        store = dist.HashStore()
+    else:
+        store = dist.TCPStore("127.0.0.1", spec.store_port, None, False, timedelta(seconds=60))
     train_store = dist.PrefixStore(f"train/{spec.replica_id}/{spec.incarnation}", store)
     job = jobs.build(
         spec.model,
@@ -205,7 +219,7 @@ def _train(spec: TrainerSpec, emit: Any, stop: Any) -> None:
                 replica_id=spec.replica_id,
                 group_rank=spec.group_rank,
                 group_world_size=spec.group_world_size,
-                host="127.0.0.1",
+                host=spec.host,
                 labels=spec.labels,
                 heartbeat_interval=timedelta(seconds=spec.heartbeat_interval_s),
                 rendezvous_timeout=timedelta(seconds=spec.rendezvous_timeout_s),

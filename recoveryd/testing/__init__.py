@@ -3,7 +3,10 @@
 ``ranks.py`` runs a function on every rank of a real Gloo group in spawned
 processes (a crashed rank fails the run at once); ``threads.py`` the same in
 threads; ``faults.py`` wraps a group to kill, silence or corrupt a transfer's
-data messages; ``prometheus.py`` runs a real local Prometheus server.
+data messages; ``prometheus.py`` runs a real local Prometheus server;
+``netlab.py`` puts parties in network namespaces joined by a router and
+injects faults on their links (``delayproxy.py`` delays TCP where the kernel
+has no netem).
 """
 
 from recoveryd.testing.faults import FaultyGroup
