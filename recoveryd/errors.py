@@ -63,6 +63,11 @@ class PeerLostError(TransferError, ConnectionError):
     """The peer of a transfer went away (process died, connection closed)."""
 
 
+class DonorsDisagreeError(TransferError, ValueError):
+    """The donors of a striped receive do not offer the same state (another step, layout
+    or cutting); every donor was refused and nothing was written."""
+
+
 class UnsupportedValueError(TransferError, TypeError):
     """A state_dict leaf cannot be carried by the manifest format.
 

@@ -260,16 +260,18 @@ class JoinerRound:
         t0 = time.monotonic()
         try:
             within = self._deadline.cap(self._link.config.rendezvous_timeout)
-            store = connect_store(ans.rendezvous, timeout=within)
-            form = functools.partial(open_group, store, ans.rendezvous_prefix, JOINER_RANK)
-            # Formed through the donor's store, whose reads have no deadline of their own.
-            group = bounded(
-                lambda: form(
-                    backend=ans.backend, host=self._host, timeout=self._transfer_timeout(ans)
-                ),
-                within,
-                "forming the plan's group on the donor's store",
-            )
+            timeout = self._transfer_timeout(ans)
+
+            def form() -> tuple[dist.Store, dist.ProcessGroup]:
+                store = connect_store(ans.rendezvous, timeout=within)
+                group = open_group(
+                    store, ans.rendezvous_prefix, JOINER_RANK, backend=ans.backend,
+                    host=self._host, timeout=timeout,
+                )  # fmt: skip
+                return store, group
+
+            # On the donor's store, whose client waits for answers with no deadline of its own.
+            store, group = bounded(form, within, "forming the plan's group on the donor's store")
         except Exception as err:  # the donor went away before the group formed
             self._report(ans.plan_id, result_of(err), started=t0, message=f"rendezvous: {err}")
             return

@@ -38,6 +38,8 @@ class _Pipe:
         self._queue: collections.deque[tuple[float, bytes]] = collections.deque()
         self._held = 0
         self._eof = False
+        self._dead = False
+        """The writing side failed: nothing drains the queue any more."""
         self._cond = threading.Condition()
         self._last_due = 0.0
 
@@ -47,7 +49,7 @@ class _Pipe:
 
     def _read(self) -> None:
         try:
-            while True:
+            while not self._dead:
                 data = self._src.recv(_CHUNK)
                 if not data:
                     break
@@ -57,7 +59,7 @@ class _Pipe:
                     self._queue.append((due, data))
                     self._held += len(data)
                     self._cond.notify_all()
-                    while self._held > _WINDOW_BYTES:
+                    while self._held > _WINDOW_BYTES and not self._dead:
                         self._cond.wait(1.0)
         except OSError:
             pass
@@ -84,6 +86,9 @@ class _Pipe:
                     self._cond.notify_all()
             self._dst.shutdown(socket.SHUT_WR)
         except OSError:
+            with self._cond:
+                self._dead = True
+                self._cond.notify_all()
             for s in (self._src, self._dst):
                 try:
                     s.shutdown(socket.SHUT_RDWR)

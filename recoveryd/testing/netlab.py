@@ -44,6 +44,7 @@ _CLONE_NEWNET = 0x40000000
 _NAME = re.compile(r"[a-z][a-z0-9]{0,7}")
 _TABLE = "rdlab"
 _CMD_TIMEOUT_S = 20.0
+_RESET = "rdlab-reset"
 
 
 class NetLabError(RuntimeError):
@@ -248,7 +249,10 @@ class NetLab:
         """Answers TCP between ``src`` and ``dst`` (or anyone) with resets; drops the rest."""
         rules = []
         for m in self._pair(src, dst, both_ways=True):
-            rules += [f"{m} meta l4proto tcp reject with tcp reset", f"{m} drop"]
+            rules += [
+                f'{m} meta l4proto tcp reject with tcp reset comment "{_RESET}"',
+                f'{m} drop comment "{_RESET}"',
+            ]
         return self._add(f"reset {src}<->{dst or '*'}", rules, [], [], max_s)
 
     def loss(self, party: str, percent: float, *, max_s: float = 120.0) -> Fault:
@@ -263,7 +267,10 @@ class NetLab:
         return self._add(f"loss {percent:g}% {party}", rules, [], [], max_s)
 
     def cap(self, party: str, bits_per_s: int, *, max_s: float = 120.0) -> Fault:
-        """Caps the party's link at ``bits_per_s`` in each direction (``tc tbf``)."""
+        """Caps the party's link at ``bits_per_s`` in each direction (``tc tbf``).
+
+        One cap per party: a second replaces the first, and clearing either lifts it.
+        """
         burst = max(64 * 1024, bits_per_s // 8 // 100)
         undo = []
         for ns, dev in ((self.hub, self._link(party)), (self.namespace(party), "eth0")):
@@ -338,7 +345,7 @@ class NetLab:
                 for spec in entry[3]:
                     ns, dev = spec.split()
                     argv = ["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"]
-                    subprocess.run(argv, capture_output=True, check=False)
+                    subprocess.run(argv, capture_output=True, check=False, timeout=_CMD_TIMEOUT_S)
             if os.path.exists(os.path.join(_NS_DIR, self.hub)):
                 self._apply()
 
@@ -354,7 +361,8 @@ class NetLab:
         chains = {
             "c_forward": fwd,
             "c_input": [r for r in fwd if "oifname" not in r],
-            "c_output": [r for r in fwd if "iifname" not in r],
+            # Not a reset's rules: the hub's own resets leave through the output hook.
+            "c_output": [r for r in fwd if "iifname" not in r and _RESET not in r],
             "c_pre": nat,
         }
         lines = []
@@ -427,15 +435,18 @@ class NetLab:
 
     def close(self) -> None:
         """Lifts every fault, stops the proxies and deletes the namespaces."""
-        for timer in list(self._timers.values()):
-            timer.cancel()
-        for proxy in list(self._proxies.values()):
-            proxy.kill()
-            proxy.wait(5)
-        self._proxies.clear()
-        for ns in reversed(self._made):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-        self._made.clear()
+        with self._lock:  # not while a fault's expiry rewrites the rules
+            for timer in list(self._timers.values()):
+                timer.cancel()
+            self._timers.clear()
+            self._faults.clear()
+            for proxy in list(self._proxies.values()):
+                proxy.kill()
+                proxy.wait(5)
+            self._proxies.clear()
+            for ns in reversed(self._made):
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+            self._made.clear()
 
     def __enter__(self) -> NetLab:
         return self

@@ -10,6 +10,8 @@ sends (:func:`send_state_dict`), each *joiner* receives
 (:func:`recv_state_dict`), in place or into fresh tensors. The public
 modules: :mod:`~recoveryd.transport.sender` and
 :mod:`~recoveryd.transport.receiver` (the two sides, in the same phases),
+:mod:`~recoveryd.transport.striped` (one joiner, several donors, each
+sending a disjoint stripe),
 :mod:`~recoveryd.transport.tree` (the state's tree as the manifest carries
 it, for the agent and the sidecar), :mod:`~recoveryd.transport.format` (the
 wire format's constants), :mod:`~recoveryd.transport.config`,

@@ -104,12 +104,21 @@ def recv_offer(
     return Offer(m, nbytes, macs)
 
 
-def accept(wire: w.Wire, src: int, cap: timedelta) -> None:
-    """Tells the donor this joiner is ready; waits for its go (an abort: another refused)."""
-    wire.send_ints([f.ACK_OK, 0], src, f.TAG_ACK)
-    if wire.recv_ints(2, src, f.TAG_GO, cap=cap)[0] != f.GO:
+def accept(wire: w.Wire, src: int, cap: timedelta, stripe: int = 0) -> None:
+    """Tells the donor this joiner is ready (and which stripe of the messages it wants:
+    0 for all); waits for its go, which must echo the stripe (an abort: another refused)."""
+    wire.send_ints([f.ACK_OK, stripe], src, f.TAG_ACK)
+    verdict, echo = wire.recv_ints(2, src, f.TAG_GO, cap=cap)
+    if verdict != f.GO:
         raise TransferError(
-            f"rank {src} aborted the transfer because another joiner refused it",
+            f"rank {src} aborted the transfer (another joiner refused it, or it would not "
+            "send the stripe asked for)",
+            peer_rank=src,
+        )
+    if echo != stripe:
+        raise TransferError(
+            f"rank {src} answered stripe word {echo}, not the {stripe} asked for; nothing "
+            "was written",
             peer_rank=src,
         )
 

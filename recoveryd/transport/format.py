@@ -17,8 +17,12 @@ from collections.abc import Iterable
 
 from recoveryd.v1 import manifest_pb2 as pb
 
-FORMAT_VERSION = 1
-"""The manifest format this recoveryd writes and reads; both sides must agree."""
+FORMAT_VERSION = 2
+"""The manifest format this recoveryd writes and reads; both sides must agree.
+
+2: a joiner's answer names the stripe of messages it wants (0: all) and the
+donor's go echoes it (a donor of format 1 would send every message to a
+joiner that asked for a stripe)."""
 
 # Tags live far from 0 so the transport can share a group with a caller's own
 # point-to-point traffic.
@@ -43,6 +47,8 @@ ACK_STEP_MISMATCH = 1
 ACK_STATE_MISMATCH = 2
 ACK_BAD_MANIFEST = 3
 ACK_OTHER = 4
+ACK_NOT_NEEDED = 5
+"""A striped joiner needs nothing from this donor (more donors than messages)."""
 GO = 0
 ABORT = 1
 HEADER_SENDER_FAILED = 1
@@ -55,6 +61,7 @@ ACK_REASONS = {
     ACK_STATE_MISMATCH: "its in-place state_dict does not match the manifest",
     ACK_BAD_MANIFEST: "it rejected the manifest",
     ACK_OTHER: "it failed before receiving data",
+    ACK_NOT_NEEDED: "it needs no stripe from this donor (more donors than messages)",
 }
 
 SPAN_ALIGN = 16

@@ -143,7 +143,7 @@ def recv_state_dict(
         clock.mark("handshake")
         try:
             wire.stall = config.stall_timeout
-            hashes = _stream(wire, plan)
+            hashes = _stream(wire, plan, range(len(plan.messages)), plan.macs, plan.pred)
             clock.mark("data")
             if plan.macs is not None:
                 hs.verify_trailer(wire, src_rank, hashes, _auth.TAG_WORDS, "MAC")
@@ -332,24 +332,27 @@ def _prepare(
     )
 
 
-def _stream(wire: w.Wire, plan: _RecvPlan) -> list[int]:
-    """Receives (and relays) the data messages; returns their checksums or MACs (int64 words)."""
+def _stream(
+    wire: w.Wire, plan: _RecvPlan, indices: range, macs: _auth.StreamKeys | None, pred: int
+) -> list[int]:
+    """Receives (and relays) the data messages ``indices`` (all, or a stripe) from ``pred``;
+    returns their checksums or MACs (int64 words)."""
     dev = wire.device
     messages, targets, landing = plan.messages, plan.targets, plan.landing
-    pred, succ, macs = plan.pred, plan.succ, plan.macs
+    succ = plan.succ
     checksums = plan.manifest.checksums and macs is None
 
     def zero_copy(i: int) -> bool:
         buf = landing[i]
         return buf is not None and buf.device == dev
 
-    staged = max((m.nbytes for i, m in enumerate(messages) if not zero_copy(i)), default=0)
+    staged = max((messages[i].nbytes for i in indices if not zero_copy(i)), default=0)
     # A CPU wire landing in GPU memory stages through pinned buffers: the
     # copies to the GPU run asynchronously, and a buffer is reused only after
     # its copies finished (the event handed back with it).
     staging = Staging(max(staged, 1), dev, pinned=bool(plan.gpus) and dev.type == "cpu")
     hashes: list[int] = []
-    pending: deque[tuple[Message, Any, torch.Tensor, torch.Tensor | None]] = deque()
+    pending: deque[tuple[int, Any, torch.Tensor, torch.Tensor | None]] = deque()
     relays: deque[tuple[Any, torch.Tensor, torch.Tensor | None, list[Any]]] = deque()
 
     def retire_relay() -> None:
@@ -359,10 +362,11 @@ def _stream(wire: w.Wire, plan: _RecvPlan) -> list[int]:
             staging.give(pooled, copied)
 
     def land() -> None:
-        m, work, buf, pooled = pending.popleft()
+        i, work, buf, pooled = pending.popleft()
+        m = messages[i]
         wire.wait(work, pred)
         if macs is not None:
-            hashes.extend(macs.message_tag(len(hashes) // _auth.TAG_WORDS, buf))
+            hashes.extend(macs.message_tag(i, buf))
         elif checksums:
             hashes.append(checksum(buf))
         copied: list[Any] = []
@@ -377,7 +381,8 @@ def _stream(wire: w.Wire, plan: _RecvPlan) -> list[int]:
         while len(relays) > WINDOW:
             retire_relay()
 
-    for i, m in enumerate(messages):
+    for i in indices:
+        m = messages[i]
         landed = landing[i]
         if landed is not None and zero_copy(i):
             buf, pooled = landed, None
@@ -389,7 +394,7 @@ def _stream(wire: w.Wire, plan: _RecvPlan) -> list[int]:
                     retire_relay()
             pooled = staging.take()
             buf = pooled[: m.nbytes]
-        pending.append((m, wire.irecv(buf, pred, f.TAG_DATA), buf, pooled))
+        pending.append((i, wire.irecv(buf, pred, f.TAG_DATA), buf, pooled))
         while len(pending) > WINDOW:
             land()
     while pending:

@@ -20,6 +20,7 @@ import torch
 from recoveryd._time import Deadline
 from recoveryd.errors import ConfigError, RecoverydError, TransferError, UntrustedPeerError
 from recoveryd.transport import _auth
+from recoveryd.transport import _stripes as stripes
 from recoveryd.transport import _wire as w
 from recoveryd.transport import format as f
 from recoveryd.transport._flatten import SendPlan, build_plan
@@ -131,11 +132,11 @@ def send_state_dict(
     streamer = _Streamer(wire, plan, checksums, keys if macs else None)
     offered = _offer(wire, dst, blob, keys, macs)
     streamer.prepack()  # while the joiners validate the manifest
-    _settle(wire, dst, offered, config.handshake_timeout)
+    run = _settle(wire, dst, offered, config.handshake_timeout, len(plan.manifest.message_nbytes))
     clock.mark("handshake")
     wire.abandoned = None  # from here on the joiners are streaming: the stall bound applies
     wire.stall = config.stall_timeout
-    hashes = streamer.run(dst if plan.manifest.star else dst[:1])
+    hashes = streamer.run(dst if plan.manifest.star else dst[:1], run)
     clock.mark("data")
     _confirm(wire, dst, hashes)
     clock.mark("confirm")
@@ -223,24 +224,51 @@ def _offer(
 
 
 def _settle(
-    wire: w.Wire, dst: list[int], offered: tuple[_Pending, _Pending], cap: timedelta
-) -> None:
+    wire: w.Wire,
+    dst: list[int],
+    offered: tuple[_Pending, _Pending],
+    cap: timedelta,
+    messages: int,
+) -> range:
     """Waits (each wait within ``cap``) for the joiners' verdicts and answers go,
-    or abort if any refused."""
+    or abort if any refused.
+
+    Returns:
+        The messages to send: the stripe the joiners asked for (every joiner
+        must ask for the same), or all of them.
+    """
     sends, acks = offered
     for work, d, _ in sends:
         wire.wait(work, d, cap=cap)
     refused: list[tuple[int, int]] = []
+    words: set[int] = set()
     for work, d, t in acks:
         wire.wait(work, d, cap=cap)
         if int(t[0]) != f.ACK_OK:
             refused.append((d, int(t[0])))
-    verdict = f.ABORT if refused else f.GO
+        else:
+            words.add(int(t[1]))
+    run = range(messages)
+    word, why = stripes.WHOLE, ""
+    if not refused and len(words) == 1:
+        word = words.pop()
+        try:
+            run = stripes.decode(word, messages)
+        except ValueError as err:
+            word, why = (
+                stripes.WHOLE,
+                f"a joiner asked for a stripe this state does not have: {err}",
+            )
+    elif not refused and len(words) > 1:
+        why = f"the joiners asked for different stripes ({sorted(words)})"
+    verdict = f.ABORT if refused or why else f.GO
     refusers = {d for d, _ in refused}
     # A refusing joiner has stopped listening: a message to it would never match.
     for d in dst:
         if d not in refusers:
-            wire.send_ints([verdict, 0], d, f.TAG_GO)
+            wire.send_ints([verdict, word], d, f.TAG_GO)
+    if why:
+        raise TransferError(f"{why}; nothing was sent", peer_rank=dst[0])
     if refused:
         d, code = refused[0]
         raise TransferError(
@@ -248,6 +276,7 @@ def _settle(
             f"(all refusals: {refused}); nothing was sent",
             peer_rank=d,
         )
+    return run
 
 
 class _Streamer:
@@ -311,10 +340,12 @@ class _Streamer:
             for event in copies_done(self._gpus):
                 event.synchronize()
 
-    def run(self, targets: list[int]) -> list[int]:
-        """Sends every message to ``targets``; returns their checksums or MACs as int64
-        words (empty when neither is on)."""
+    def run(self, targets: list[int], indices: range) -> list[int]:
+        """Sends the messages ``indices`` (a stripe, or all) to ``targets``; returns their
+        checksums or MACs as int64 words (empty when neither is on)."""
         wire, staging = self._wire, self._staging
+        for i in [i for i in self._packed if i not in indices]:  # packed ahead, not asked for
+            staging.give(self._packed.pop(i))
         hashes: list[int] = []
         inflight: deque[tuple[list[tuple[Any, int]], torch.Tensor, torch.Tensor | None]] = deque()
 
@@ -325,7 +356,8 @@ class _Streamer:
             if pooled is not None:
                 staging.give(pooled)
 
-        for i, m in enumerate(self._messages):
+        for i in indices:
+            m = self._messages[i]
             pooled: torch.Tensor | None
             if self._zero_copy(m):
                 buf = self._spans[m.span_ids[0]].view(m.offsets[0], m.sizes[0])

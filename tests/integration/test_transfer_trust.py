@@ -205,18 +205,19 @@ def test_control_keys_on_a_store_count_only_when_they_prove_the_plans_key() -> N
         read_go,
     )
 
-    store = host_store("127.0.0.1", 0, timeout=timedelta(seconds=5))
+    _S = timedelta(seconds=5)
+    store = host_store("127.0.0.1", 0, timeout=_S)
     stranger = connect_store(f"127.0.0.1:{store.port}", timeout=timedelta(seconds=5))
     prefix = "recoveryd/c0ffee/plan/1001"
     stranger.set(go_key(prefix), "12:00")  # listed, guessed, written
-    assert read_go(store, prefix, _KEY) == "forged"
+    assert read_go(store, prefix, _KEY, timeout=_S) == "forged"
     stranger.set(dropped_key(prefix), "1")
     assert not proves(_KEY, store.get(dropped_key(prefix)), "dropped", prefix)
     # What the parties write does count, and only for its own step and plan.
     store.set(go_key(prefix), f"12:{proof(_KEY, 'go 12', prefix)}")
-    assert read_go(store, prefix, _KEY) == "set"
-    assert read_go(store, prefix, _WRONG) == "forged"
+    assert read_go(store, prefix, _KEY, timeout=_S) == "set"
+    assert read_go(store, prefix, _WRONG, timeout=_S) == "forged"
     store.set(go_key(prefix), f"13:{proof(_KEY, 'go 12', prefix)}")  # replayed at another step
-    assert read_go(store, prefix, _KEY) == "forged"
+    assert read_go(store, prefix, _KEY, timeout=_S) == "forged"
     assert proves(_KEY, proof(_KEY, "dropped", prefix).encode(), "dropped", prefix)
     assert not proves(_KEY, proof(_KEY, "dropped", prefix + "0").encode(), "dropped", prefix)

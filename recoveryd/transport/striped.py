@@ -1,0 +1,255 @@
+"""One joiner, several donors: each sends a disjoint stripe of the same state, in parallel.
+
+In a data-parallel job every healthy replica holds the same state at a
+step, so a joiner can pull one run of the messages from each of several
+donors fenced at that step and get their links added together. Each donor
+runs the ordinary :func:`~recoveryd.transport.sender.send_state_dict` on
+its own group with the joiner; the joiner runs :func:`recv_state_dict_striped`
+over all of them:
+
+1. every donor proves the plan's key (when given) and offers its manifest;
+2. the manifests must be identical (same step, same layout, same cutting
+   into messages), else every donor is refused and nothing is written;
+3. the joiner matches its state (or allocates) once, and asks each donor for
+   its run of the messages, sized by ``shares``; each donor's go echoes it;
+4. the runs stream in parallel, each into its own part of the joiner's
+   tensors, each checked against its donor's trailer; the joiner says done
+   to every donor only when all runs arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+
+from recoveryd._time import Deadline
+from recoveryd.errors import (
+    ConfigError,
+    DonorsDisagreeError,
+    RecoverydError,
+    StateMismatchError,
+    StepMismatchError,
+    TransferError,
+)
+from recoveryd.transport import _auth
+from recoveryd.transport import _handshake as hs
+from recoveryd.transport import _stripes as stripes
+from recoveryd.transport import _wire as w
+from recoveryd.transport import format as f
+from recoveryd.transport._gc import gc_paused
+from recoveryd.transport._memory import Prefaulter
+from recoveryd.transport._validate import check_chain
+from recoveryd.transport._wire import Group
+from recoveryd.transport.config import TransferConfig
+from recoveryd.transport.receiver import _Into, _prepare, _stream
+from recoveryd.transport.stats import PhaseClock, ReceivedState, TransferStats
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_DONORS = 16
+"""Most donors one striped receive takes (one thread and one group each)."""
+
+
+def _each(fns: Sequence[Callable[[], T]]) -> list[tuple[T | None, BaseException | None]]:
+    """Runs the calls in parallel threads; returns each one's value or error, in order."""
+    out: list[tuple[T | None, BaseException | None]] = [(None, None)] * len(fns)
+
+    def run(k: int) -> None:
+        try:
+            out[k] = (fns[k](), None)
+        except BaseException as err:  # handed to the caller
+            out[k] = (None, err)
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()  # every call waits under the transfer's deadline
+    return out
+
+
+@gc_paused()
+def recv_state_dict_striped(
+    donors: Sequence[tuple[Group, int]],
+    *,
+    timeout: timedelta,
+    into: object | None = None,
+    step: int | None = None,
+    shares: Sequence[float] | None = None,
+    config: TransferConfig | None = None,
+    auth_keys: Sequence[bytes | None] | None = None,
+) -> ReceivedState:
+    """Receives one state from several donors, each sending a disjoint stripe of it.
+
+    Args:
+        donors: ``(group, donor rank)`` per donor; each group is this rank's
+            own with that donor, which calls
+            :func:`~recoveryd.transport.sender.send_state_dict` to this rank.
+        timeout: deadline for the whole call.
+        into: the joiner's state to receive into in place, or ``None`` to
+            allocate (CPU).
+        step: if given, the step every donor must be at.
+        shares: each donor's share of the bytes (default equal); a slower
+            donor gets a smaller one. A donor whose share comes to no message
+            is told so and sends nothing.
+        config: limits and timeouts; defaults from the environment.
+        auth_keys: per donor, the plan key it must prove (``None``: no challenge).
+
+    Returns:
+        The state, the step, and the counters (bytes and messages summed over
+        the donors; ``seconds`` the whole call).
+
+    Raises:
+        StepMismatchError: the donors are not all at ``step``, or not at the
+            same step (nothing written).
+        StateMismatchError: the donors' manifests differ, or ``into`` does
+            not match them (nothing written).
+        ConfigError: no donors, too many, or shares that do not fit them.
+        TransferError: a donor failed or vanished; in place, the state may be
+            partly overwritten and must not be used.
+    """
+    clock = PhaseClock()
+    config = config or TransferConfig()
+    n = len(donors)
+    if not 1 <= n <= MAX_DONORS:
+        raise ConfigError("donors", n, f"must be 1 to {MAX_DONORS}")
+    keys_in = list(auth_keys) if auth_keys is not None else [None] * n
+    if len(keys_in) != n or (shares is not None and len(shares) != n):
+        raise ConfigError("auth_keys/shares", n, "must have one entry per donor")
+    for pg, src in donors:
+        me = w.group_rank(pg)
+        if src == me or not 0 <= src < pg.size():
+            raise ConfigError("donors", src, f"must be another rank of its group (this is {me})")
+    deadline = Deadline(timeout)
+    wires = [w.Wire(pg, w.wire_device(pg, None), deadline) for pg, _ in donors]
+    srcs = [src for _, src in donors]
+    into_ = _Into(into, torch.device("cpu"), None, None)
+    cap = config.handshake_timeout
+
+    def offer(k: int) -> tuple[hs.Offer, _auth.StreamKeys | None]:
+        key, keys = keys_in[k], None
+        demanded = config.data_macs and wires[k].device.type == "cpu"
+        if key is not None:
+            _auth.check_key(key)
+            keys = _auth.prove_to_donor(wires[k], srcs[k], key, demanded, cap)
+        return hs.recv_offer(wires[k], srcs[k], config, keys, demanded), keys
+
+    offers = _each([lambda k=k: offer(k) for k in range(n)])  # type: ignore[misc]
+    failed = [err for _, err in offers if err is not None]
+    with Prefaulter() as prefaulter:
+        try:
+            if failed:
+                raise failed[0]
+            got = [o for o, _ in offers if o is not None]
+            manifest = _agreed([o.manifest for o, _ in got], srcs)
+            clock.mark("manifest")
+            for k, (o, _) in enumerate(got):  # each donor's chain: itself, then this rank
+                pg_k = donors[k][0]
+                check_chain(list(o.manifest.chain), srcs[k], w.group_rank(pg_k), pg_k.size())
+            me, world = w.group_rank(donors[0][0]), donors[0][0].size()
+            plan = _prepare(manifest, srcs[0], me, world, step, config, into_, prefaulter)
+            if plan.succ is not None or manifest.star:
+                raise ConfigError("donors", n, "striped: one joiner per donor, no relay, no star")
+        except BaseException as err:
+            code = {
+                StepMismatchError: f.ACK_STEP_MISMATCH,
+                StateMismatchError: f.ACK_STATE_MISMATCH,
+                DonorsDisagreeError: f.ACK_STATE_MISMATCH,
+            }
+            for k in range(n):
+                if offers[k][1] is None:  # it offered and waits for an answer
+                    hs.best_effort(
+                        wires[k], [code.get(type(err), f.ACK_OTHER), 0], srcs[k], f.TAG_ACK
+                    )
+            raise
+        clock.mark("prepare")
+        runs = stripes.split(list(manifest.message_nbytes), list(shares or [1.0] * n))
+
+        def stream(k: int) -> list[int]:
+            wire, run = wires[k], runs[k]
+            if not run:
+                hs.best_effort(wire, [f.ACK_NOT_NEEDED, 0], srcs[k], f.TAG_ACK)
+                return []
+            hs.accept(wire, srcs[k], cap, stripe=stripes.encode(run.start, run.stop))
+            wire.stall = config.stall_timeout
+            offered, keys = got[k]
+            macs = keys if offered.macs else None  # per donor: its own stream keys
+            hashes = _stream(wire, plan, run, macs, srcs[k])
+            if macs is not None:
+                hs.verify_trailer(wire, srcs[k], hashes, _auth.TAG_WORDS, "MAC")
+            else:
+                hs.verify_trailer(wire, srcs[k], hashes, int(manifest.checksums), "checksum")
+            return hashes
+
+        streamed = _each([lambda k=k: stream(k) for k in range(n)])  # type: ignore[misc]
+        broken = [(k, err) for k, (_, err) in enumerate(streamed) if err is not None]
+        if broken:
+            for k in range(n):
+                if runs[k]:
+                    hs.best_effort(wires[k], [f.ACK_OTHER, 0], srcs[k], f.TAG_DONE)
+            k, first = broken[0]
+            logger.warning("striped receive: donor %d (rank %d) failed: %s", k, srcs[k], first)
+            if isinstance(first, RecoverydError):
+                raise first
+            raise TransferError(
+                f"receiving a stripe from rank {srcs[k]} failed: {first!r}; the in-place state "
+                "may be partly overwritten and must not be used",
+                peer_rank=srcs[k],
+            ) from first
+        plan.copy_out()
+    for k in range(n):
+        if runs[k]:
+            wires[k].send_ints([f.ACK_OK, 0], srcs[k], f.TAG_DONE)
+    clock.mark("data")
+    stats = TransferStats(
+        role="joiner",
+        payload_bytes=sum(plan.sizes),
+        bytes_sent=sum(x.bytes_sent for x in wires),
+        bytes_received=sum(x.bytes_received for x in wires),
+        messages=sum(x.messages for x in wires),
+        manifest_bytes=sum(o.nbytes for o, _ in got),
+        seconds=clock.total(),
+        phases=clock.phases,
+    )
+    logger.info(
+        "received %d bytes striped over %d donor(s) (runs %s) in %.3fs (%.2f GB/s)",
+        stats.payload_bytes,
+        n,
+        [(r.start, r.stop) for r in runs],
+        stats.seconds,
+        stats.gbps,
+    )
+    return ReceivedState(state_dict=plan.state, step=plan.sent_step, stats=stats)
+
+
+def _agreed(manifests: list[Any], srcs: list[int]) -> Any:
+    """The donors' common manifest; refuses donors at different steps or with different states."""
+    steps = [m.step if m.HasField("step") else None for m in manifests]
+    if len(set(steps)) > 1:
+        raise DonorsDisagreeError(
+            f"the donors are at different steps ({dict(zip(srcs, steps, strict=True))} by "
+            "rank): a striped receive needs them fenced at one step; nothing was written",
+            peer_rank=srcs[steps.index(next(s for s in steps if s != steps[0]))],
+        )
+    blobs = []
+    for m in manifests:  # each donor's chain names its own rank; the rest must be the same
+        bare = type(m)()
+        bare.CopyFrom(m)
+        bare.ClearField("chain")
+        blobs.append(bare.SerializeToString(deterministic=True))
+    for k, blob in enumerate(blobs[1:], start=1):
+        if blob != blobs[0]:
+            raise DonorsDisagreeError(
+                f"donor rank {srcs[k]} describes another state than donor rank {srcs[0]} "
+                "(layout, sizes or cutting into messages differ): a striped receive needs "
+                "donors of the same layout and transfer settings; nothing was written",
+                peer_rank=srcs[k],
+            )
+    return manifests[0]

@@ -1,0 +1,185 @@
+"""Striped receives: one joiner pulls disjoint stripes of one state from several donors at once.
+
+Rank 0 is the joiner; every other rank is a donor holding the same state (or,
+in the bad-input cases, not quite). Each donor pairs with the joiner in a
+two-rank group of its own, as the agent's plans do.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from recoveryd.errors import DonorsDisagreeError, TransferError, UntrustedPeerError
+from recoveryd.testing import FaultyGroup, run_ranks
+from recoveryd.testing.ranks import gloo_group
+from recoveryd.transport import TransferConfig, send_state_dict
+from recoveryd.transport.striped import recv_state_dict_striped
+
+pytestmark = pytest.mark.integration
+T = timedelta(seconds=60)
+KEY = bytes(range(32))
+# Small messages, so that a few MiB make dozens of them to stripe.
+CONFIG = TransferConfig(bucket_bytes=256 * 1024, direct_bytes=64 * 1024)
+
+
+def _state(fill: float, step: int = 7) -> dict[str, object]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "model": {f"w{i}": torch.randn(256, 64 + i, generator=g) + fill for i in range(12)},
+        "small": [torch.full((3,), float(i) + fill) for i in range(40)],
+        "lr": 0.1 + fill,
+        "step": step,
+    }
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
+    return bool(a == b)
+
+
+def _pair(store: dist.Store, donor: int, rank: int) -> dist.ProcessGroup:
+    """The two-rank group of ``donor`` and the joiner (rank 0): donor is 0, joiner 1."""
+    return gloo_group(store, 0 if rank == donor else 1, 2, T, prefix=f"pair{donor}")
+
+
+def _run(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store, case: str) -> object:
+    donors = list(range(1, ws))
+    if rank != 0:
+        group = _pair(store, rank, rank)
+        state = _state(0.0)
+        step = 7
+        if case == "steps" and rank == 2:
+            step = 8
+        if case == "layout" and rank == 2:
+            state["extra"] = torch.zeros(4)
+        key = bytes(32) if case == "stranger" and rank == 2 else KEY
+        try:
+            stats = send_state_dict(
+                group, [1], state, timeout=T, step=step, config=CONFIG, auth_key=key
+            )
+        except TransferError as err:
+            return ("refused", type(err).__name__)
+        return ("sent", stats.bytes_sent)
+    groups = [_pair(store, d, rank) for d in donors]
+    mine = _state(1000.0)
+    before = {
+        k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in mine["model"].items()
+    }
+    shares = [3.0, 1.0] if case == "shares" else None
+    try:
+        got = recv_state_dict_striped(
+            [(g, 0) for g in groups],
+            timeout=T,
+            into=mine,
+            step=7,
+            shares=shares,
+            config=CONFIG,
+            auth_keys=[KEY] * len(donors),
+        )
+    except TransferError as err:
+        untouched = all(torch.equal(before[k], mine["model"][k]) for k in before)
+        return ("error", type(err).__name__, str(err), untouched)
+    assert got.step == 7
+    return (
+        "ok",
+        _same(mine["model"], _state(0.0)["model"]),
+        _same(got.state_dict, _state(0.0)),
+        got.stats.payload_bytes,
+    )
+
+
+def test_three_donors_each_send_a_third_and_the_joiner_gets_the_donors_state() -> None:
+    out = run_ranks(_run, 4, args=("plain",))
+    assert out[0][:3] == ("ok", True, True)
+    total = out[0][3]
+    sent = [o[1] for o in out[1:]]
+    assert all(o[0] == "sent" for o in out[1:])
+    assert sum(sent) >= total  # every byte once (plus the handshake's few)
+    assert all(0.2 * total < s < 0.5 * total for s in sent), (sent, total)
+
+
+def test_shares_size_the_stripes() -> None:
+    out = run_ranks(_run, 3, args=("shares",))
+    assert out[0][:3] == ("ok", True, True)
+    big, small = out[1][1], out[2][1]
+    assert 2.0 < big / small < 4.5, (big, small)
+
+
+@pytest.mark.parametrize(
+    ("case", "error"),
+    [
+        ("steps", "DonorsDisagreeError"),
+        ("layout", "DonorsDisagreeError"),
+        ("stranger", "UntrustedPeerError"),
+    ],
+)
+def test_donors_that_disagree_or_cannot_prove_the_key_are_refused_before_any_write(
+    case: str, error: str
+) -> None:
+    out = run_ranks(_run, 3, args=(case,))
+    kind, name, message, untouched = out[0]
+    assert (kind, name) == ("error", error), message
+    assert untouched, "the joiner's tensors were written"
+    assert all(o[0] == "refused" for o in out[1:]), out[1:]
+
+
+def test_more_donors_than_messages_leaves_the_extra_ones_out() -> None:
+    assert issubclass(DonorsDisagreeError, TransferError)
+    assert issubclass(UntrustedPeerError, TransferError)
+    out = run_ranks(_tiny, 4)
+    assert out[0] == ("ok", 1.5)
+    assert sorted(o[0] for o in out[1:]).count("sent") >= 1
+    assert "refused" in [o[0] for o in out[1:]]
+
+
+def _tiny(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store) -> object:
+    if rank != 0:
+        try:
+            send_state_dict(_pair(store, rank, rank), [1], {"x": torch.tensor([1.5])}, timeout=T)
+        except TransferError:
+            return ("refused",)
+        return ("sent",)
+    into = {"x": torch.zeros(1)}
+    groups = [(_pair(store, d, rank), 0) for d in range(1, ws)]
+    recv_state_dict_striped(groups, timeout=T, into=into)
+    return ("ok", float(into["x"][0]))
+
+
+def _dies(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store) -> object:
+    config = TransferConfig(
+        bucket_bytes=256 * 1024, direct_bytes=64 * 1024, stall_timeout=timedelta(seconds=3)
+    )
+    if rank != 0:
+        group: object = _pair(store, rank, rank)
+        if rank == 2:
+            group = FaultyGroup(group, after=3, mode="kill")  # type: ignore[arg-type]
+        try:
+            send_state_dict(group, [1], _state(0.0), timeout=T, step=7, config=config)  # type: ignore[arg-type]
+        except TransferError as err:
+            return ("told", str(err))
+        return ("sent",)
+    groups = [(_pair(store, d, rank), 0) for d in range(1, ws)]
+    t0 = time.monotonic()
+    try:
+        recv_state_dict_striped(groups, timeout=T, into=_state(1000.0), step=7, config=config)
+    except TransferError as err:
+        return ("error", type(err).__name__, time.monotonic() - t0)
+    return ("ok",)
+
+
+def test_a_donor_dying_mid_stripe_fails_the_receive_within_the_stall_bound() -> None:
+    out = run_ranks(_dies, 3, allow_death=[2])
+    assert out[0][0] == "error", out[0]
+    assert out[0][2] < 20, out[0]
+    assert out[2] is None  # it died
+    assert out[1][0] == "told", out[1]  # the other donor hears the state is not complete
