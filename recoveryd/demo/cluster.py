@@ -155,7 +155,7 @@ class LocalCluster:
             replica_id: the replica.
             world_size: its ranks.
             env: variables added to the ranks' environment (read at exec, so
-                ``LD_PRELOAD`` works: see :func:`recoveryd.testing.netlab.faketime_env`).
+                ``LD_PRELOAD`` works: see :func:`recoveryd.testing.clock.faketime_env`).
             overrides: :class:`TrainerSpec` fields for these ranks.
         """
         inc = self._incarnations.get(replica_id, -1) + 1

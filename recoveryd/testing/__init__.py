@@ -6,7 +6,7 @@ threads; ``faults.py`` wraps a group to kill, silence or corrupt a transfer's
 data messages; ``prometheus.py`` runs a real local Prometheus server;
 ``netlab.py`` puts parties in network namespaces joined by a router and
 injects faults on their links (``delayproxy.py`` delays TCP where the kernel
-has no netem).
+has no netem); ``clock.py`` skews one process's clock (libfaketime).
 """
 
 from recoveryd.testing.faults import FaultyGroup

@@ -13,7 +13,8 @@ between two parties is a rule on the router:
 - delay and jitter: ``tc netem`` where the kernel has it, else a userspace
   proxy in the hub that every TCP connection of the party is redirected
   through (:mod:`recoveryd.testing.delayproxy`);
-- clock skew: libfaketime, preloaded into one process (:func:`faketime_env`).
+- clock skew: libfaketime, preloaded into one process
+  (:func:`recoveryd.testing.clock.faketime_env`).
 
 Needs root, ``ip``, ``nft`` and ``tc``; :func:`unavailable` says why a
 machine cannot. Every fault expires on its own (``max_s``), and
@@ -82,26 +83,6 @@ def enter(namespace: str) -> None:
             raise NetLabError(f"setns({namespace}): {os.strerror(err)}")
     finally:
         os.close(fd)
-
-
-def faketime_env(offset_s: int, *, monotonic: bool = False) -> dict[str, str] | None:
-    """Environment that skews a process's wall clock by ``offset_s`` (libfaketime).
-
-    Args:
-        offset_s: seconds ahead (negative: behind).
-        monotonic: skew the monotonic clock as well (by default only the wall
-            clock moves, as an NTP-less host's would).
-
-    Returns:
-        The variables to add, or ``None`` when libfaketime is not installed.
-    """
-    libs = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
-    if not libs:
-        return None
-    env = {"LD_PRELOAD": libs[0], "FAKETIME": f"{offset_s:+d}", "FAKETIME_NO_CACHE": "1"}
-    if not monotonic:
-        env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
-    return env
 
 
 def _run(argv: Sequence[str], *, stdin: str | None = None) -> str:

@@ -33,6 +33,7 @@ import pytest
 from recoveryd.demo.cluster import LocalCluster
 from recoveryd.demo.trainer import Event
 from recoveryd.testing import netlab
+from recoveryd.testing.clock import faketime_env
 from recoveryd.testing.netlab import NetLab
 
 pytestmark = pytest.mark.integration
@@ -418,7 +419,7 @@ def test_transfer_time_scales_with_a_capped_link(net: Net) -> None:
 
 
 def test_clock_skewed_by_minutes_on_one_agent(net: Net) -> None:
-    env = netlab.faketime_env(+300, monotonic=True)
+    env = faketime_env(+300, monotonic=True)
     if env is None:
         pytest.skip("libfaketime is not installed (scripts/tools.sh installs it)")
     inc = net.start_joiner(env=env)

@@ -20,6 +20,7 @@ from recoveryd.transport._memory import Arena, Prefaulter
 from recoveryd.transport._pieces import cut
 from recoveryd.transport._sharding import LocalDTensor, LocalShardedTensor
 from recoveryd.transport._validate import PairBudget, TensorSpec, check_manifest, check_sharded
+from recoveryd.transport.format import FORMAT_VERSION
 from recoveryd.transport.tree import TreeBuilder, decode_tensors
 from recoveryd.v1 import manifest_pb2 as pb
 from tests.statedicts import every_kind
@@ -408,7 +409,7 @@ def _offer(
 
 def _one_span(nbytes: int, messages: list[int]) -> pb.Manifest:
     """One uint8 tensor filling one span, cut into ``messages``."""
-    m = pb.Manifest(format_version=1, chain=[0, 1])
+    m = pb.Manifest(format_version=FORMAT_VERSION, chain=[0, 1])
     m.node_kind.append(pb.NODE_KIND_TENSOR)
     m.node_arg.append(0)
     m.tensor_dtype.append(pb.DTYPE_UINT8)
