@@ -46,6 +46,7 @@ _NAME = re.compile(r"[a-z][a-z0-9]{0,7}")
 _TABLE = "rdlab"
 _CMD_TIMEOUT_S = 20.0
 _RESET = "rdlab-reset"
+_SUBNET = "10.213.0.0/16"
 
 
 class NetLabError(RuntimeError):
@@ -179,10 +180,7 @@ class NetLab:
         _run(["ip", "netns", "add", self.hub])
         self._made.append(self.hub)
         _run(["ip", "-n", self.hub, "link", "set", "lo", "up"])
-        # Routes nowhere but between the parties. A party's DNS query (c10d asks
-        # for the reverse name of every socket it connects) then fails at once
-        # with an ICMP error, instead of after the resolver's 5 s timeout when
-        # the kernel's per-host ICMP rate limit swallows the error.
+        # Routes nowhere but between the parties; its ICMP errors are not rate-limited.
         for knob in ("net.ipv4.ip_forward=1", "net.ipv4.icmp_ratelimit=0"):
             _run(["ip", "netns", "exec", self.hub, "sysctl", "-q", "-w", knob])
         for party in self.parties:
@@ -199,7 +197,10 @@ class NetLab:
             _run(["ip", "-n", ns, "addr", "add", f"{self.address(party)}/24", "dev", "eth0"])
             _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            _run(["ip", "-n", ns, "route", "add", "default", "via", self._hub_address(party)])
+            # The lab's addresses only, no default route: anything else (a DNS
+            # query: c10d asks for the name of every store connection) fails at
+            # once instead of waiting on the resolver's 5 s timeout.
+            _run(["ip", "-n", ns, "route", "add", _SUBNET, "via", self._hub_address(party)])
         self._make_table()
 
     def popen(self, party: str, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:

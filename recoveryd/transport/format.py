@@ -22,7 +22,8 @@ FORMAT_VERSION = 2
 
 2: a joiner's answer names the stripe of messages it wants (0: all) and the
 donor's go echoes it (a donor of format 1 would send every message to a
-joiner that asked for a stripe)."""
+joiner that asked for a stripe); a joiner's done may ask for one more stripe
+(:data:`ACK_MORE`)."""
 
 # Tags live far from 0 so the transport can share a group with a caller's own
 # point-to-point traffic.
@@ -49,6 +50,12 @@ ACK_BAD_MANIFEST = 3
 ACK_OTHER = 4
 ACK_NOT_NEEDED = 5
 """A striped joiner needs nothing from this donor (more donors than messages)."""
+ACK_MORE = 6
+"""In a done: this joiner also wants the messages of the stripe word that follows
+(another donor of a striped receive died before its stripe arrived); the donor
+sends them and a trailer for them, then waits for the next done."""
+MAX_MORE = 16
+"""Most extra stripes one donor sends on request in one transfer."""
 GO = 0
 ABORT = 1
 HEADER_SENDER_FAILED = 1

@@ -333,10 +333,16 @@ def _prepare(
 
 
 def _stream(
-    wire: w.Wire, plan: _RecvPlan, indices: range, macs: _auth.StreamKeys | None, pred: int
+    wire: w.Wire,
+    plan: _RecvPlan,
+    indices: range,
+    macs: _auth.StreamKeys | None,
+    pred: int,
+    arrived: list[int] | None = None,
 ) -> list[int]:
     """Receives (and relays) the data messages ``indices`` (all, or a stripe) from ``pred``;
-    returns their checksums or MACs (int64 words)."""
+    returns their checksums or MACs (int64 words). Each message's index goes on ``arrived``
+    once its bytes are in place (in order: what a failed stream did deliver)."""
     dev = wire.device
     messages, targets, landing = plan.messages, plan.targets, plan.landing
     succ = plan.succ
@@ -374,6 +380,8 @@ def _stream(
             scatter(m, buf, targets, asynchronous=staging.pinned)
             if staging.pinned:
                 copied = copies_done(plan.gpus)
+        if arrived is not None:
+            arrived.append(i)
         if succ is not None:
             relays.append((wire.isend(buf, succ, f.TAG_DATA), buf, pooled, copied))
         elif pooled is not None:

@@ -138,7 +138,7 @@ def send_state_dict(
     wire.stall = config.stall_timeout
     hashes = streamer.run(dst if plan.manifest.star else dst[:1], run)
     clock.mark("data")
-    _confirm(wire, dst, hashes)
+    _confirm(wire, dst, hashes, streamer, len(plan.manifest.message_nbytes))
     clock.mark("confirm")
     stats = TransferStats(
         role="donor",
@@ -165,21 +165,38 @@ def send_state_dict(
 _Pending = list[tuple[Any, int, torch.Tensor]]
 
 
-def _confirm(wire: w.Wire, dst: list[int], hashes: list[int]) -> None:
+def _confirm(
+    wire: w.Wire, dst: list[int], hashes: list[int], streamer: _Streamer, messages: int
+) -> None:
     """Sends the trailer (the checksums or MACs, as int64 words) and waits for every
-    joiner to confirm."""
+    joiner to confirm; a lone joiner of a striped receive may ask for more stripes first
+    (another of its donors died), each followed by its own trailer."""
     dev = wire.device
-    trailer = torch.tensor([f.TRAILER_MAGIC, len(hashes), *hashes], dtype=torch.int64, device=dev)
-    works = [(wire.isend(trailer, d, f.TAG_TRAILER), d) for d in dst]
-    done = [(torch.zeros(2, dtype=torch.int64, device=dev), d) for d in dst]
-    recvs = [(wire.irecv(t, d, f.TAG_DONE), d, t) for t, d in done]
-    for work, d in works:
-        wire.wait(work, d)
-    failed = []
-    for work, d, t in recvs:
-        wire.wait(work, d)
-        if int(t[0]) != f.ACK_OK:
-            failed.append(d)
+    for more in range(f.MAX_MORE + 1):
+        trailer = [f.TRAILER_MAGIC, len(hashes), *hashes]
+        t_trailer = torch.tensor(trailer, dtype=torch.int64, device=dev)
+        works = [(wire.isend(t_trailer, d, f.TAG_TRAILER), d) for d in dst]
+        done = [(torch.zeros(2, dtype=torch.int64, device=dev), d) for d in dst]
+        recvs = [(wire.irecv(t, d, f.TAG_DONE), d, t) for t, d in done]
+        for work, d in works:
+            wire.wait(work, d)
+        failed, wants = [], None
+        for work, d, t in recvs:
+            wire.wait(work, d)
+            if int(t[0]) == f.ACK_MORE and len(dst) == 1 and more < f.MAX_MORE:
+                wants = int(t[1])
+            elif int(t[0]) != f.ACK_OK:
+                failed.append(d)
+        if wants is None:
+            break
+        try:
+            run = stripes.decode(wants, messages)
+        except ValueError as err:
+            raise TransferError(
+                f"joiner rank {dst[0]} asked for more of a stripe this state does not have: {err}",
+                peer_rank=dst[0],
+            ) from None
+        hashes = streamer.run(dst, run)
     if failed:
         raise TransferError(
             f"joiner rank(s) {failed} reported the state broken (checksum mismatch or a "

@@ -85,6 +85,7 @@ def recv_state_dict_striped(
     shares: Sequence[float] | None = None,
     config: TransferConfig | None = None,
     auth_keys: Sequence[bytes | None] | None = None,
+    resume: bool = True,
 ) -> ReceivedState:
     """Receives one state from several donors, each sending a disjoint stripe of it.
 
@@ -101,6 +102,9 @@ def recv_state_dict_striped(
             is told so and sends nothing.
         config: limits and timeouts; defaults from the environment.
         auth_keys: per donor, the plan key it must prove (``None``: no challenge).
+        resume: when a donor fails midway, ask the donors that sent their stripes
+            for its missing messages (split by their shares) before telling any
+            of them done; ``False``: fail the receive.
 
     Returns:
         The state, the step, and the counters (bytes and messages summed over
@@ -112,8 +116,8 @@ def recv_state_dict_striped(
         StateMismatchError: the donors' manifests differ, or ``into`` does
             not match them (nothing written).
         ConfigError: no donors, too many, or shares that do not fit them.
-        TransferError: a donor failed or vanished; in place, the state may be
-            partly overwritten and must not be used.
+        TransferError: a donor failed or vanished and no other could send its
+            part; in place, the state may be partly overwritten and must not be used.
     """
     clock = PhaseClock()
     config = config or TransferConfig()
@@ -172,41 +176,79 @@ def recv_state_dict_striped(
         clock.mark("prepare")
         runs = stripes.split(list(manifest.message_nbytes), list(shares or [1.0] * n))
 
-        def stream(k: int) -> list[int]:
+        shares_ = list(shares or [1.0] * n)
+        landed: list[list[int]] = [[] for _ in range(n)]
+        macs = [keys if o.macs else None for o, keys in got]  # per donor: its own keys
+
+        def trail(k: int, hashes: list[int]) -> None:
+            if macs[k] is not None:
+                hs.verify_trailer(wires[k], srcs[k], hashes, _auth.TAG_WORDS, "MAC")
+            else:
+                hs.verify_trailer(wires[k], srcs[k], hashes, int(manifest.checksums), "checksum")
+
+        def stream(k: int) -> None:
             wire, run = wires[k], runs[k]
             if not run:
                 hs.best_effort(wire, [f.ACK_NOT_NEEDED, 0], srcs[k], f.TAG_ACK)
-                return []
+                return
             hs.accept(wire, srcs[k], cap, stripe=stripes.encode(run.start, run.stop))
             wire.stall = config.stall_timeout
-            offered, keys = got[k]
-            macs = keys if offered.macs else None  # per donor: its own stream keys
-            hashes = _stream(wire, plan, run, macs, srcs[k])
-            if macs is not None:
-                hs.verify_trailer(wire, srcs[k], hashes, _auth.TAG_WORDS, "MAC")
-            else:
-                hs.verify_trailer(wire, srcs[k], hashes, int(manifest.checksums), "checksum")
-            return hashes
+            trail(k, _stream(wire, plan, run, macs[k], srcs[k], landed[k]))
 
-        streamed = _each([lambda k=k: stream(k) for k in range(n)])  # type: ignore[misc]
-        broken = [(k, err) for k, (_, err) in enumerate(streamed) if err is not None]
-        if broken:
+        def more(k: int, run: range) -> None:
+            """Asks donor ``k``, which sent its own stripe, for ``run`` as well."""
+            wires[k].send_ints(
+                [f.ACK_MORE, stripes.encode(run.start, run.stop)], srcs[k], f.TAG_DONE
+            )
+            trail(k, _stream(wires[k], plan, run, macs[k], srcs[k]))
+
+        streamed: list[tuple[object, BaseException | None]] = _each(
+            [lambda k=k: stream(k) for k in range(n)]  # type: ignore[misc]
+        )
+        broken = [(k, e) for k, (_, e) in enumerate(streamed) if e is not None]
+        alive = [k for k in range(n) if runs[k] and streamed[k][1] is None]
+        try:
+            if broken and not (resume and alive):
+                raise broken[0][1]
+            for k, why in broken:
+                # What a failed stream delivered stays, unless it was to be checked at its
+                # trailer (checksums or MACs): then its whole stripe comes again.
+                checked = macs[k] is not None or manifest.checksums
+                todo = runs[k] if checked else range(runs[k].start + len(landed[k]), runs[k].stop)
+                logger.warning(
+                    "striped receive: donor rank %d failed (%s); its messages %s come from "
+                    "ranks %s",
+                    srcs[k], why, (todo.start, todo.stop), [srcs[j] for j in alive],
+                )  # fmt: skip
+                if not todo:
+                    continue
+                sizes = list(manifest.message_nbytes)[todo.start : todo.stop]
+                parts = stripes.split(sizes, [shares_[j] for j in alive])
+                asked = [
+                    (j, range(todo.start + p.start, todo.start + p.stop))
+                    for j, p in zip(alive, parts, strict=True)
+                    if p
+                ]
+                again: list[tuple[object, BaseException | None]] = _each(
+                    [lambda j=j, r=r: more(j, r) for j, r in asked]  # type: ignore[misc]
+                )
+                for _, again_err in again:
+                    if again_err is not None:
+                        raise again_err
+        except BaseException as first:
             for k in range(n):
                 if runs[k]:
                     hs.best_effort(wires[k], [f.ACK_OTHER, 0], srcs[k], f.TAG_DONE)
-            k, first = broken[0]
-            logger.warning("striped receive: donor %d (rank %d) failed: %s", k, srcs[k], first)
-            if isinstance(first, RecoverydError):
-                raise first
+            logger.warning("striped receive failed: %s", first)
+            if isinstance(first, RecoverydError) or not isinstance(first, Exception):
+                raise
             raise TransferError(
-                f"receiving a stripe from rank {srcs[k]} failed: {first!r}; the in-place state "
-                "may be partly overwritten and must not be used",
-                peer_rank=srcs[k],
+                f"a striped receive failed: {first!r}; the in-place state may be partly "
+                "overwritten and must not be used",
             ) from first
         plan.copy_out()
-    for k in range(n):
-        if runs[k]:
-            wires[k].send_ints([f.ACK_OK, 0], srcs[k], f.TAG_DONE)
+    for k in alive:
+        wires[k].send_ints([f.ACK_OK, 0], srcs[k], f.TAG_DONE)
     clock.mark("data")
     stats = TransferStats(
         role="joiner",

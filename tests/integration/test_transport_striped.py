@@ -155,7 +155,7 @@ def _tiny(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store) -> objec
     return ("ok", float(into["x"][0]))
 
 
-def _dies(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store) -> object:
+def _dies(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store, resume: bool) -> object:
     config = TransferConfig(
         bucket_bytes=256 * 1024, direct_bytes=64 * 1024, stall_timeout=timedelta(seconds=3)
     )
@@ -164,22 +164,38 @@ def _dies(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store) -> objec
         if rank == 2:
             group = FaultyGroup(group, after=3, mode="kill")  # type: ignore[arg-type]
         try:
-            send_state_dict(group, [1], _state(0.0), timeout=T, step=7, config=config)  # type: ignore[arg-type]
+            stats = send_state_dict(group, [1], _state(0.0), timeout=T, step=7, config=config)  # type: ignore[arg-type]
         except TransferError as err:
             return ("told", str(err))
-        return ("sent",)
+        return ("sent", stats.bytes_sent)
     groups = [(_pair(store, d, rank), 0) for d in range(1, ws)]
+    mine = _state(1000.0)
     t0 = time.monotonic()
     try:
-        recv_state_dict_striped(groups, timeout=T, into=_state(1000.0), step=7, config=config)
+        got = recv_state_dict_striped(
+            groups, timeout=T, into=mine, step=7, config=config, resume=resume
+        )
     except TransferError as err:
         return ("error", type(err).__name__, time.monotonic() - t0)
-    return ("ok",)
+    same = _same(mine["model"], _state(0.0)["model"]) and _same(got.state_dict, _state(0.0))
+    return ("ok", same, got.stats.payload_bytes, time.monotonic() - t0)
 
 
 def test_a_donor_dying_mid_stripe_fails_the_receive_within_the_stall_bound() -> None:
-    out = run_ranks(_dies, 3, allow_death=[2])
+    out = run_ranks(_dies, 3, args=(False,), allow_death=[2])
     assert out[0][0] == "error", out[0]
     assert out[0][2] < 20, out[0]
     assert out[2] is None  # it died
     assert out[1][0] == "told", out[1]  # the other donor hears the state is not complete
+
+
+def test_a_donor_dying_mid_stripe_is_resumed_from_the_others_at_the_same_step() -> None:
+    out = run_ranks(_dies, 4, args=(True,), allow_death=[2])
+    assert out[0][:2] == ("ok", True), out[0]
+    assert out[2] is None  # it died
+    total = out[0][2]
+    sent = [out[1][1], out[3][1]]
+    assert [out[1][0], out[3][0]] == ["sent", "sent"], (out[1], out[3])
+    # The survivors sent their own thirds and split the dead donor's missing part.
+    assert sum(sent) >= total * 0.9, (sent, total)
+    assert all(s > total / 3 for s in sent), (sent, total)
