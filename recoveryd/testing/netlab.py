@@ -267,7 +267,12 @@ class NetLab:
         """Delays every TCP byte to and from the party by ``delay_ms`` (plus up to ``jitter_ms``).
 
         Uses a userspace proxy in the hub (order kept, TCP's own loss recovery
-        underneath): this kernel's netem is not relied on.
+        underneath): this kernel's netem is not relied on. What a proxy
+        changes besides the delay: a connection is accepted before the proxy
+        connects onward (a refused port looks like a connection then closed),
+        a reset arrives as a close, the far side sees the hub's address, a
+        pair fault naming two links does not reach relayed bytes, and
+        clearing the delay drops the connections it relays.
         """
         fid = next(self._ids)
         port = 40000 + fid

@@ -134,7 +134,7 @@ class _Evil:
 def _hostile(rank: int, ws: int, pg: object, store: object, body: bytes) -> object:
     if rank == 0:
         t = torch.frombuffer(bytearray(body), dtype=torch.uint8)
-        pg.send([torch.tensor([w.MAGIC, 1, len(body), 0])], 1, w.TAG_HEADER).wait()  # type: ignore[attr-defined]
+        pg.send([torch.tensor([w.MAGIC, w.FORMAT_VERSION, len(body), 0])], 1, w.TAG_HEADER).wait()  # type: ignore[attr-defined]
         pg.send([t], 1, w.TAG_MANIFEST).wait()  # type: ignore[attr-defined]
         ack = torch.zeros(2, dtype=torch.int64)
         pg.recv([ack], 1, w.TAG_ACK).wait()  # type: ignore[attr-defined]
@@ -145,7 +145,7 @@ def _hostile(rank: int, ws: int, pg: object, store: object, body: bytes) -> obje
 
 
 def _bad_manifests() -> dict[str, bytes]:
-    out_of_range = pb.Manifest(format_version=1, chain=[0, 1])
+    out_of_range = pb.Manifest(format_version=w.FORMAT_VERSION, chain=[0, 1])
     out_of_range.node_kind.append(pb.NODE_KIND_TENSOR)
     out_of_range.node_arg.append(0)
     out_of_range.tensor_dtype.append(pb.DTYPE_FLOAT32)
@@ -157,7 +157,7 @@ def _bad_manifests() -> dict[str, bytes]:
     out_of_range.tensor_requires_grad.append(False)
     out_of_range.storage_nbytes.append(16)
     out_of_range.message_nbytes.append(16)
-    deep = pb.Manifest(format_version=1, chain=[0, 1])
+    deep = pb.Manifest(format_version=w.FORMAT_VERSION, chain=[0, 1])
     deep.node_kind.extend([pb.NODE_KIND_LIST] * 5000)
     deep.node_arg.extend([1] * 5000)
     return {
