@@ -136,9 +136,16 @@ def send_state_dict(
     clock.mark("handshake")
     wire.abandoned = None  # from here on the joiners are streaming: the stall bound applies
     wire.stall = config.stall_timeout
-    hashes = streamer.run(dst if plan.manifest.star else dst[:1], run)
-    clock.mark("data")
-    _confirm(wire, dst, hashes, streamer, len(plan.manifest.message_nbytes))
+    if run is not None:
+        hashes = streamer.run(dst if plan.manifest.star else dst[:1], run)
+        clock.mark("data")
+        if run != range(len(plan.manifest.message_nbytes)):
+            # A stripe: the joiner says done when every donor's stripe arrived, which
+            # may be long after this one's; the transfer's deadline bounds that wait.
+            wire.stall = None
+        _confirm(wire, dst, hashes, streamer, len(plan.manifest.message_nbytes), config)
+    else:
+        streamer.run([], range(0))  # returns what was packed ahead; nothing goes on the wire
     clock.mark("confirm")
     stats = TransferStats(
         role="donor",
@@ -166,7 +173,12 @@ _Pending = list[tuple[Any, int, torch.Tensor]]
 
 
 def _confirm(
-    wire: w.Wire, dst: list[int], hashes: list[int], streamer: _Streamer, messages: int
+    wire: w.Wire,
+    dst: list[int],
+    hashes: list[int],
+    streamer: _Streamer,
+    messages: int,
+    config: TransferConfig,
 ) -> None:
     """Sends the trailer (the checksums or MACs, as int64 words) and waits for every
     joiner to confirm; a lone joiner of a striped receive may ask for more stripes first
@@ -196,7 +208,9 @@ def _confirm(
                 f"joiner rank {dst[0]} asked for more of a stripe this state does not have: {err}",
                 peer_rank=dst[0],
             ) from None
+        wire.stall = config.stall_timeout  # streaming again: the stall bound applies
         hashes = streamer.run(dst, run)
+        wire.stall = None  # and the next done comes when the joiner's other stripes did
     if failed:
         raise TransferError(
             f"joiner rank(s) {failed} reported the state broken (checksum mismatch or a "
@@ -246,13 +260,14 @@ def _settle(
     offered: tuple[_Pending, _Pending],
     cap: timedelta,
     messages: int,
-) -> range:
+) -> range | None:
     """Waits (each wait within ``cap``) for the joiners' verdicts and answers go,
     or abort if any refused.
 
     Returns:
         The messages to send: the stripe the joiners asked for (every joiner
-        must ask for the same), or all of them.
+        must ask for the same), all of them, or none (a striped joiner that
+        needs nothing from this donor: no go, no trailer).
     """
     sends, acks = offered
     for work, d, _ in sends:
@@ -278,6 +293,8 @@ def _settle(
             )
     elif not refused and len(words) > 1:
         why = f"the joiners asked for different stripes ({sorted(words)})"
+    if len(dst) == 1 and refused == [(dst[0], f.ACK_NOT_NEEDED)]:
+        return None  # a striped joiner needs nothing from this donor: not listening either
     verdict = f.ABORT if refused or why else f.GO
     refusers = {d for d, _ in refused}
     # A refusing joiner has stopped listening: a message to it would never match.

@@ -31,6 +31,8 @@ from recoveryd._time import Deadline
 from recoveryd.errors import (
     ConfigError,
     DonorsDisagreeError,
+    IntegrityError,
+    ManifestError,
     RecoverydError,
     StateMismatchError,
     StepMismatchError,
@@ -43,7 +45,6 @@ from recoveryd.transport import _wire as w
 from recoveryd.transport import format as f
 from recoveryd.transport._gc import gc_paused
 from recoveryd.transport._memory import Prefaulter
-from recoveryd.transport._validate import check_chain
 from recoveryd.transport._wire import Group
 from recoveryd.transport.config import TransferConfig
 from recoveryd.transport.receiver import _Into, _prepare, _stream
@@ -154,9 +155,13 @@ def recv_state_dict_striped(
             got = [o for o, _ in offers if o is not None]
             manifest = _agreed([o.manifest for o, _ in got], srcs)
             clock.mark("manifest")
-            for k, (o, _) in enumerate(got):  # each donor's chain: itself, then this rank
+            for k, (o, _) in enumerate(got):  # each donor's chain: itself, then this rank only
                 pg_k = donors[k][0]
-                check_chain(list(o.manifest.chain), srcs[k], w.group_rank(pg_k), pg_k.size())
+                if list(o.manifest.chain) != [srcs[k], w.group_rank(pg_k)]:
+                    raise ManifestError(
+                        f"rank {srcs[k]} offers a relay chain {list(o.manifest.chain)}: a "
+                        "striped receive takes one donor and this joiner per group"
+                    )
             me, world = w.group_rank(donors[0][0]), donors[0][0].size()
             plan = _prepare(manifest, srcs[0], me, world, step, config, into_, prefaulter)
             if plan.succ is not None or manifest.star:
@@ -168,10 +173,13 @@ def recv_state_dict_striped(
                 DonorsDisagreeError: f.ACK_STATE_MISMATCH,
             }
             for k in range(n):
-                if offers[k][1] is None:  # it offered and waits for an answer
+                own = offers[k][1]
+                if own is None:  # it offered and waits for an answer
                     hs.best_effort(
                         wires[k], [code.get(type(err), f.ACK_OTHER), 0], srcs[k], f.TAG_ACK
                     )
+                elif isinstance(own, (ManifestError, IntegrityError)):  # it waits too
+                    hs.best_effort(wires[k], [f.ACK_BAD_MANIFEST, 0], srcs[k], f.TAG_ACK)
             raise
         clock.mark("prepare")
         runs = stripes.split(list(manifest.message_nbytes), list(shares or [1.0] * n))
@@ -235,6 +243,7 @@ def recv_state_dict_striped(
                 for _, again_err in again:
                     if again_err is not None:
                         raise again_err
+            plan.copy_out()
         except BaseException as first:
             for k in range(n):
                 if runs[k]:
@@ -246,9 +255,11 @@ def recv_state_dict_striped(
                 f"a striped receive failed: {first!r}; the in-place state may be partly "
                 "overwritten and must not be used",
             ) from first
-        plan.copy_out()
+    # The state is complete and verified: what is said now cannot change that.
     for k in alive:
-        wires[k].send_ints([f.ACK_OK, 0], srcs[k], f.TAG_DONE)
+        hs.best_effort(wires[k], [f.ACK_OK, 0], srcs[k], f.TAG_DONE)
+    for k, _ in broken:  # alive but refused (a bad trailer, a wrong echo): it waits for a word
+        hs.best_effort(wires[k], [f.ACK_OTHER, 0], srcs[k], f.TAG_DONE)
     clock.mark("data")
     stats = TransferStats(
         role="joiner",

@@ -18,6 +18,7 @@ from recoveryd.errors import DonorsDisagreeError, TransferError, UntrustedPeerEr
 from recoveryd.testing import FaultyGroup, run_ranks
 from recoveryd.testing.ranks import gloo_group
 from recoveryd.transport import TransferConfig, send_state_dict
+from recoveryd.transport.format import TAG_DATA
 from recoveryd.transport.striped import recv_state_dict_striped
 
 pytestmark = pytest.mark.integration
@@ -25,6 +26,7 @@ T = timedelta(seconds=60)
 KEY = bytes(range(32))
 # Small messages, so that a few MiB make dozens of them to stripe.
 CONFIG = TransferConfig(bucket_bytes=256 * 1024, direct_bytes=64 * 1024)
+MACS = TransferConfig(bucket_bytes=256 * 1024, direct_bytes=64 * 1024, data_macs=True)
 
 
 def _state(fill: float, step: int = 7) -> dict[str, object]:
@@ -83,7 +85,7 @@ def _run(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store, case: str
             into=mine,
             step=7,
             shares=shares,
-            config=CONFIG,
+            config=MACS if case == "macs" else CONFIG,
             auth_keys=[KEY] * len(donors),
         )
     except TransferError as err:
@@ -98,8 +100,10 @@ def _run(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store, case: str
     )
 
 
-def test_three_donors_each_send_a_third_and_the_joiner_gets_the_donors_state() -> None:
-    out = run_ranks(_run, 4, args=("plain",))
+@pytest.mark.parametrize("case", ["plain", "macs"])
+def test_three_donors_each_send_a_third_and_the_joiner_gets_the_donors_state(case: str) -> None:
+    """With ``macs`` every data message carries a MAC under its own index, checked per donor."""
+    out = run_ranks(_run, 4, args=(case,))
     assert out[0][:3] == ("ok", True, True)
     total = out[0][3]
     sent = [o[1] for o in out[1:]]
@@ -133,31 +137,78 @@ def test_donors_that_disagree_or_cannot_prove_the_key_are_refused_before_any_wri
     assert all(o[0] == "refused" for o in out[1:]), out[1:]
 
 
-def test_more_donors_than_messages_leaves_the_extra_ones_out() -> None:
+@pytest.mark.parametrize("state", [{"x": 1.5}, {"lr": 0.25}])
+def test_donors_with_no_stripe_are_told_and_send_nothing(state: dict[str, float]) -> None:
+    """More donors than messages (one tensor, three donors), or no tensors at all."""
     assert issubclass(DonorsDisagreeError, TransferError)
     assert issubclass(UntrustedPeerError, TransferError)
-    out = run_ranks(_tiny, 4)
-    assert out[0] == ("ok", 1.5)
-    assert sorted(o[0] for o in out[1:]).count("sent") >= 1
-    assert "refused" in [o[0] for o in out[1:]]
+    out = run_ranks(_tiny, 4, args=(state,))
+    assert out[0] == ("ok", next(iter(state.values())))
+    assert [o[0] for o in out[1:]] == ["sent"] * 3, out[1:]
 
 
-def _tiny(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store) -> object:
+def _tiny(
+    rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store, spec: dict[str, float]
+) -> object:
+    sent = {k: torch.tensor([v]) if k == "x" else v for k, v in spec.items()}
     if rank != 0:
         try:
-            send_state_dict(_pair(store, rank, rank), [1], {"x": torch.tensor([1.5])}, timeout=T)
-        except TransferError:
-            return ("refused",)
-        return ("sent",)
-    into = {"x": torch.zeros(1)}
+            stats = send_state_dict(_pair(store, rank, rank), [1], sent, timeout=T)
+        except TransferError as err:
+            return ("refused", str(err))
+        return ("sent", stats.payload_bytes)
+    into = {k: torch.zeros(1) if k == "x" else 0.0 for k in spec}
     groups = [(_pair(store, d, rank), 0) for d in range(1, ws)]
-    recv_state_dict_striped(groups, timeout=T, into=into)
-    return ("ok", float(into["x"][0]))
+    got = recv_state_dict_striped(groups, timeout=T, into=into)
+    value = got.state_dict["x"] if "x" in spec else got.state_dict["lr"]  # type: ignore[index]
+    return ("ok", float(value[0]) if "x" in spec else float(value))
 
 
-def _dies(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store, resume: bool) -> object:
+class _Slow:
+    """A donor's group that waits before every data message (a slower link)."""
+
+    def __init__(self, pg: dist.ProcessGroup, delay_s: float) -> None:
+        self._pg, self._delay = pg, delay_s
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._pg, name)
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int) -> object:
+        if tag == TAG_DATA:
+            time.sleep(self._delay)
+        return self._pg.send(tensors, dst, tag)
+
+
+def _uneven(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store) -> object:
     config = TransferConfig(
-        bucket_bytes=256 * 1024, direct_bytes=64 * 1024, stall_timeout=timedelta(seconds=3)
+        bucket_bytes=256 * 1024, direct_bytes=64 * 1024, stall_timeout=timedelta(seconds=1)
+    )
+    state = {f"w{i}": torch.full((64 * 1024,), float(i)) for i in range(16)}
+    if rank != 0:
+        group: object = _pair(store, rank, rank)
+        if rank == 2:
+            group = _Slow(group, 0.3)  # type: ignore[arg-type]
+        send_state_dict(group, [1], state, timeout=T, config=config)  # type: ignore[arg-type]
+        return ("sent",)
+    into = {k: torch.zeros_like(v) for k, v in state.items()}
+    groups = [(_pair(store, d, rank), 0) for d in range(1, ws)]
+    recv_state_dict_striped(groups, timeout=T, into=into, config=config)
+    return ("ok", all(torch.equal(into[k], state[k]) for k in state))
+
+
+def test_a_donor_done_long_before_the_others_waits_for_the_joiners_word() -> None:
+    """Its stripe ends seconds before the slow donor's, far past the stall bound (1 s)."""
+    out = run_ranks(_uneven, 3)
+    assert out == [("ok", True), ("sent",), ("sent",)]
+
+
+def _dies(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store, mode: str) -> object:
+    resume = mode != "fail"
+    config = TransferConfig(
+        bucket_bytes=256 * 1024,
+        direct_bytes=64 * 1024,
+        stall_timeout=timedelta(seconds=3),
+        checksums=mode == "resume-checked",
     )
     if rank != 0:
         group: object = _pair(store, rank, rank)
@@ -182,15 +233,17 @@ def _dies(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store, resume: 
 
 
 def test_a_donor_dying_mid_stripe_fails_the_receive_within_the_stall_bound() -> None:
-    out = run_ranks(_dies, 3, args=(False,), allow_death=[2])
+    out = run_ranks(_dies, 3, args=("fail",), allow_death=[2])
     assert out[0][0] == "error", out[0]
     assert out[0][2] < 20, out[0]
     assert out[2] is None  # it died
     assert out[1][0] == "told", out[1]  # the other donor hears the state is not complete
 
 
-def test_a_donor_dying_mid_stripe_is_resumed_from_the_others_at_the_same_step() -> None:
-    out = run_ranks(_dies, 4, args=(True,), allow_death=[2])
+@pytest.mark.parametrize("mode", ["resume", "resume-checked"])
+def test_a_donor_dying_mid_stripe_is_resumed_from_the_others_at_the_same_step(mode: str) -> None:
+    """``resume-checked``: with checksums, the dead donor's whole stripe comes again."""
+    out = run_ranks(_dies, 4, args=(mode,), allow_death=[2])
     assert out[0][:2] == ("ok", True), out[0]
     assert out[2] is None  # it died
     total = out[0][2]
