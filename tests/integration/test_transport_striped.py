@@ -249,6 +249,8 @@ def test_a_donor_dying_mid_stripe_is_resumed_from_the_others_at_the_same_step(mo
     total = out[0][2]
     sent = [out[1][1], out[3][1]]
     assert [out[1][0], out[3][0]] == ["sent", "sent"], (out[1], out[3])
-    # The survivors sent their own thirds and split the dead donor's missing part.
-    assert sum(sent) >= total * 0.9, (sent, total)
+    # The survivors sent their own thirds and split the dead donor's missing part: without
+    # checksums what it delivered before dying stays, with them its whole third comes again.
     assert all(s > total / 3 for s in sent), (sent, total)
+    if mode == "resume-checked":
+        assert sum(sent) >= total, (sent, total)
