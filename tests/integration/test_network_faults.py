@@ -17,6 +17,7 @@ at the defaults. Skipped where namespaces cannot be made (not root, no
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -102,6 +103,16 @@ class Net:
                     return d
             time.sleep(0.02)
         raise AssertionError("no donor sent c anything")
+
+    @contextlib.contextmanager
+    def donor_links(self, bits_per_s: int) -> Iterator[None]:
+        """Both donors' links capped at ``bits_per_s`` (so a transfer can be caught midway)."""
+        caps = [self.lab.cap(d, bits_per_s) for d in ("a", "b")]
+        try:
+            yield
+        finally:
+            for f in caps:
+                self.lab.clear(f)
 
     def status(self) -> str:
         """``recoveryd status``, run inside the coordinator's namespace."""
@@ -224,8 +235,7 @@ def _assert_donors_untouched(cluster: LocalCluster) -> None:
 
 
 def test_donor_blackholed_mid_transfer_is_replanned_onto_the_other_donor(net: Net) -> None:
-    caps = [net.lab.cap(d, SLOW) for d in ("a", "b")]
-    try:
+    with net.donor_links(SLOW):
         inc = net.start_joiner()
         donor = net.donor_of_transfer()
         t0 = time.time()
@@ -237,14 +247,10 @@ def test_donor_blackholed_mid_transfer_is_replanned_onto_the_other_donor(net: Ne
         assert ev.data["attempts"] >= 2
         print(f"MATRIX donor blackholed mid-transfer: recovered {ev.time - t0:.1f} s after")
         net.wait_state(donor, "healthy")  # back after the link heals
-    finally:
-        for f in caps:
-            net.lab.clear(f)
 
 
 def test_donor_reset_mid_transfer_is_replanned(net: Net) -> None:
-    caps = [net.lab.cap(d, SLOW) for d in ("a", "b")]
-    try:
+    with net.donor_links(SLOW):
         inc = net.start_joiner()
         donor = net.donor_of_transfer()
         t0 = time.time()
@@ -255,14 +261,10 @@ def test_donor_reset_mid_transfer_is_replanned(net: Net) -> None:
         assert ev.data["attempts"] >= 2
         assert ev.time - t0 < STALL_S + 10, "detection is bounded by the stall timeout"
         print(f"MATRIX donor link reset mid-transfer: recovered {ev.time - t0:.1f} s after")
-    finally:
-        for f in caps:
-            net.lab.clear(f)
 
 
 def test_donor_blackholed_before_the_fence(net: Net) -> None:
-    caps = [net.lab.cap(d, SLOW) for d in ("a", "b")]
-    try:
+    with net.donor_links(SLOW):
         inc = net.start_joiner()
         # The joiner reaches the donor's store first (a few KiB), the data after the fence.
         base = net.lab.traffic()
@@ -284,9 +286,6 @@ def test_donor_blackholed_before_the_fence(net: Net) -> None:
             f"recovered {ev.time - t0:.1f} s after"
         )
         net.wait_state(donor, "healthy")
-    finally:
-        for f in caps:
-            net.lab.clear(f)
 
 
 def test_donor_blackholed_after_the_data(net: Net) -> None:
@@ -305,8 +304,7 @@ def test_donor_blackholed_after_the_data(net: Net) -> None:
 
 
 def test_joiner_blackholed_mid_transfer_frees_the_donor(net: Net) -> None:
-    caps = [net.lab.cap(d, SLOW) for d in ("a", "b")]
-    try:
+    with net.donor_links(SLOW):
         inc = net.start_joiner()
         donor = net.donor_of_transfer()
         t0 = time.time()
@@ -330,9 +328,6 @@ def test_joiner_blackholed_mid_transfer_frees_the_donor(net: Net) -> None:
             f"MATRIX joiner blackholed mid-transfer for {STALL_S + 4:g} s: donor training at "
             f"step {max(steps)}; recovered {ev.time - t0:.1f} s after the fault"
         )
-    finally:
-        for f in caps:
-            net.lab.clear(f)
 
 
 def test_agents_partitioned_from_the_coordinator_train_on_and_recover_when_it_heals(
@@ -403,13 +398,9 @@ def test_lossy_slow_link_completes_within_its_deadline(net: Net) -> None:
 
 def test_transfer_time_scales_with_a_capped_link(net: Net) -> None:
     rate = 50_000_000
-    caps = [net.lab.cap(d, rate) for d in ("a", "b")]
-    try:
+    with net.donor_links(rate):
         inc = net.start_joiner()
         ev = net.outcome(inc)
-    finally:
-        for f in caps:
-            net.lab.clear(f)
     _assert_donors_bytes(net, ev)
     assert ev.data["attempts"] == 1
     floor = ev.data["bytes"] * 8 / rate
