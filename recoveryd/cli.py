@@ -84,6 +84,7 @@ def _coordinator(args: argparse.Namespace) -> int:
         heartbeat_timeout=timedelta(seconds=args.heartbeat_timeout),
         transfer_timeout=timedelta(seconds=args.transfer_timeout),
         fence_steps=args.fence_steps,
+        max_donors=args.max_donors,
         warmup=timedelta(seconds=args.warmup),
         max_replicas=args.max_replicas,
         max_ranks=args.max_ranks,
@@ -214,6 +215,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument(
         "--fence-steps", type=int, default=2, help="steps past the furthest donor rank (default 2)"
+    )
+    p.add_argument(
+        "--max-donors",
+        type=int,
+        default=1,
+        help="donor replicas one recovery may stripe over, each sending a part of the "
+        "state (default 1; 2-3 add their links together, see the README)",
     )
     p.add_argument(
         "--warmup",

@@ -10,16 +10,20 @@ safest meaning (an unknown order is a cancel, an unknown answer a wait).
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 from typing import cast
 
 from recoveryd.errors import ConfigError
 from recoveryd.protocol import (
     MAX_ADDRESS_CHARS,
+    MAX_DONORS,
+    MAX_NAME_CHARS,
     RESULTS,
     Answer,
     Beat,
     ClusterStatus,
+    DonorShare,
     MemberInfo,
     Order,
     PlanSnapshot,
@@ -30,6 +34,7 @@ from recoveryd.protocol import (
     ReplicaStatus,
     Report,
     Role,
+    StripeSource,
     check_text,
 )
 from recoveryd.v1 import coordinator_pb2 as pb
@@ -38,6 +43,8 @@ MAX_MESSAGE_CHARS = 2000
 """A report's message is cut to this many characters (before it is sent, and when it arrives)."""
 MAX_PHASES = 32
 """The most phase timings one report may carry."""
+MAX_REPORT_SECONDS = 7 * 24 * 3600.0
+"""The longest time a report may state (a week: far past any transfer's deadline)."""
 
 _ORDER_KINDS = {"prepare": pb.Order.PREPARE, "arm": pb.Order.ARM, "cancel": pb.Order.CANCEL}
 _ORDER_NAMES = {v: k for k, v in _ORDER_KINDS.items()}
@@ -182,10 +189,48 @@ def answer_to_pb(a: Answer) -> pb.RecoverResponse:
     )
     if a.step is not None:
         out.step = a.step
+    for st in a.stripes:
+        out.stripes.add(
+            donor=st.donor,
+            rendezvous=st.rendezvous,
+            rendezvous_prefix=st.rendezvous_prefix,
+            share=st.share,
+        )
     return out
 
 
+def _stripes_from_pb(r: pb.RecoverResponse) -> tuple[StripeSource, ...]:
+    """A striped answer's donors, checked (the joiner opens a group per entry)."""
+    if len(r.stripes) > MAX_DONORS:
+        raise ConfigError("stripes", len(r.stripes), f"at most {MAX_DONORS} donors per plan")
+    out = []
+    for st in r.stripes:
+        if not (math.isfinite(st.share) and st.share > 0):
+            raise ConfigError("stripes.share", st.share, "must be finite and positive")
+        check_text("stripes.donor", st.donor, MAX_NAME_CHARS)
+        check_text("stripes.rendezvous", st.rendezvous, MAX_ADDRESS_CHARS)
+        check_text("stripes.rendezvous_prefix", st.rendezvous_prefix, MAX_ADDRESS_CHARS)
+        out.append(
+            StripeSource(
+                donor=st.donor,
+                rendezvous=st.rendezvous,
+                rendezvous_prefix=st.rendezvous_prefix,
+                share=st.share,
+            )
+        )
+    if len({st.donor for st in out}) != len(out):
+        raise ConfigError("stripes", [st.donor for st in out], "must name each donor once")
+    if out and out[0].donor != r.donor:
+        raise ConfigError("stripes", out[0].donor, f"must start with the donor named ({r.donor!r})")
+    return tuple(out)
+
+
 def answer_from_pb(r: pb.RecoverResponse) -> Answer:
+    """A coordinator's answer, checked.
+
+    Raises:
+        ConfigError: a striped answer with too many donors, a donor twice or a bad share.
+    """
     return Answer(
         state=_ANSWER_NAMES.get(r.state, "wait"),  # type: ignore[arg-type]
         reason=r.reason,
@@ -198,6 +243,7 @@ def answer_from_pb(r: pb.RecoverResponse) -> Answer:
         backend=r.backend or "gloo",
         plan_key=r.plan_key,
         fresh=r.fresh,
+        stripes=_stripes_from_pb(r),
     )
 
 
@@ -214,14 +260,16 @@ def report_to_pb(r: Report) -> pb.TransferReport:
         seconds=r.seconds,
         phases=dict(r.phases),
         address=r.address,
+        blame=r.blame,
     )
 
 
 def report_from_pb(r: pb.TransferReport) -> Report:
-    """A transfer report, checked.
+    """A transfer report, checked (its numbers feed the donors' bandwidth and shares).
 
     Raises:
-        ConfigError: an unknown role or result.
+        ConfigError: an unknown role or result, or a time that is not a finite
+            number of seconds in [0, :data:`MAX_REPORT_SECONDS`].
     """
     role = _ROLE_NAMES.get(r.role)
     if role is None:
@@ -230,9 +278,13 @@ def report_from_pb(r: pb.TransferReport) -> Report:
         raise ConfigError("result", r.result[:40], f"must be one of {RESULTS}")
     if len(r.phases) > MAX_PHASES:
         raise ConfigError("phases", len(r.phases), f"at most {MAX_PHASES} phases")
-    for name in r.phases:
-        check_text("phase", name, 64)
+    for name, seconds in (("seconds", r.seconds), *r.phases.items()):
+        if name != "seconds":
+            check_text("phase", name, 64)
+        if not (math.isfinite(seconds) and 0 <= seconds <= MAX_REPORT_SECONDS):
+            raise ConfigError(name, seconds, f"must be in [0, {MAX_REPORT_SECONDS:g}] seconds")
     check_text("address", r.address, MAX_ADDRESS_CHARS, empty=True)
+    check_text("blame", r.blame, MAX_NAME_CHARS, empty=True)
     return Report(
         plan_id=r.plan_id,
         replica_id=r.replica_id,
@@ -245,6 +297,7 @@ def report_from_pb(r: pb.TransferReport) -> Report:
         seconds=r.seconds,
         phases=dict(r.phases),
         address=r.address,
+        blame=r.blame,
     )
 
 
@@ -269,6 +322,8 @@ def plan_to_pb(p: PlanSnapshot) -> pb.PlanStatus:
     )
     if p.step is not None:
         out.step = p.step
+    for d in p.donors:
+        out.donors.add(replica_id=d.replica_id, share=d.share, bytes=d.bytes, state=d.state)
     return out
 
 
@@ -288,6 +343,10 @@ def plan_from_pb(p: pb.PlanStatus) -> PlanSnapshot:
         recovery_s=p.recovery_s,
         phases=dict(p.phases),
         addresses=tuple(p.addresses),
+        donors=tuple(
+            DonorShare(replica_id=d.replica_id, share=d.share, bytes=d.bytes, state=d.state)
+            for d in p.donors
+        ),
     )
 
 

@@ -46,6 +46,8 @@ class TransferError(RecoverydError, RuntimeError):
 
     Attributes:
         peer_rank: the rank of the peer the failing wait was on, if known.
+        donor_index: in a striped receive, the position (in the ``donors``
+            given) of the donor that failed, if one did.
     """
 
     facts: ClassVar[tuple[str, ...]] = ("peer_rank",)
@@ -53,6 +55,7 @@ class TransferError(RecoverydError, RuntimeError):
     def __init__(self, message: str, *, peer_rank: int | None = None) -> None:
         super().__init__(message)
         self.peer_rank = peer_rank
+        self.donor_index: int | None = None
 
 
 class TransferTimeoutError(TransferError, TimeoutError):

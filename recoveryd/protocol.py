@@ -75,6 +75,8 @@ MAX_LABEL_CHARS = 2048
 MAX_ADDRESS_CHARS = 300
 """The longest ``host:port`` (a DNS name, a colon and a port, or a bracketed IPv6)."""
 MAX_FINGERPRINT_CHARS = 128
+MAX_DONORS = 16
+"""The most donors one striped plan may name (the transport's own bound too)."""
 MAX_WORLD_SIZE = 1 << 20
 """The most ranks one replica may declare."""
 DEVICE_KINDS = ("cpu", "cuda")
@@ -195,6 +197,18 @@ class Order:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class StripeSource:
+    """One donor of a striped plan, as a joiner rank is told it."""
+
+    donor: str
+    rendezvous: str
+    """Where that donor rank's rendezvous store is (``host:port``)."""
+    rendezvous_prefix: str
+    share: float
+    """Its part of the bytes, relative to the other donors' (positive)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Answer:
     """What a joining rank is told when it asks to recover."""
 
@@ -212,6 +226,21 @@ class Answer:
     """``no_donor`` at a job's start: nothing of this layout ever held a step here."""
     plan_key: bytes = field(default=b"", repr=False, compare=False)
     """The plan's key, known only to its parties (``transfer``)."""
+    stripes: tuple[StripeSource, ...] = ()
+    """A striped plan's donors, the first being ``donor`` (empty: one donor)."""
+
+    def sources(self) -> tuple[StripeSource, ...]:
+        """Every donor of a ``transfer`` answer (one unless the plan is striped)."""
+        if self.stripes:
+            return self.stripes
+        return (
+            StripeSource(
+                donor=self.donor,
+                rendezvous=self.rendezvous,
+                rendezvous_prefix=self.rendezvous_prefix,
+                share=1.0,
+            ),
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -230,6 +259,8 @@ class Report:
     seconds: float = 0.0
     phases: Mapping[str, float] = field(default_factory=dict)
     address: str = ""
+    blame: str = ""
+    """A joiner's failure in a striped plan: the donor replica it holds responsible."""
 
 
 # ---- status --------------------------------------------------------------------
@@ -253,6 +284,22 @@ class PlanSnapshot:
     recovery_s: float
     phases: Mapping[str, float]
     addresses: tuple[str, ...]
+    donors: tuple[DonorShare, ...] = ()
+    """Every donor of the plan with its share (one unless striped)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DonorShare:
+    """One donor of a plan in ``recoveryd status``: its share, and what it sent."""
+
+    replica_id: str
+    share: float
+    """Its planned part of the bytes (a plan's shares sum to 1)."""
+    bytes: int = 0
+    """What its ranks reported sending."""
+    state: str = ""
+    """``""`` (no report yet), ``"ok"``, a failure's result, or ``"lost"`` (it died
+    or went unhealthy after the fence; the other donors sent its part)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -22,6 +22,31 @@ def _step(step: int | None) -> str:
     return "-" if step is None else str(step)
 
 
+def _donors(p: PlanSnapshot) -> str:
+    """One donor's name, or a striped plan's donors with their shares (and the lost)."""
+    if len(p.donors) <= 1:
+        return p.donor
+    return ",".join(
+        f"{d.replica_id}:{d.share:.0%}" + ("(lost)" if d.state == "lost" else "") for d in p.donors
+    )
+
+
+def _stripe_rows(plans: Sequence[PlanSnapshot]) -> list[list[str]]:
+    """One row per donor of each striped plan: its share, what it sent, how it ended."""
+    return [
+        [
+            str(p.plan_id),
+            d.replica_id,
+            f"{d.share:.1%}",
+            human_bytes(d.bytes) if d.bytes else "-",
+            d.state or "-",
+        ]
+        for p in plans
+        if len(p.donors) > 1
+        for d in p.donors
+    ]
+
+
 def _plan_rows(plans: Sequence[PlanSnapshot]) -> list[list[str]]:
     rows = []
     for p in plans:
@@ -30,7 +55,7 @@ def _plan_rows(plans: Sequence[PlanSnapshot]) -> list[list[str]]:
             [
                 str(p.plan_id),
                 p.joiner,
-                p.donor,
+                _donors(p),
                 _step(p.step),
                 p.state + (f" ({p.reason})" if p.reason else ""),
                 str(p.attempt),
@@ -84,7 +109,7 @@ def render(status: ClusterStatus) -> str:
     heads = [
         "PLAN",
         "JOINER",
-        "DONOR",
+        "DONOR(S)",
         "STEP",
         "STATE",
         "TRY",
@@ -100,4 +125,8 @@ def render(status: ClusterStatus) -> str:
     lines += ["", f"recent transfers: {len(status.recent)}"]
     if status.recent:
         lines += _table(heads, _plan_rows(status.recent))
+    stripes = _stripe_rows([*status.active, *status.recent])
+    if stripes:
+        lines += ["", "stripes of striped plans:"]
+        lines += _table(["PLAN", "DONOR", "SHARE", "SENT", "STATE"], stripes)
     return "\n".join(lines)

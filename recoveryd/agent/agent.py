@@ -88,9 +88,9 @@ class Agent:
         self._parked = False
         self._last_step_at = 0.0
         self._step_time = 0.0
-        # Groups of failed transfers: a late peer may still write into their
-        # buffers, so they are kept (not destroyed) for a while.
-        self._graveyard: deque[dist.ProcessGroup] = deque(maxlen=16)
+        # Groups of failed transfers (and of striped ones: one per donor): a late
+        # peer may still write into their buffers, so they are kept for a while.
+        self._graveyard: deque[dist.ProcessGroup] = deque(maxlen=48)
         self.last_recovery: RecoveryRecord | None = None
         if metrics is None:
             metrics = AgentMetrics(

@@ -212,13 +212,16 @@ class Donor:
                 )
             )
             return
+        # A striped plan's donor sends a part of the payload (what went on the wire,
+        # control words included); a whole send, the payload.
+        sent = min(stats.payload_bytes, stats.bytes_sent)
         if self._metrics is not None:
             self._metrics.transfer(
                 "donor",
                 o.backend,
                 "ok",
                 seconds=stats.seconds,
-                nbytes=stats.payload_bytes,
+                nbytes=sent,
                 phases=stats.phases,
             )
         logger.info(
@@ -229,9 +232,9 @@ class Donor:
             o.plan_id,
             self.link.interface or "?",
             self._host,
-            stats.payload_bytes,
+            sent,
             stats.seconds,
-            rate(stats.payload_bytes, stats.seconds),
+            rate(sent, stats.seconds),
         )
         self.sends.append(
             self.link.report(
@@ -240,7 +243,7 @@ class Donor:
                 role="donor",
                 started=t0,
                 step=step,
-                nbytes=stats.payload_bytes,
+                nbytes=sent,
                 phases=stats.phases,
             )
         )

@@ -8,7 +8,10 @@ it through three named phases: it *joins* the plan's transfer group, waits
 for the plan to be armed and the donor to reach the fence, *receives* in
 place (demanding the fenced step) and reports; then it waits for every rank
 of the replica to have received. A failed plan is reported and the round
-asks for the next one.
+asks for the next one. A striped plan names several donors: the rank joins a
+group with each (:mod:`recoveryd.agent.joined`) and receives a disjoint part
+of its state from each, in parallel; a donor lost on the way costs only its
+part, which the others send.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import functools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -26,20 +28,13 @@ import torch.distributed as dist
 from recoveryd._format import rate
 from recoveryd._time import MIN_WAIT, Backoff, Deadline
 from recoveryd.agent.interface import RecoveryRecord
+from recoveryd.agent.joined import FenceWait, FormError, Joined, Part, await_go, form
 from recoveryd.agent.link import CoordinatorLink
-from recoveryd.agent.rendezvous import (
-    DONOR_RANK,
-    JOINER_RANK,
-    bounded,
-    connect_store,
-    device_for,
-    dropped_key,
-    open_group,
-    proof,
-    read_go,
-)
+from recoveryd.agent.liveness import StoreWatch
+from recoveryd.agent.rendezvous import DONOR_RANK, device_for, go_key
 from recoveryd.errors import (
     CoordinatorUnavailableError,
+    DonorsDisagreeError,
     ManifestError,
     StateMismatchError,
     StepMismatchError,
@@ -51,6 +46,8 @@ from recoveryd.errors import (
 from recoveryd.metrics import AgentMetrics
 from recoveryd.protocol import Answer, result_of
 from recoveryd.transport import recv_state_dict
+from recoveryd.transport.stats import ReceivedState
+from recoveryd.transport.striped import recv_state_dict_striped
 from recoveryd.transport.tree import merge_values
 
 logger = logging.getLogger(__name__)
@@ -59,13 +56,15 @@ _LONG_POLL = timedelta(seconds=2)
 """How long the coordinator may hold one ask for news."""
 _ASK_EVERY = timedelta(seconds=1)
 """While waiting for the donor's go, how often the coordinator is asked whether the plan lives."""
-_GO_POLL_MAX = timedelta(milliseconds=20)
-"""The longest pause between two looks at the donor's go key (they start at 1 ms)."""
-_REFUSED_BEFORE_DATA = (UntrustedPeerError, ManifestError, StateMismatchError, StepMismatchError)
+_REFUSED_BEFORE_DATA = (
+    UntrustedPeerError,
+    ManifestError,
+    StateMismatchError,
+    StepMismatchError,
+    DonorsDisagreeError,
+)
 """Failures of a receive that wrote nothing into the state (the transport refuses
 these before any data)."""
-_SAY_DROPPED = timedelta(seconds=2)
-"""How long telling the donor's store that this rank dropped a plan may take."""
 
 
 class Phase(enum.Enum):
@@ -77,34 +76,6 @@ class Phase(enum.Enum):
     """In a plan's transfer group, waiting for it to be armed."""
     RECEIVED = "received"
     """Holds a plan's state and reported it: waiting for every rank of the replica."""
-
-
-class FenceWait(enum.Enum):
-    """How the wait for the donor to reach the fence ended."""
-
-    REACHED = "reached"
-    """The donor set its go key: it sends now."""
-    DONOR_UNREACHABLE = "donor_unreachable"
-    """The donor's store stopped answering (the donor died)."""
-    PLAN_ENDED = "plan_ended"
-    """The coordinator ended or replaced the plan."""
-    OUT_OF_TIME = "out_of_time"
-    """The round's deadline passed first."""
-
-
-@dataclass(slots=True)
-class _Joined:
-    """The plan this rank joined: its id, transfer group and the donor's store."""
-
-    plan_id: int
-    prefix: str
-    """The plan's key prefix on the donor's store."""
-    key: bytes = field(repr=False)
-    """The plan's key (its control values on the store are proofs under it)."""
-    group: dist.ProcessGroup | None
-    store: dist.Store | None
-    at: float
-    """When the group formed (monotonic)."""
 
 
 class JoinerRound:
@@ -142,7 +113,7 @@ class JoinerRound:
         self._start = time.monotonic()
         self._deadline = Deadline(timeout)
         self.phase = Phase.ASKING
-        self._joined: _Joined | None = None
+        self._joined: Joined | None = None
         self._received = 0
         """The plan whose state this rank holds (0: none)."""
         self._received_at = 0.0
@@ -252,53 +223,45 @@ class JoinerRound:
     # ---- joining ----------------------------------------------------------------
 
     def _join(self, ans: Answer) -> None:
-        """Forms a new plan's transfer group with the donor rank (leaving the old plan)."""
+        """Forms a new plan's transfer group with each donor rank (leaving the old plan)."""
         self._leave()
         record = self._record
         record.attempts += 1
         record.phases.setdefault("plan", time.monotonic() - self._start)
         t0 = time.monotonic()
         try:
-            within = self._deadline.cap(self._link.config.rendezvous_timeout)
-            timeout = self._transfer_timeout(ans)
-
-            def form() -> tuple[dist.Store, dist.ProcessGroup]:
-                store = connect_store(ans.rendezvous, timeout=within)
-                group = open_group(
-                    store, ans.rendezvous_prefix, JOINER_RANK, backend=ans.backend,
-                    host=self._host, timeout=timeout,
-                )  # fmt: skip
-                return store, group
-
-            # On the donor's store, whose client waits for answers with no deadline of its own.
-            store, group = bounded(form, within, "forming the plan's group on the donor's store")
-        except Exception as err:  # the donor went away before the group formed
-            self._report(ans.plan_id, result_of(err), started=t0, message=f"rendezvous: {err}")
+            parts = form(
+                ans,
+                host=self._host,
+                within=self._deadline.cap(self._link.config.rendezvous_timeout),
+                timeout=self._transfer_timeout(ans),
+                graveyard=self._graveyard,
+            )
+        except FormError as err:  # a donor went away before its group formed
+            cause = err.__cause__ if err.__cause__ is not None else err
+            self._report(
+                ans.plan_id,
+                result_of(cause),
+                started=t0,
+                message=f"rendezvous with {err}",
+                blame=err.donor if ans.stripes else "",
+            )
             return
-        self._joined = _Joined(
-            ans.plan_id, ans.rendezvous_prefix, ans.plan_key, group, store, time.monotonic()
-        )
+        self._joined = Joined(ans.plan_id, ans.plan_key, parts, time.monotonic())
         self.phase = Phase.JOINED
         record.phases["rendezvous"] = self._joined.at - t0
 
     def _leave(self, *, tell: bool = True) -> None:
-        """Drops the plan this rank is in; its group is kept for late writes.
+        """Drops the plan this rank is in; its groups are kept for late writes.
 
-        A plan dropped before its data arrived is said on the donor's store
-        first (``tell``), so the donor rank does not hold its trainer for a
-        joiner that is gone.
+        A plan dropped before its data arrived is said on each donor's store
+        first (``tell``), so no donor rank holds its trainer for a joiner
+        that is gone.
         """
         joined = self._joined
-        if joined is not None and joined.group is not None:
-            if tell and self.phase is Phase.JOINED and joined.store is not None:
-                try:
-                    joined.store.set_timeout(_SAY_DROPPED)
-                    joined.store.set(
-                        dropped_key(joined.prefix), proof(joined.key, "dropped", joined.prefix)
-                    )
-                except RuntimeError as err:  # the donor's store is gone: nothing waits there
-                    logger.debug("could not tell plan %d's donor: %s", joined.plan_id, err)
-            self._graveyard.append(joined.group)
+        if joined is not None:
+            for part in joined.parts:
+                joined.drop(part, "left", self._graveyard, tell=tell and self.phase is Phase.JOINED)
         self._joined = None
         self.phase = Phase.ASKING
 
@@ -310,15 +273,26 @@ class JoinerRound:
     # ---- receiving --------------------------------------------------------------
 
     def _receive(self, ans: Answer) -> None:
-        """Waits for the donor to reach the armed plan's fence, then receives in place."""
+        """Waits for the donors to reach the armed plan's fence, then receives in place."""
         joined, record, link = self._joined, self._record, self._link
         assert joined is not None
-        assert joined.group is not None
-        assert joined.store is not None
         assert ans.step is not None
         t_fence = time.monotonic()
         record.phases["arm"] = t_fence - joined.at
-        outcome, why = self._await_go(joined)
+        listed = {s.donor for s in ans.sources()}
+        for part in joined.live:  # donors of a striped plan lost since this rank joined
+            if part.source.donor not in listed:
+                joined.drop(part, "lost by the coordinator", self._graveyard, tell=True)
+        outcome, why = await_go(
+            joined,
+            deadline=self._deadline,
+            # A donor's store answers in milliseconds; this long without an answer is a dead link.
+            silence=link.config.transfer.stall_timeout,
+            still_listed=functools.partial(self._listed, joined),
+            ask_every=_ASK_EVERY,
+            graveyard=self._graveyard,
+            who=link.who,
+        )
         if outcome is not FenceWait.REACHED:
             if outcome is FenceWait.DONOR_UNREACHABLE:
                 self._report(
@@ -328,20 +302,14 @@ class JoinerRound:
             self._leave(tell=outcome is not FenceWait.DONOR_UNREACHABLE)
             return
         record.phases["fence"] = time.monotonic() - t_fence
+        parts = joined.live
+        donors = ",".join(p.source.donor for p in parts)
+        named = ", ".join(repr(p.source.donor) for p in parts)  # as logs name one donor
         t0 = time.monotonic()
         written_before = record.state_written
         record.state_written = True  # from here on, a failure may leave it half written
         try:
-            got = recv_state_dict(
-                joined.group,
-                DONOR_RANK,
-                timeout=max(MIN_WAIT, self._transfer_timeout(ans)),
-                into=self._state,
-                step=ans.step,
-                config=link.config.transfer,
-                device=device_for(ans.backend),
-                auth_key=ans.plan_key or None,
-            )
+            got = self._pull(ans, parts)
         except TransferError as err:
             if isinstance(err, _REFUSED_BEFORE_DATA):
                 record.state_written = written_before  # refused before a byte was written
@@ -349,8 +317,19 @@ class JoinerRound:
                 self._metrics.transfer(
                     "joiner", ans.backend, result_of(err), seconds=time.monotonic() - t0
                 )
-            logger.warning("%s: plan %d from %r failed: %s", link.who, ans.plan_id, ans.donor, err)
-            self._report(ans.plan_id, result_of(err), started=t0, message=str(err), step=ans.step)
+            logger.warning("%s: plan %d from %s failed: %s", link.who, ans.plan_id, named, err)
+            # A striped plan's failure names its donor (the one left, if one is).
+            k = 0 if len(parts) == 1 else err.donor_index
+            named_one = bool(ans.stripes) and k is not None and 0 <= k < len(parts)
+            blame = parts[k].source.donor if named_one and k is not None else ""
+            self._report(
+                ans.plan_id,
+                result_of(err),
+                started=t0,
+                message=str(err),
+                step=ans.step,
+                blame=blame,
+            )
             self._leave()
             return
         merge_values(self._state, got.state_dict)
@@ -365,16 +344,16 @@ class JoinerRound:
                 phases=st.phases,
             )
         record.phases.update(st.phases)
-        record.donor, record.plan_id, record.bytes = ans.donor, ans.plan_id, st.payload_bytes
+        record.donor, record.plan_id, record.bytes = donors, ans.plan_id, st.payload_bytes
         logger.info(
-            "%s: received step %d from %r (plan %d) over %s (%s) <- %s: %d bytes in %.3f s, %s",
+            "%s: received step %d from %s (plan %d) over %s (%s) <- %s: %d bytes in %.3f s, %s",
             link.who,
             ans.step,
-            ans.donor,
+            named,
             ans.plan_id,
             link.interface or "?",
             self._host,
-            ans.rendezvous,
+            ",".join(p.source.rendezvous for p in parts),
             st.payload_bytes,
             st.seconds,
             rate(st.payload_bytes, st.seconds),
@@ -390,61 +369,63 @@ class JoinerRound:
         )
         self._received, self._received_at = ans.plan_id, time.monotonic()
         record.phases["report"] = self._received_at - reported
-        joined.group = None  # done with it; Gloo tears it down
+        if len(parts) > 1:  # a donor that failed midway left buffers parked on its group
+            self._graveyard.extend(p.group for p in parts)
+        joined.parts = []  # done with the groups; Gloo tears down what is not kept
         self.phase = Phase.RECEIVED
 
-    def _await_go(self, joined: _Joined) -> tuple[FenceWait, str]:
-        """Waits for the donor rank to reach the fence; returns how that ended, and why.
+    def _pull(self, ans: Answer, parts: list[Part]) -> ReceivedState:
+        """The state from the donors left: all of it from one, or a part from each."""
+        config = self._link.config.transfer
+        timeout = max(MIN_WAIT, self._transfer_timeout(ans))
+        key = ans.plan_key or None
+        if len(parts) == 1:
+            return recv_state_dict(
+                parts[0].group,
+                DONOR_RANK,
+                timeout=timeout,
+                into=self._state,
+                step=ans.step,
+                config=config,
+                device=device_for(ans.backend),
+                auth_key=key,
+            )
+        # A donor that dies midway is seen through its store at once (its part then
+        # comes from the others), not after the stall bound.
+        watches = [
+            StoreWatch(p.store, go_key(p.source.rendezvous_prefix), p.source.donor) for p in parts
+        ]
+        try:
+            return recv_state_dict_striped(
+                [(p.group, DONOR_RANK) for p in parts],
+                timeout=timeout,
+                into=self._state,
+                step=ans.step,
+                shares=[p.source.share for p in parts],
+                config=config,
+                auth_keys=[key] * len(parts),
+                alive=watches,
+            )
+        finally:
+            for part, watch in zip(parts, watches, strict=True):
+                watch.close()
+                part.mute = part.mute or watch.silent
 
-        Polls the donor's store (a dead donor fails the poll at once) and,
-        every :data:`_ASK_EVERY`, the coordinator (a plan that failed or was
-        replaced is dropped).
-        """
+    def _listed(self, joined: Joined) -> set[str] | str:
+        """The donors the coordinator still lists for the plan this rank joined, or
+        why the plan ended (see :func:`~recoveryd.agent.joined.await_go`)."""
         link, config = self._link, self._link.config
-        assert joined.store is not None
-        asked = time.monotonic()
-        nap = timedelta(milliseconds=1)
-        forged = False
-        # The donor's store answers in milliseconds; this long without an answer is a dead link.
-        silence = config.transfer.stall_timeout
-        while not self._deadline.expired:
-            try:
-                go = read_go(joined.store, joined.prefix, joined.key, timeout=silence)
-                if go == "set":
-                    return FenceWait.REACHED, ""
-                if go == "forged" and not forged:  # the donor's own go overwrites it
-                    forged = True
-                    logger.warning(
-                        "%s: plan %d: a go key the donor did not write, ignored (someone who "
-                        "reaches its store tried to start the receive early)",
-                        link.who,
-                        joined.plan_id,
-                    )
-            except RuntimeError as err:
-                return (
-                    FenceWait.DONOR_UNREACHABLE,
-                    f"donor rank unreachable before the fence: {err}",
-                )
-            if time.monotonic() - asked >= _ASK_EVERY.total_seconds():
-                asked = time.monotonic()
-                try:
-                    now = link.client.recover(
-                        config.replica_id,
-                        config.group_rank,
-                        wait=timedelta(0),
-                        received_plan_id=self._received,
-                        joined_plan_id=joined.plan_id,
-                    )
-                except (CoordinatorUnavailableError, UnknownMemberError):
-                    continue  # keep waiting on the donor; the coordinator is not needed for this
-                if now.state != "transfer" or now.plan_id != joined.plan_id:
-                    return (
-                        FenceWait.PLAN_ENDED,
-                        f"the coordinator ended the plan ({now.state} {now.reason})".strip(),
-                    )
-            self._deadline.sleep(nap)
-            nap = min(2 * nap, _GO_POLL_MAX)
-        return (
-            FenceWait.OUT_OF_TIME,
-            "the recovery's deadline passed before the donor reached the fence",
-        )
+        try:
+            now = link.client.recover(
+                config.replica_id,
+                config.group_rank,
+                wait=timedelta(0),
+                received_plan_id=self._received,
+                joined_plan_id=joined.plan_id,
+            )
+        except (CoordinatorUnavailableError, UnknownMemberError):
+            # Keep waiting on the donors; the coordinator is not needed for this.
+            return {p.source.donor for p in joined.live}
+        if now.state != "transfer" or now.plan_id != joined.plan_id:
+            return f"the coordinator ended the plan ({now.state} {now.reason})".strip()
+        return {s.donor for s in now.sources()}

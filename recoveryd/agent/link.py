@@ -176,6 +176,7 @@ class CoordinatorLink:
         nbytes: int = 0,
         phases: dict[str, float] | None = None,
         until: Deadline | None = None,
+        blame: str = "",
     ) -> Report:
         """Reports one side of one transfer that started at ``started`` (monotonic).
 
@@ -196,6 +197,7 @@ class CoordinatorLink:
             seconds=time.monotonic() - started,
             phases=phases or {},
             address=self.rendezvous.rpartition(":")[0],
+            blame=blame,
         )
         if until is None:
             self._reports.put(report)

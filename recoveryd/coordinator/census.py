@@ -85,7 +85,7 @@ def take_census(members: Membership, planner: Planner) -> Census:
         replicas=counts,
         healthy_ranks=healthy_ranks,
         unhealthy_ranks=unhealthy_ranks,
-        in_flight=sum(planner.inflight().values()),
+        in_flight=planner.plans_in_flight(),
         slowest_step=min(steps, default=None),
         fastest_step=max(steps, default=None),
     )

@@ -35,6 +35,11 @@ class CoordinatorConfig:
     bounds the rendezvous, the wait for the fence and the bytes."""
     max_attempts: int = 4
     """Plans tried for one recovery before the joiner is told there is no donor."""
+    max_donors: int = 1
+    """Donor replicas one plan may stripe over (at most 16): every rank of the
+    joiner pulls a disjoint part of its state from each, all fenced at one
+    step, so their links add up; a donor lost after the fence costs only its
+    part, which the others send. 1: one donor per plan."""
     recent_plans: int = 100
     """Finished plans kept for ``recoveryd status``."""
     warmup: timedelta = timedelta(seconds=5)
@@ -81,6 +86,8 @@ class CoordinatorConfig:
                 self.fence_steps,
                 f"must be in [1, max_fence_steps={self.max_fence_steps}]",
             )
+        if not 1 <= self.max_donors <= 16:
+            raise ConfigError("max_donors", self.max_donors, "must be in [1, 16]")
         if self.max_attempts < 1:
             raise ConfigError("max_attempts", self.max_attempts, "must be >= 1")
         for name in ("max_replicas", "max_ranks"):

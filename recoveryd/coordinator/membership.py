@@ -60,6 +60,11 @@ class ReplicaView:
     labels: Mapping[str, str]
     ranks_healthy: bool = True
 
+    @property
+    def device_kinds(self) -> set[str]:
+        """The device kinds its registered ranks hold state on (``cpu``, ``cuda``)."""
+        return {m.device_kind for m in self.ranks.values()}
+
 
 class Membership:
     """Registered ranks and their heartbeats.

@@ -1,17 +1,23 @@
 """Donor choice and recovery plans, per joining replica (not per rank).
 
-All ranks of a joiner pull from one donor replica, rank r from rank r, at one
-step boundary, so the joiner's ranks end up with one consistent step. Among
-the replicas that can donate (healthy, same layout rank by rank, same world
-size, with a step), the most advanced win (within a slack of a few steps);
-among those, the donor with the fewest transfers in flight, then the nearest
-(same node, then same zone), then the fastest link seen in past transfers,
-then the highest step.
+All ranks of a joiner pull from the same donor replicas, rank r from rank r,
+at one step boundary, so the joiner's ranks end up with one consistent step.
+Among the replicas that can donate (healthy, same layout rank by rank, same
+world size, with a step), the most advanced win (within a slack of a few
+steps); among those, the donor with the fewest transfers in flight, then the
+nearest (same node, then same zone), then the fastest link seen in past
+transfers, then the highest step.
+
+A striped plan takes the best ``max_donors`` of them, and each rank pulls a
+disjoint part of its state from each, sized by the bandwidth seen from each
+donor (a donor not measured yet counts as the median of those that were; one
+that would get under :data:`MIN_SHARE` of the bytes is left out).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,6 +34,26 @@ class RankPair:
     """Where the donor rank's transfer rendezvous is hosted (``host:port``)."""
 
 
+MIN_SHARE = 0.05
+"""A donor whose bandwidth would earn it less than this part of the bytes is not
+worth its group's set-up and fence wait: a striped plan leaves it out."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Stripe:
+    """One donor replica's part of a plan.
+
+    Attributes:
+        donor: the replica that sends this part.
+        share: its part of each rank's bytes (a plan's shares sum to 1).
+        pairs: one transfer per group rank.
+    """
+
+    donor: str
+    share: float
+    pairs: Sequence[RankPair]
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RecoveryPlan:
     """Who sends what to whom.
@@ -38,14 +64,27 @@ class RecoveryPlan:
     Attributes:
         plan_id: unique per coordinator; a re-plan gets a new one.
         joiner: the replica that receives.
-        donor: the replica that sends.
-        pairs: one transfer per group rank.
+        stripes: one per donor replica, the best donor first (one unless striped).
     """
 
     plan_id: int
     joiner: str
-    donor: str
-    pairs: Sequence[RankPair]
+    stripes: Sequence[Stripe]
+
+    @property
+    def donor(self) -> str:
+        """The first (best) donor."""
+        return self.stripes[0].donor
+
+    @property
+    def donors(self) -> tuple[str, ...]:
+        """Every donor replica, the best first."""
+        return tuple(s.donor for s in self.stripes)
+
+    @property
+    def striped(self) -> bool:
+        """Whether more than one donor sends."""
+        return len(self.stripes) > 1
 
 
 def layouts_match(joiner: ReplicaView, candidate: ReplicaView) -> bool:
@@ -84,20 +123,23 @@ def _nearness(joiner: ReplicaView, candidate: ReplicaView) -> int:
     return 2
 
 
-def choose_donor(
+def choose_donors(
     joiner: ReplicaView,
     replicas: Collection[ReplicaView],
     *,
+    max_donors: int = 1,
     inflight: Mapping[str, int] | None = None,
     bandwidth_bps: Mapping[str, float] | None = None,
     exclude: Collection[str] = (),
     step_slack: int = 0,
-) -> ReplicaView | None:
-    """The best donor for ``joiner``, or ``None`` if no replica can donate.
+) -> list[ReplicaView]:
+    """The best donors for ``joiner``, best first: at most ``max_donors``, none if
+    no replica can donate.
 
     Args:
         joiner: the replica that needs state.
         replicas: every replica the coordinator knows.
+        max_donors: how many donors one plan may stripe over.
         inflight: transfers each replica is sending now.
         bandwidth_bps: the bandwidth seen from each replica in past transfers.
         exclude: replicas not to pick (e.g. a donor that just failed this joiner).
@@ -110,11 +152,10 @@ def choose_donor(
     bandwidth_bps = bandwidth_bps or {}
     candidates = [c for c in replicas if c.replica_id not in exclude and eligible(joiner, c)]
     if not candidates:
-        return None
+        return []
     best = max(c.step or 0 for c in candidates)
     candidates = [c for c in candidates if (c.step or 0) >= best - step_slack]
-    return min(
-        candidates,
+    candidates.sort(
         key=lambda c: (
             inflight.get(c.replica_id, 0),
             _nearness(joiner, c),
@@ -123,23 +164,88 @@ def choose_donor(
             c.replica_id,  # deterministic among equals
         ),
     )
+    return candidates[: max(1, max_donors)]
 
 
-def make_plan(plan_id: int, joiner: ReplicaView, donor: ReplicaView) -> RecoveryPlan:
-    """A plan for every rank r of ``donor`` to send to rank r of ``joiner``.
+def choose_donor(
+    joiner: ReplicaView,
+    replicas: Collection[ReplicaView],
+    *,
+    inflight: Mapping[str, int] | None = None,
+    bandwidth_bps: Mapping[str, float] | None = None,
+    exclude: Collection[str] = (),
+    step_slack: int = 0,
+) -> ReplicaView | None:
+    """The best donor for ``joiner``, or ``None`` if no replica can donate
+    (see :func:`choose_donors`)."""
+    best = choose_donors(
+        joiner,
+        replicas,
+        inflight=inflight,
+        bandwidth_bps=bandwidth_bps,
+        exclude=exclude,
+        step_slack=step_slack,
+    )
+    return best[0] if best else None
+
+
+def shares(donors: Sequence[str], bandwidth_bps: Mapping[str, float]) -> list[float]:
+    """Each donor's part of the bytes, by the bandwidth seen from it; they sum to 1.
+
+    A donor not measured yet counts as the median of the measured ones (all
+    equal when none was). Donors that would get under :data:`MIN_SHARE` are
+    given 0 (the caller leaves them out); the best donor (the first) always
+    keeps a share.
+    """
+
+    def rate(d: str) -> float:  # a bandwidth that is no positive finite number: not measured
+        b = bandwidth_bps.get(d, 0.0)
+        return b if math.isfinite(b) and b > 0 else 0.0
+
+    seen = [b for d in donors if (b := rate(d)) > 0]
+    default = statistics.median(seen) if seen else 1.0
+    weights = [rate(d) or default for d in donors]
+    top = max(weights)
+    weights = [w / top for w in weights]  # in (0, 1]: their sum cannot overflow
+    while True:
+        total = sum(weights)
+        out = [w / total for w in weights]
+        small = [k for k, v in enumerate(out) if 0 < v < MIN_SHARE and k > 0]
+        if not small:
+            return out
+        weights[min(small, key=lambda k: out[k])] = 0.0
+
+
+def make_plan(
+    plan_id: int,
+    joiner: ReplicaView,
+    donors: Sequence[ReplicaView],
+    *,
+    bandwidth_bps: Mapping[str, float] | None = None,
+) -> RecoveryPlan:
+    """A plan for every rank r of each donor to send its part to rank r of ``joiner``.
 
     Args:
         plan_id: the new plan's id.
         joiner: the receiving replica.
-        donor: an eligible donor (see :func:`choose_donor`).
+        donors: eligible donors, the best first (see :func:`choose_donors`).
+        bandwidth_bps: the bandwidth seen from each replica (sizes the shares).
     """
+    parts = shares([d.replica_id for d in donors], bandwidth_bps or {})
     return RecoveryPlan(
         plan_id=plan_id,
         joiner=joiner.replica_id,
-        donor=donor.replica_id,
-        pairs=[
-            RankPair(group_rank=r, donor_rendezvous=donor.ranks[r].rendezvous)
-            for r in range(donor.world_size)
+        stripes=[
+            Stripe(
+                donor=d.replica_id,
+                share=share,
+                pairs=[
+                    RankPair(group_rank=r, donor_rendezvous=d.ranks[r].rendezvous)
+                    for r in range(d.world_size)
+                ],
+            )
+            for d, share in zip(donors, parts, strict=True)
+            if share > 0
         ],
     )
 

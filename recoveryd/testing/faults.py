@@ -26,7 +26,8 @@ class FaultyGroup:
         pg: the real group.
         after: how many data messages pass untouched first.
         mode: ``"kill"`` SIGKILLs this process when it is about to send a data
-            message, ``"kill_on_recv"`` when it is about to post a receive for
+            message, ``"stop"`` SIGSTOPs it then (it hangs with its connections
+            open: nothing tells its peers), ``"kill_on_recv"`` when it is about to post a receive for
             one, ``"silence"`` drops every later message (this rank stays alive
             but says nothing), ``"corrupt"`` flips one byte of a copy of the
             next data message.
@@ -63,6 +64,8 @@ class FaultyGroup:
             if self._data > self._after:
                 if self._mode == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
+                if self._mode == "stop":
+                    os.kill(os.getpid(), signal.SIGSTOP)
                 if self._mode == "silence":
                     self._silent = True
                     return _Done()

@@ -73,6 +73,10 @@ class Wire:
         A Gloo wait cannot be cut short without breaking the pair, so the backend's
         wait goes on in a thread until its own timeout, on a group that is then
         abandoned anyway."""
+        self.peer_gone: Callable[[], bool] | None = None
+        """While set, asked every 0.1 s during a wait; ``True`` ends the wait with a
+        :class:`PeerLostError` at once (a probe outside the group saw the peer die:
+        Gloo does not always wake a receive whose peer was killed)."""
         # Posted operations not yet waited for, by id of their work. If the
         # transfer fails, the backend may still write into or read from their
         # buffers later, so those must outlive it (see abandon()).
@@ -115,7 +119,15 @@ class Wire:
         if self.stall is not None and self.stall < left:
             left, stalled = self.stall, True
         try:
-            ok = work.wait(left) if self.abandoned is None else self._watched(work, left, peer)
+            watched = self.abandoned is not None or self.peer_gone is not None
+            ok = self._watched(work, left, peer) if watched else work.wait(left)
+        except _Gone:
+            self.abandon()
+            raise PeerLostError(
+                f"lost rank {peer}: it is gone (seen outside the group, e.g. its agent's "
+                "store reset the connection); the process group must be rebuilt",
+                peer_rank=peer,
+            ) from None
         except _Abandoned:
             self.abandon()
             raise TransferError(
@@ -160,6 +172,8 @@ class Wire:
                 raise value
             if self.abandoned is not None and self.abandoned():
                 raise _Abandoned
+            if self.peer_gone is not None and self.peer_gone():
+                raise _Gone
 
     def _stalled(self, peer: int) -> TransferTimeoutError:
         return TransferTimeoutError(
@@ -201,6 +215,10 @@ class Wire:
 
 class _Abandoned(Exception):
     """A watched wait saw the transfer abandoned."""
+
+
+class _Gone(Exception):
+    """A watched wait saw the peer gone."""
 
 
 # Orphaned buffers of groups that cannot hold attributes (leaked on purpose).

@@ -33,10 +33,12 @@ from recoveryd.errors import (
     DonorsDisagreeError,
     IntegrityError,
     ManifestError,
+    PeerLostError,
     RecoverydError,
     StateMismatchError,
     StepMismatchError,
     TransferError,
+    TransferTimeoutError,
 )
 from recoveryd.transport import _auth
 from recoveryd.transport import _handshake as hs
@@ -87,6 +89,7 @@ def recv_state_dict_striped(
     config: TransferConfig | None = None,
     auth_keys: Sequence[bytes | None] | None = None,
     resume: bool = True,
+    alive: Sequence[Callable[[], bool]] | None = None,
 ) -> ReceivedState:
     """Receives one state from several donors, each sending a disjoint stripe of it.
 
@@ -106,6 +109,12 @@ def recv_state_dict_striped(
         resume: when a donor fails midway, ask the donors that sent their stripes
             for its missing messages (split by their shares) before telling any
             of them done; ``False``: fail the receive.
+        alive: per donor, a probe of whether it still lives, asked every 0.1 s
+            while this rank waits on it; it must answer at once (read a flag
+            another thread keeps, e.g. :class:`recoveryd.agent.liveness.StoreWatch`).
+            ``False`` takes the donor as lost there and then (Gloo does not
+            always wake a receive whose peer was SIGKILLed: without a probe,
+            ``stall_timeout`` bounds that wait).
 
     Returns:
         The state, the step, and the counters (bytes and messages summed over
@@ -126,14 +135,16 @@ def recv_state_dict_striped(
     if not 1 <= n <= MAX_DONORS:
         raise ConfigError("donors", n, f"must be 1 to {MAX_DONORS}")
     keys_in = list(auth_keys) if auth_keys is not None else [None] * n
-    if len(keys_in) != n or (shares is not None and len(shares) != n):
-        raise ConfigError("auth_keys/shares", n, "must have one entry per donor")
+    if any(x is not None and len(x) != n for x in (shares, alive)) or len(keys_in) != n:
+        raise ConfigError("auth_keys/shares/alive", n, "must have one entry per donor")
     for pg, src in donors:
         me = w.group_rank(pg)
         if src == me or not 0 <= src < pg.size():
             raise ConfigError("donors", src, f"must be another rank of its group (this is {me})")
     deadline = Deadline(timeout)
     wires = [w.Wire(pg, w.wire_device(pg, None), deadline) for pg, _ in donors]
+    for wire, probe in zip(wires, alive or [], strict=False):
+        wire.peer_gone = lambda probe=probe: not probe()
     srcs = [src for _, src in donors]
     into_ = _Into(into, torch.device("cpu"), None, None)
     cap = config.handshake_timeout
@@ -147,15 +158,28 @@ def recv_state_dict_striped(
         return hs.recv_offer(wires[k], srcs[k], config, keys, demanded), keys
 
     offers = _each([lambda k=k: offer(k) for k in range(n)])  # type: ignore[misc]
-    failed = [err for _, err in offers if err is not None]
+    failed = [(k, err) for k, (_, err) in enumerate(offers) if err is not None]
+    # A donor gone before its offer (it died after its go) leaves its part to the others.
+    gone = {k for k, err in failed if resume and _vanished(err)} if len(failed) < n else set()
+    keep = [k for k in range(n) if k not in gone]
+    for k in sorted(gone):
+        logger.warning(
+            "striped receive: donor %d (rank %d) vanished before its offer (%s); the others "
+            "send its part", k, srcs[k], offers[k][1],
+        )  # fmt: skip
     with Prefaulter() as prefaulter:
         try:
-            if failed:
-                raise failed[0]
-            got = [o for o, _ in offers if o is not None]
-            manifest = _agreed([o.manifest for o, _ in got], srcs)
+            hard = [(k, err) for k, err in failed if k not in gone]
+            if hard:
+                raise _blame(*hard[0])
+            got: dict[int, tuple[hs.Offer, _auth.StreamKeys | None]] = {}
+            for k in keep:
+                offered = offers[k][0]
+                assert offered is not None  # it did not fail
+                got[k] = offered
+            manifest = _agreed([got[k][0].manifest for k in keep], keep, srcs, step)
             clock.mark("manifest")
-            for k, (o, _) in enumerate(got):  # each donor's chain: itself, then this rank only
+            for k, (o, _) in got.items():  # each donor's chain: itself, then this rank only
                 pg_k = donors[k][0]
                 if list(o.manifest.chain) != [srcs[k], w.group_rank(pg_k)]:
                     raise ManifestError(
@@ -163,7 +187,7 @@ def recv_state_dict_striped(
                         "striped receive takes one donor and this joiner per group"
                     )
             me, world = w.group_rank(donors[0][0]), donors[0][0].size()
-            plan = _prepare(manifest, srcs[0], me, world, step, config, into_, prefaulter)
+            plan = _prepare(manifest, srcs[keep[0]], me, world, step, config, into_, prefaulter)
             if plan.succ is not None or manifest.star:
                 raise ConfigError("donors", n, "striped: one joiner per donor, no relay, no star")
         except BaseException as err:
@@ -182,11 +206,18 @@ def recv_state_dict_striped(
                     hs.best_effort(wires[k], [f.ACK_BAD_MANIFEST, 0], srcs[k], f.TAG_ACK)
             raise
         clock.mark("prepare")
-        runs = stripes.split(list(manifest.message_nbytes), list(shares or [1.0] * n))
-
         shares_ = list(shares or [1.0] * n)
+        runs = [range(0)] * n
+        for k, run in zip(
+            keep,
+            stripes.split(list(manifest.message_nbytes), [shares_[k] for k in keep]),
+            strict=True,
+        ):
+            runs[k] = run
         landed: list[list[int]] = [[] for _ in range(n)]
-        macs = [keys if o.macs else None for o, keys in got]  # per donor: its own keys
+        macs = [  # per donor: its own keys
+            (got[k][1] if got[k][0].macs else None) if k in got else None for k in range(n)
+        ]
 
         def trail(k: int, hashes: list[int]) -> None:
             if macs[k] is not None:
@@ -196,6 +227,8 @@ def recv_state_dict_striped(
 
         def stream(k: int) -> None:
             wire, run = wires[k], runs[k]
+            if k in gone:
+                return
             if not run:
                 hs.best_effort(wire, [f.ACK_NOT_NEEDED, 0], srcs[k], f.TAG_ACK)
                 return
@@ -214,35 +247,35 @@ def recv_state_dict_striped(
             [lambda k=k: stream(k) for k in range(n)]  # type: ignore[misc]
         )
         broken = [(k, e) for k, (_, e) in enumerate(streamed) if e is not None]
-        alive = [k for k in range(n) if runs[k] and streamed[k][1] is None]
+        survivors = [k for k in range(n) if runs[k] and streamed[k][1] is None]
         try:
-            if broken and not (resume and alive):
-                raise broken[0][1]
+            if broken and not (resume and survivors):
+                raise _blame(*broken[0])
             for k, why in broken:
                 # What a failed stream delivered stays, unless it was to be checked at its
                 # trailer (checksums or MACs): then its whole stripe comes again.
                 checked = macs[k] is not None or manifest.checksums
                 todo = runs[k] if checked else range(runs[k].start + len(landed[k]), runs[k].stop)
                 logger.warning(
-                    "striped receive: donor rank %d failed (%s); its messages %s come from "
-                    "ranks %s",
-                    srcs[k], why, (todo.start, todo.stop), [srcs[j] for j in alive],
+                    "striped receive: donor %d (rank %d) failed (%s); its messages %s come "
+                    "from donors %s",
+                    k, srcs[k], why, (todo.start, todo.stop), survivors,
                 )  # fmt: skip
                 if not todo:
                     continue
                 sizes = list(manifest.message_nbytes)[todo.start : todo.stop]
-                parts = stripes.split(sizes, [shares_[j] for j in alive])
+                parts = stripes.split(sizes, [shares_[j] for j in survivors])
                 asked = [
                     (j, range(todo.start + p.start, todo.start + p.stop))
-                    for j, p in zip(alive, parts, strict=True)
+                    for j, p in zip(survivors, parts, strict=True)
                     if p
                 ]
                 again: list[tuple[object, BaseException | None]] = _each(
                     [lambda j=j, r=r: more(j, r) for j, r in asked]  # type: ignore[misc]
                 )
-                for _, again_err in again:
+                for (j, _), (_, again_err) in zip(asked, again, strict=True):
                     if again_err is not None:
-                        raise again_err
+                        raise _blame(j, again_err)
             plan.copy_out()
         except BaseException as first:
             for k in range(n):
@@ -251,12 +284,14 @@ def recv_state_dict_striped(
             logger.warning("striped receive failed: %s", first)
             if isinstance(first, RecoverydError) or not isinstance(first, Exception):
                 raise
-            raise TransferError(
+            wrapped = TransferError(
                 f"a striped receive failed: {first!r}; the in-place state may be partly "
                 "overwritten and must not be used",
-            ) from first
+            )
+            wrapped.donor_index = getattr(first, "donor_index", None)
+            raise wrapped from first
     # The state is complete and verified: what is said now cannot change that.
-    for k in alive:
+    for k in survivors:
         hs.best_effort(wires[k], [f.ACK_OK, 0], srcs[k], f.TAG_DONE)
     for k, _ in broken:  # alive but refused (a bad trailer, a wrong echo): it waits for a word
         hs.best_effort(wires[k], [f.ACK_OTHER, 0], srcs[k], f.TAG_DONE)
@@ -267,7 +302,7 @@ def recv_state_dict_striped(
         bytes_sent=sum(x.bytes_sent for x in wires),
         bytes_received=sum(x.bytes_received for x in wires),
         messages=sum(x.messages for x in wires),
-        manifest_bytes=sum(o.nbytes for o, _ in got),
+        manifest_bytes=sum(o.nbytes for o, _ in got.values()),
         seconds=clock.total(),
         phases=clock.phases,
     )
@@ -282,14 +317,41 @@ def recv_state_dict_striped(
     return ReceivedState(state_dict=plan.state, step=plan.sent_step, stats=stats)
 
 
-def _agreed(manifests: list[Any], srcs: list[int]) -> Any:
-    """The donors' common manifest; refuses donors at different steps or with different states."""
+def _blame(k: int, err: BaseException) -> BaseException:
+    """``err``, marked as donor ``k``'s failure (a caller blames that donor, not the others)."""
+    if getattr(err, "donor_index", None) is None:
+        try:
+            err.donor_index = k  # type: ignore[attr-defined]
+        except AttributeError:  # an exception type with slots: it stays unblamed
+            pass
+    return err
+
+
+def _vanished(err: BaseException) -> bool:
+    """Whether a donor's failure is its going away (not a refusal: a bad proof or manifest)."""
+    if isinstance(err, (PeerLostError, TransferTimeoutError)):
+        return True
+    return not isinstance(err, RecoverydError) and isinstance(err, RuntimeError)  # Gloo's own
+
+
+def _agreed(manifests: list[Any], ks: list[int], srcs: list[int], step: int | None) -> Any:
+    """The donors' common manifest (donor ``ks[i]`` offered ``manifests[i]``); refuses
+    donors at another step than ``step`` (a fence overshot: the caller widens it), at
+    different steps, or with different states."""
     steps = [m.step if m.HasField("step") else None for m in manifests]
+    for k, actual in zip(ks, steps, strict=True):
+        if step is not None and actual != step:
+            raise _blame(k, StepMismatchError(step, actual, peer_rank=srcs[k]))
     if len(set(steps)) > 1:
-        raise DonorsDisagreeError(
-            f"the donors are at different steps ({dict(zip(srcs, steps, strict=True))} by "
-            "rank): a striped receive needs them fenced at one step; nothing was written",
-            peer_rank=srcs[steps.index(next(s for s in steps if s != steps[0]))],
+        odd = ks[steps.index(next(s for s in steps if s != steps[0]))]
+        by_donor = dict(zip(ks, steps, strict=True))
+        raise _blame(
+            odd,
+            DonorsDisagreeError(
+                f"the donors are at different steps ({by_donor} by donor): a striped receive "
+                "needs them fenced at one step; nothing was written",
+                peer_rank=srcs[odd],
+            ),
         )
     blobs = []
     for m in manifests:  # each donor's chain names its own rank; the rest must be the same
@@ -297,12 +359,16 @@ def _agreed(manifests: list[Any], srcs: list[int]) -> Any:
         bare.CopyFrom(m)
         bare.ClearField("chain")
         blobs.append(bare.SerializeToString(deterministic=True))
-    for k, blob in enumerate(blobs[1:], start=1):
+    for i, blob in enumerate(blobs[1:], start=1):
         if blob != blobs[0]:
-            raise DonorsDisagreeError(
-                f"donor rank {srcs[k]} describes another state than donor rank {srcs[0]} "
-                "(layout, sizes or cutting into messages differ): a striped receive needs "
-                "donors of the same layout and transfer settings; nothing was written",
-                peer_rank=srcs[k],
+            k = ks[i]
+            raise _blame(
+                k,
+                DonorsDisagreeError(
+                    f"donor {k} (rank {srcs[k]}) describes another state than donor {ks[0]} "
+                    "(layout, sizes or cutting into messages differ): a striped receive needs "
+                    "donors of the same layout and transfer settings; nothing was written",
+                    peer_rank=srcs[k],
+                ),
             )
     return manifests[0]

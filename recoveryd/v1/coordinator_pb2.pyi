@@ -183,7 +183,7 @@ class RecoverRequest(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., wait_s: _Optional[float] = ..., received_plan_id: _Optional[int] = ..., joined_plan_id: _Optional[int] = ..., rank_secret: _Optional[str] = ...) -> None: ...
 
 class RecoverResponse(_message.Message):
-    __slots__ = ("state", "reason", "plan_id", "donor", "step", "rendezvous", "rendezvous_prefix", "timeout_s", "backend", "fresh", "plan_key")
+    __slots__ = ("state", "reason", "plan_id", "donor", "step", "rendezvous", "rendezvous_prefix", "timeout_s", "backend", "fresh", "plan_key", "stripes")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[RecoverResponse.State]
@@ -207,6 +207,7 @@ class RecoverResponse(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     FRESH_FIELD_NUMBER: _ClassVar[int]
     PLAN_KEY_FIELD_NUMBER: _ClassVar[int]
+    STRIPES_FIELD_NUMBER: _ClassVar[int]
     state: RecoverResponse.State
     reason: str
     plan_id: int
@@ -218,10 +219,23 @@ class RecoverResponse(_message.Message):
     backend: str
     fresh: bool
     plan_key: bytes
-    def __init__(self, state: _Optional[_Union[RecoverResponse.State, str]] = ..., reason: _Optional[str] = ..., plan_id: _Optional[int] = ..., donor: _Optional[str] = ..., step: _Optional[int] = ..., rendezvous: _Optional[str] = ..., rendezvous_prefix: _Optional[str] = ..., timeout_s: _Optional[float] = ..., backend: _Optional[str] = ..., fresh: _Optional[bool] = ..., plan_key: _Optional[bytes] = ...) -> None: ...
+    stripes: _containers.RepeatedCompositeFieldContainer[Stripe]
+    def __init__(self, state: _Optional[_Union[RecoverResponse.State, str]] = ..., reason: _Optional[str] = ..., plan_id: _Optional[int] = ..., donor: _Optional[str] = ..., step: _Optional[int] = ..., rendezvous: _Optional[str] = ..., rendezvous_prefix: _Optional[str] = ..., timeout_s: _Optional[float] = ..., backend: _Optional[str] = ..., fresh: _Optional[bool] = ..., plan_key: _Optional[bytes] = ..., stripes: _Optional[_Iterable[_Union[Stripe, _Mapping]]] = ...) -> None: ...
+
+class Stripe(_message.Message):
+    __slots__ = ("donor", "rendezvous", "rendezvous_prefix", "share")
+    DONOR_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    donor: str
+    rendezvous: str
+    rendezvous_prefix: str
+    share: float
+    def __init__(self, donor: _Optional[str] = ..., rendezvous: _Optional[str] = ..., rendezvous_prefix: _Optional[str] = ..., share: _Optional[float] = ...) -> None: ...
 
 class TransferReport(_message.Message):
-    __slots__ = ("plan_id", "replica_id", "group_rank", "role", "result", "message", "step", "bytes", "seconds", "phases", "address", "rank_secret")
+    __slots__ = ("plan_id", "replica_id", "group_rank", "role", "result", "message", "step", "bytes", "seconds", "phases", "address", "rank_secret", "blame")
     class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ROLE_UNSPECIFIED: _ClassVar[TransferReport.Role]
@@ -249,6 +263,7 @@ class TransferReport(_message.Message):
     PHASES_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RANK_SECRET_FIELD_NUMBER: _ClassVar[int]
+    BLAME_FIELD_NUMBER: _ClassVar[int]
     plan_id: int
     replica_id: str
     group_rank: int
@@ -261,7 +276,8 @@ class TransferReport(_message.Message):
     phases: _containers.ScalarMap[str, float]
     address: str
     rank_secret: str
-    def __init__(self, plan_id: _Optional[int] = ..., replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., role: _Optional[_Union[TransferReport.Role, str]] = ..., result: _Optional[str] = ..., message: _Optional[str] = ..., step: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., phases: _Optional[_Mapping[str, float]] = ..., address: _Optional[str] = ..., rank_secret: _Optional[str] = ...) -> None: ...
+    blame: str
+    def __init__(self, plan_id: _Optional[int] = ..., replica_id: _Optional[str] = ..., group_rank: _Optional[int] = ..., role: _Optional[_Union[TransferReport.Role, str]] = ..., result: _Optional[str] = ..., message: _Optional[str] = ..., step: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., phases: _Optional[_Mapping[str, float]] = ..., address: _Optional[str] = ..., rank_secret: _Optional[str] = ..., blame: _Optional[str] = ...) -> None: ...
 
 class ReportTransferResponse(_message.Message):
     __slots__ = ()
@@ -321,7 +337,7 @@ class ReplicaStatus(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., healthy: _Optional[bool] = ..., state: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ...) -> None: ...
 
 class PlanStatus(_message.Message):
-    __slots__ = ("plan_id", "joiner", "donor", "step", "state", "age_s", "ranks_done", "reason", "bytes", "recovery_s", "phases", "addresses", "attempt", "transfer_s")
+    __slots__ = ("plan_id", "joiner", "donor", "step", "state", "age_s", "ranks_done", "reason", "bytes", "recovery_s", "phases", "addresses", "attempt", "transfer_s", "donors")
     class PhasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -343,6 +359,7 @@ class PlanStatus(_message.Message):
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
+    DONORS_FIELD_NUMBER: _ClassVar[int]
     plan_id: int
     joiner: str
     donor: str
@@ -357,7 +374,20 @@ class PlanStatus(_message.Message):
     addresses: _containers.RepeatedScalarFieldContainer[str]
     attempt: int
     transfer_s: float
-    def __init__(self, plan_id: _Optional[int] = ..., joiner: _Optional[str] = ..., donor: _Optional[str] = ..., step: _Optional[int] = ..., state: _Optional[str] = ..., age_s: _Optional[float] = ..., ranks_done: _Optional[int] = ..., reason: _Optional[str] = ..., bytes: _Optional[int] = ..., recovery_s: _Optional[float] = ..., phases: _Optional[_Mapping[str, float]] = ..., addresses: _Optional[_Iterable[str]] = ..., attempt: _Optional[int] = ..., transfer_s: _Optional[float] = ...) -> None: ...
+    donors: _containers.RepeatedCompositeFieldContainer[PlanDonor]
+    def __init__(self, plan_id: _Optional[int] = ..., joiner: _Optional[str] = ..., donor: _Optional[str] = ..., step: _Optional[int] = ..., state: _Optional[str] = ..., age_s: _Optional[float] = ..., ranks_done: _Optional[int] = ..., reason: _Optional[str] = ..., bytes: _Optional[int] = ..., recovery_s: _Optional[float] = ..., phases: _Optional[_Mapping[str, float]] = ..., addresses: _Optional[_Iterable[str]] = ..., attempt: _Optional[int] = ..., transfer_s: _Optional[float] = ..., donors: _Optional[_Iterable[_Union[PlanDonor, _Mapping]]] = ...) -> None: ...
+
+class PlanDonor(_message.Message):
+    __slots__ = ("replica_id", "share", "bytes", "state")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    share: float
+    bytes: int
+    state: str
+    def __init__(self, replica_id: _Optional[str] = ..., share: _Optional[float] = ..., bytes: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("coordinator_id", "uptime_s", "replicas", "active", "recent", "next_page_token")

@@ -7,7 +7,10 @@ two-rank group of its own, as the agent's plans do.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -60,7 +63,7 @@ def _run(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store, case: str
         group = _pair(store, rank, rank)
         state = _state(0.0)
         step = 7
-        if case == "steps" and rank == 2:
+        if case in ("steps", "steps-any") and rank == 2:
             step = 8
         if case == "layout" and rank == 2:
             state["extra"] = torch.zeros(4)
@@ -83,14 +86,14 @@ def _run(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store, case: str
             [(g, 0) for g in groups],
             timeout=T,
             into=mine,
-            step=7,
+            step=None if case == "steps-any" else 7,
             shares=shares,
             config=MACS if case == "macs" else CONFIG,
             auth_keys=[KEY] * len(donors),
         )
     except TransferError as err:
         untouched = all(torch.equal(before[k], mine["model"][k]) for k in before)
-        return ("error", type(err).__name__, str(err), untouched)
+        return ("error", type(err).__name__, str(err), untouched, err.donor_index)
     assert got.step == 7
     return (
         "ok",
@@ -122,7 +125,10 @@ def test_shares_size_the_stripes() -> None:
 @pytest.mark.parametrize(
     ("case", "error"),
     [
-        ("steps", "DonorsDisagreeError"),
+        # Past the demanded step: an overshot fence (the plan is re-fenced wider).
+        ("steps", "StepMismatchError"),
+        # No step demanded, the donors at two: they cannot be mixed.
+        ("steps-any", "DonorsDisagreeError"),
         ("layout", "DonorsDisagreeError"),
         ("stranger", "UntrustedPeerError"),
     ],
@@ -131,9 +137,10 @@ def test_donors_that_disagree_or_cannot_prove_the_key_are_refused_before_any_wri
     case: str, error: str
 ) -> None:
     out = run_ranks(_run, 3, args=(case,))
-    kind, name, message, untouched = out[0]
+    kind, name, message, untouched, blamed = out[0]
     assert (kind, name) == ("error", error), message
     assert untouched, "the joiner's tensors were written"
+    assert blamed == 1, message  # the second donor (rank 2) is the odd one, and is named
     assert all(o[0] == "refused" for o in out[1:]), out[1:]
 
 
@@ -207,29 +214,63 @@ def _dies(rank: int, ws: int, pg: dist.ProcessGroup, store: dist.Store, mode: st
     config = TransferConfig(
         bucket_bytes=256 * 1024,
         direct_bytes=64 * 1024,
-        stall_timeout=timedelta(seconds=3),
+        # Probed: a stall bound far past what the test allows (the probe must end the wait).
+        stall_timeout=timedelta(seconds=60 if mode == "probed" else 3),
         checksums=mode == "resume-checked",
+        handshake_timeout=timedelta(seconds=5),
     )
     if rank != 0:
+        store.set(f"pid{rank}", str(os.getpid()))
         group: object = _pair(store, rank, rank)
+        if rank == 2 and mode == "vanish":  # its group formed; it dies before its offer
+            os.kill(os.getpid(), signal.SIGKILL)
         if rank == 2:
-            group = FaultyGroup(group, after=3, mode="kill")  # type: ignore[arg-type]
+            fault = "stop" if mode == "probed" else "kill"
+            group = FaultyGroup(group, after=3, mode=fault)  # type: ignore[arg-type]
         try:
             stats = send_state_dict(group, [1], _state(0.0), timeout=T, step=7, config=config)  # type: ignore[arg-type]
         except TransferError as err:
             return ("told", str(err))
         return ("sent", stats.bytes_sent)
     groups = [(_pair(store, d, rank), 0) for d in range(1, ws)]
+    probes = [_lives(int(store.get(f"pid{d}"))) for d in range(1, ws)]
     mine = _state(1000.0)
     t0 = time.monotonic()
     try:
         got = recv_state_dict_striped(
-            groups, timeout=T, into=mine, step=7, config=config, resume=resume
-        )
+            groups, timeout=T, into=mine, step=7, config=config, resume=resume,
+            alive=probes if mode == "probed" else None,
+        )  # fmt: skip
     except TransferError as err:
         return ("error", type(err).__name__, time.monotonic() - t0)
+    finally:
+        if mode == "probed":  # the stopped donor: its part came from the other
+            os.kill(int(store.get("pid2")), signal.SIGKILL)
     same = _same(mine["model"], _state(0.0)["model"]) and _same(got.state_dict, _state(0.0))
     return ("ok", same, got.stats.payload_bytes, time.monotonic() - t0)
+
+
+def _lives(pid: int) -> Callable[[], bool]:
+    """A probe of whether process ``pid`` runs (a killed, unreaped child is a zombie;
+    a stopped one, "T", answers nothing)."""
+
+    def probe() -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().rpartition(")")[2].split()[0] not in ("Z", "X", "T")
+        except OSError:
+            return False
+
+    return probe
+
+
+def test_a_probe_that_sees_a_donor_die_resumes_at_once_not_after_the_stall_bound() -> None:
+    """A donor frozen mid-stripe (SIGSTOP: its connections stay open, Gloo never wakes)
+    is seen by the probe; the stall bound is 60 s, its part comes from the other in seconds."""
+    out = run_ranks(_dies, 3, args=("probed",), allow_death=[2])
+    assert out[0][:2] == ("ok", True), out[0]
+    assert out[2] is None  # it died
+    assert out[0][3] < 15, out[0]
 
 
 def test_a_donor_dying_mid_stripe_fails_the_receive_within_the_stall_bound() -> None:
@@ -254,3 +295,14 @@ def test_a_donor_dying_mid_stripe_is_resumed_from_the_others_at_the_same_step(mo
     assert all(s > total / 3 for s in sent), (sent, total)
     if mode == "resume-checked":
         assert sum(sent) >= total, (sent, total)
+
+
+def test_a_donor_gone_before_its_offer_leaves_its_part_to_the_others() -> None:
+    """It died after its go, before a byte of its offer: the receive goes on without it."""
+    out = run_ranks(_dies, 3, args=("vanish",), allow_death=[2])
+    assert out[0][:2] == ("ok", True), out[0]
+    assert out[2] is None  # it died
+    total = out[0][2]
+    assert out[1][0] == "sent"
+    assert out[1][1] >= total, (out[1], total)  # all of it from rank 1
+    assert out[0][3] < 20, out[0]  # within the handshake bound (5 s), not the transfer's

@@ -184,10 +184,12 @@ def test_plan_pairs_rank_r_with_rank_r(members: Membership) -> None:
     joiner, views = _views(members)
     donor = choose_donor(joiner, views)
     assert donor is not None
-    plan = make_plan(7, joiner, donor)
-    assert (plan.plan_id, plan.joiner, plan.donor) == (7, "joiner", "donor")
-    assert [p.group_rank for p in plan.pairs] == [0, 1, 2]
-    assert [p.donor_rendezvous for p in plan.pairs] == [f"donor-{r}:29500" for r in range(3)]
+    plan = make_plan(7, joiner, [donor])
+    assert (plan.plan_id, plan.joiner, plan.donor, plan.striped) == (7, "joiner", "donor", False)
+    (stripe,) = plan.stripes
+    assert stripe.share == 1.0
+    assert [p.group_rank for p in stripe.pairs] == [0, 1, 2]
+    assert [p.donor_rendezvous for p in stripe.pairs] == [f"donor-{r}:29500" for r in range(3)]
 
 
 def test_fence_is_past_the_furthest_donor_rank() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from datetime import timedelta
 
@@ -17,6 +18,7 @@ from recoveryd.protocol import (
     Answer,
     Beat,
     ClusterStatus,
+    DonorShare,
     MemberInfo,
     Order,
     PlanSnapshot,
@@ -24,6 +26,7 @@ from recoveryd.protocol import (
     Registration,
     ReplicaStatus,
     Report,
+    StripeSource,
 )
 from recoveryd.sidecar.client import Attachment
 from recoveryd.v1 import coordinator_pb2 as pb
@@ -86,11 +89,24 @@ def test_every_type_survives_the_codec_both_ways() -> None:
         Answer(state="no_donor", reason="why", fresh=True),
         Answer(state="transfer", plan_id=2, donor="d", step=None, rendezvous="h:1", timeout_s=5),
         Answer(state="done", plan_id=2, donor="d", step=0),
+        Answer(
+            state="transfer",
+            plan_id=3,
+            donor="a",
+            step=9,
+            rendezvous="h:1",
+            rendezvous_prefix="p",
+            stripes=(
+                StripeSource(donor="a", rendezvous="h:1", rendezvous_prefix="p", share=0.75),
+                StripeSource(donor="b", rendezvous="h:2", rendezvous_prefix="p/d1", share=0.25),
+            ),
+        ),
     ):
         assert codec.answer_from_pb(_wire(codec.answer_to_pb(answer))) == answer  # type: ignore[arg-type]
     report = Report(
         plan_id=2, replica_id="j", group_rank=0, role="joiner", result="step_mismatch",
         message="m", step=12, bytes=10, seconds=0.5, phases={"data": 0.25}, address="10.0.0.2",
+        blame="d2",
     )  # fmt: skip
     assert codec.report_from_pb(_wire(codec.report_to_pb(report))) == report  # type: ignore[arg-type]
     status = ClusterStatus(
@@ -118,7 +134,16 @@ def test_every_type_survives_the_codec_both_ways() -> None:
             )
         ],
         active=[_SNAPSHOT],
-        recent=[],
+        recent=[
+            dataclasses.replace(
+                _SNAPSHOT,
+                plan_id=7002,
+                donors=(
+                    DonorShare(replica_id="d", share=0.5, bytes=10, state="ok"),
+                    DonorShare(replica_id="e", share=0.5, bytes=3, state="lost"),
+                ),
+            )
+        ],
     )
     assert codec.status_from_pb(_wire(codec.status_to_pb(status))) == status  # type: ignore[arg-type]
 
@@ -205,3 +230,56 @@ def _instance_attributes(cls: type) -> set[str]:
         for line in src.splitlines()
         if line.strip().startswith("self.")
     }
+
+
+@pytest.mark.parametrize(
+    ("stripes", "why"),
+    [
+        ([("a", 1.0)] * 2, "each donor once"),
+        ([("a", 1.0), ("b", float("nan"))], "finite and positive"),
+        ([("a", 1.0), ("b", 0.0)], "finite and positive"),
+        ([(f"d{k}", 1.0) for k in range(17)], "at most 16"),
+    ],
+)
+def test_a_striped_answer_the_joiner_cannot_follow_is_refused(
+    stripes: list[tuple[str, float]], why: str
+) -> None:
+    msg = pb.RecoverResponse(state=pb.RecoverResponse.TRANSFER, plan_id=1, donor="a")
+    for donor, share in stripes:
+        msg.stripes.add(donor=donor, rendezvous="h:1", rendezvous_prefix="p", share=share)
+    with pytest.raises(ConfigError, match=why):
+        codec.answer_from_pb(msg)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("seconds", float("inf")), ("seconds", -1.0), ("data", float("nan")), ("data", -1e-9)],
+)
+def test_a_report_with_a_time_that_is_no_time_is_refused(field: str, value: float) -> None:
+    """Its numbers feed the donors' bandwidth (and so the shares of later plans)."""
+    msg = codec.report_to_pb(
+        Report(plan_id=1, replica_id="d", group_rank=0, role="donor", result="ok", bytes=1 << 30)
+    )
+    if field == "seconds":
+        msg.seconds = value
+    else:
+        msg.phases[field] = value
+    with pytest.raises(ConfigError, match=field):
+        codec.report_from_pb(msg)
+
+
+def test_a_striped_answer_must_start_with_the_donor_it_names() -> None:
+    msg = pb.RecoverResponse(state=pb.RecoverResponse.TRANSFER, plan_id=1, donor="a")
+    for donor in ("b", "a"):
+        msg.stripes.add(donor=donor, rendezvous="h:1", rendezvous_prefix="p", share=1.0)
+    with pytest.raises(ConfigError, match="must start with the donor named"):
+        codec.answer_from_pb(msg)
+
+
+def test_a_report_blaming_an_unprintable_name_is_refused() -> None:
+    msg = codec.report_to_pb(
+        Report(plan_id=1, replica_id="j", group_rank=0, role="joiner", result="error")
+    )
+    msg.blame = "bad name"
+    with pytest.raises(ConfigError, match="blame"):
+        codec.report_from_pb(msg)
