@@ -456,6 +456,11 @@ time.sleep(120)
 """
 
 
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rpartition(")")[2].split()[0]
+
+
 def test_reads_of_a_silent_donor_store_end_at_their_bound() -> None:
     """A TCPStore read on a peer that stops answering (here: SIGSTOPped) has no deadline of
     its own; the joiner's bounded reads give up after theirs (no namespaces needed)."""
@@ -471,6 +476,10 @@ def test_reads_of_a_silent_donor_store_end_at_their_bound() -> None:
         store = connect_store(f"127.0.0.1:{port}", timeout=timedelta(seconds=5))
         assert read_go(store, "p", b"", timeout=timedelta(seconds=5)) == "unset"
         os.kill(host.pid, signal.SIGSTOP)
+        end = time.monotonic() + 10
+        while _proc_state(host.pid) != "T":  # the signal lands when it is next scheduled
+            assert time.monotonic() < end, "the store host did not stop"
+            time.sleep(0.01)
         t0 = time.monotonic()
         with pytest.raises(TransferTimeoutError, match="no answer within 1 s"):
             read_go(store, "p", b"", timeout=timedelta(seconds=1))
