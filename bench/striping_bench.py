@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -79,7 +79,7 @@ def _donor(ns: str, k: int, host: str, joiner: str, mib: int, rounds: list[str],
     """A donor taking part in ``rounds`` (``"n:mode"`` each, as the joiner schedules them)."""
     netlab.enter(ns)
     torch.set_num_threads(1)
-    own = dist.TCPStore(host, WATCH_PORT, None, True, T, wait_for_workers=False)
+    _own = dist.TCPStore(host, WATCH_PORT, None, True, T, wait_for_workers=False)  # watched
     store = dist.TCPStore(joiner, PORT, None, False, T)
     group = _pair(store, f"pair{k}", 0, host)
     state = _state(mib, 0.0)
@@ -93,14 +93,14 @@ def _donor(ns: str, k: int, host: str, joiner: str, mib: int, rounds: list[str],
                 pass
             store.add(f"done{r}", 1)
     q.put(("donor", k, "finished"))
-    _exit(q, own)
+    _exit(q)  # its store stays open to the end
 
 
 def _killed(ns: str, host: str, joiner: str, mib: int, r: int, after_s: float) -> None:
     """Donor 3 of a kill round: SIGKILLed ``after_s`` into its send (half its stripe's time)."""
     netlab.enter(ns)
     torch.set_num_threads(1)
-    own = dist.TCPStore(host, WATCH_PORT + 1 + r, None, True, T, wait_for_workers=False)
+    _own = dist.TCPStore(host, WATCH_PORT + 1 + r, None, True, T, wait_for_workers=False)
     store = dist.TCPStore(joiner, PORT, None, False, T)
     group = _pair(store, f"pair2-r{r}", 0, host)
     state = _state(mib, 0.0)
@@ -111,7 +111,7 @@ def _killed(ns: str, host: str, joiner: str, mib: int, r: int, after_s: float) -
     timer = threading.Timer(after_s, lambda: os.kill(os.getpid(), signal.SIGKILL))
     timer.start()
     send_state_dict(group, [1], state, timeout=T, step=1, config=_config())
-    del own  # not reached: it is killed
+    _exit(None)  # not reached when the kill lands in time
 
 
 def _joiner(
@@ -160,15 +160,16 @@ def _joiner(
         while survivors and store.add(f"done{r}", 0) < survivors and time.monotonic() < end:
             time.sleep(0.005)
     q.put(("joiner", 0, "finished"))
-    _exit(q, theirs)
+    _exit(q)
 
 
-def _exit(q: Any, keep: object) -> None:
-    """Ends the process once the queue is flushed, skipping the stores' destructors
-    (a store server torn down under its clients' threads aborts the process)."""
-    q.close()
-    q.join_thread()
-    del keep
+def _exit(q: Any | None) -> NoReturn:
+    """Ends the process once the queue (if any) is flushed, without running the stores'
+    destructors (a store server torn down under its clients' threads aborts the
+    process with "terminate called without an active exception")."""
+    if q is not None:
+        q.close()
+        q.join_thread()
     os._exit(0)
 
 
