@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from recoveryd._threads import each
 from recoveryd._time import Deadline
 from recoveryd.agent.rendezvous import (
     JOINER_RANK,
@@ -134,11 +134,8 @@ def form(
         FormError: a donor's group could not be formed (the others are dropped).
     """
     sources = ans.sources()
-    out: list[Part | BaseException | None] = [None] * len(sources)
 
-    def one(k: int) -> None:
-        src = sources[k]
-
+    def one(src: StripeSource) -> Part:
         def make() -> tuple[dist.Store, dist.ProcessGroup]:
             store = connect_store(src.rendezvous, timeout=within)
             group = open_group(
@@ -147,36 +144,18 @@ def form(
             )  # fmt: skip
             return store, group
 
-        try:
-            store, group = bounded(
-                make, within, f"forming the plan's group on {src.donor!r}'s store"
-            )
-            out[k] = Part(source=src, group=group, store=store)
-        except BaseException as err:  # raised below, naming the donor
-            out[k] = err
+        store, group = bounded(make, within, f"forming the plan's group on {src.donor!r}'s store")
+        return Part(source=src, group=group, store=store)
 
-    _parallel([lambda k=k: one(k) for k in range(len(sources))])  # type: ignore[misc]
-    parts = [p for p in out if isinstance(p, Part)]
-    for k, got in enumerate(out):
-        if not isinstance(got, Part):
+    made = each([lambda src=src: one(src) for src in sources], "recoveryd-form")  # type: ignore[misc]
+    parts = [p for p, _ in made if p is not None]
+    for src, (_, err) in zip(sources, made, strict=True):
+        if err is not None:
             joined = Joined(plan_id=ans.plan_id, key=ans.plan_key, parts=parts, at=0.0)
             for p in parts:
                 joined.drop(p, "another donor's group failed", graveyard, tell=True)
-            err = got if got is not None else RuntimeError("no result")
-            raise FormError(sources[k].donor, err) from err
+            raise FormError(src.donor, err) from err
     return parts
-
-
-def _parallel(calls: list[Callable[[], None]]) -> None:
-    """Runs the calls in threads and waits for all (each bounds itself)."""
-    if len(calls) == 1:
-        calls[0]()
-        return
-    threads = [threading.Thread(target=c, name="recoveryd-form", daemon=True) for c in calls]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
 
 
 def await_go(

@@ -20,13 +20,13 @@ over all of them:
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
+from recoveryd._threads import each
 from recoveryd._time import Deadline
 from recoveryd.errors import (
     ConfigError,
@@ -54,28 +54,8 @@ from recoveryd.transport.stats import PhaseClock, ReceivedState, TransferStats
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 MAX_DONORS = 16
 """Most donors one striped receive takes (one thread and one group each)."""
-
-
-def _each(fns: Sequence[Callable[[], T]]) -> list[tuple[T | None, BaseException | None]]:
-    """Runs the calls in parallel threads; returns each one's value or error, in order."""
-    out: list[tuple[T | None, BaseException | None]] = [(None, None)] * len(fns)
-
-    def run(k: int) -> None:
-        try:
-            out[k] = (fns[k](), None)
-        except BaseException as err:  # handed to the caller
-            out[k] = (None, err)
-
-    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(len(fns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()  # every call waits under the transfer's deadline
-    return out
 
 
 @gc_paused()
@@ -157,7 +137,7 @@ def recv_state_dict_striped(
             keys = _auth.prove_to_donor(wires[k], srcs[k], key, demanded, cap)
         return hs.recv_offer(wires[k], srcs[k], config, keys, demanded), keys
 
-    offers = _each([lambda k=k: offer(k) for k in range(n)])  # type: ignore[misc]
+    offers = each([lambda k=k: offer(k) for k in range(n)])  # type: ignore[misc]
     failed = [(k, err) for k, (_, err) in enumerate(offers) if err is not None]
     # A donor gone before its offer (it died after its go) leaves its part to the others.
     gone = {k for k, err in failed if resume and _vanished(err)} if len(failed) < n else set()
@@ -243,7 +223,7 @@ def recv_state_dict_striped(
             )
             trail(k, _stream(wires[k], plan, run, macs[k], srcs[k]))
 
-        streamed: list[tuple[object, BaseException | None]] = _each(
+        streamed: list[tuple[object, BaseException | None]] = each(
             [lambda k=k: stream(k) for k in range(n)]  # type: ignore[misc]
         )
         broken = [(k, e) for k, (_, e) in enumerate(streamed) if e is not None]
@@ -270,7 +250,7 @@ def recv_state_dict_striped(
                     for j, p in zip(survivors, parts, strict=True)
                     if p
                 ]
-                again: list[tuple[object, BaseException | None]] = _each(
+                again: list[tuple[object, BaseException | None]] = each(
                     [lambda j=j, r=r: more(j, r) for j, r in asked]  # type: ignore[misc]
                 )
                 for (j, _), (_, again_err) in zip(asked, again, strict=True):

@@ -169,13 +169,12 @@ def _steps(
     ]
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[Net]:
-    why = netlab.unavailable()
-    if why is not None:
-        pytest.skip(why)
-    lab = NetLab(["ctl", "a", "b", "c"])
-    tmp = tempfile.mkdtemp(prefix="recoveryd-netlab-")
+def start_coordinator(
+    lab: NetLab, tmp: str, *flags: str
+) -> tuple[subprocess.Popen[bytes], str, str]:
+    """The coordinator in namespace ``ctl``, with a token of its own in ``tmp`` and the
+    matrix's short deadlines (``flags``: more of its options), once it serves; returns
+    it, its address and the token file."""
     token_file = os.path.join(tmp, "token")
     fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -185,21 +184,41 @@ def net() -> Iterator[Net]:
     argv = [sys.executable, "-m", "recoveryd", "--log-level", "INFO", "coordinator"]
     argv += ["--bind", address, "--token-file", token_file, "--heartbeat-interval", "0.5"]
     argv += ["--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S), "--transfer-timeout", "60"]
-    argv += ["--warmup", "1", "--metrics-port", "-1"]
+    argv += ["--warmup", "1", "--metrics-port", "-1", *flags]
     with open(log_path, "wb") as log:
         coord = lab.popen("ctl", argv, stdout=log, stderr=subprocess.STDOUT)
-
-    def logged() -> str:
+    end = time.monotonic() + 60
+    while True:
         with open(log_path, "rb") as f:
-            return f.read().decode(errors="replace")
+            logged = f.read().decode(errors="replace")
+        if "serving on" in logged:
+            return coord, address, token_file
+        if coord.poll() is not None or time.monotonic() > end:
+            stop_coordinator(coord)
+            raise AssertionError(f"the coordinator did not start:\n{logged[-2000:]}")
+        time.sleep(0.1)
 
+
+def stop_coordinator(coord: subprocess.Popen[bytes]) -> None:
+    coord.terminate()
+    try:
+        coord.wait(15)
+    except subprocess.TimeoutExpired:
+        coord.kill()
+        coord.wait(5)
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[Net]:
+    why = netlab.unavailable()
+    if why is not None:
+        pytest.skip(why)
+    lab = NetLab(["ctl", "a", "b", "c"])
+    tmp = tempfile.mkdtemp(prefix="recoveryd-netlab-")
+    coord = None
     cluster = None
     try:
-        end = time.monotonic() + 60
-        while "serving on" not in logged():
-            assert coord.poll() is None, logged()[-2000:]
-            assert time.monotonic() < end, "the coordinator did not start"
-            time.sleep(0.1)
+        coord, address, token_file = start_coordinator(lab, tmp)
         cluster = LocalCluster(coordinator=address, token_file=token_file, **SPEC)
         for d in ("a", "b"):
             cluster.start_replica(d, 1, netns=lab.namespace(d), host=lab.address(d), env=ENV)
@@ -212,12 +231,8 @@ def net() -> Iterator[Net]:
     finally:
         if cluster is not None:
             cluster.close()
-        coord.terminate()
-        try:
-            coord.wait(15)
-        except subprocess.TimeoutExpired:
-            coord.kill()
-            coord.wait(5)
+        if coord is not None:
+            stop_coordinator(coord)
         lab.close()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -12,11 +12,7 @@ namespaces cannot be made.
 
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -26,33 +22,16 @@ import pytest
 from recoveryd.demo.cluster import LocalCluster
 from recoveryd.testing import netlab
 from recoveryd.testing.netlab import NetLab
-from tests.integration.test_network_faults import ENV, SLOW, SPEC, WAIT
+from tests.integration.test_network_faults import (
+    ENV,
+    SLOW,
+    SPEC,
+    WAIT,
+    start_coordinator,
+    stop_coordinator,
+)
 
 pytestmark = pytest.mark.integration
-
-
-def _coordinator(lab: NetLab, tmp: str) -> tuple[subprocess.Popen[bytes], str, str]:
-    token_file = os.path.join(tmp, "token")
-    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32) + "\n")
-    address = f"{lab.address('ctl')}:29400"
-    log_path = os.path.join(tmp, "coordinator.log")
-    argv = [sys.executable, "-m", "recoveryd", "--log-level", "INFO", "coordinator"]
-    argv += ["--bind", address, "--token-file", token_file, "--heartbeat-interval", "0.5"]
-    argv += ["--heartbeat-timeout", "3", "--transfer-timeout", "60", "--max-donors", "2"]
-    argv += ["--warmup", "1", "--metrics-port", "-1"]
-    with open(log_path, "wb") as log:
-        coord = lab.popen("ctl", argv, stdout=log, stderr=subprocess.STDOUT)
-    end = time.monotonic() + 60
-    while True:
-        with open(log_path, "rb") as f:
-            text = f.read().decode(errors="replace")
-        if "serving on" in text:
-            return coord, address, token_file
-        assert coord.poll() is None, text[-2000:]
-        assert time.monotonic() < end, "the coordinator did not start"
-        time.sleep(0.1)
 
 
 def test_a_striped_donor_blackholed_midway_costs_only_its_part() -> None:
@@ -64,7 +43,7 @@ def test_a_striped_donor_blackholed_midway_costs_only_its_part() -> None:
     coord = None
     cluster = None
     try:
-        coord, address, token_file = _coordinator(lab, tmp)
+        coord, address, token_file = start_coordinator(lab, tmp, "--max-donors", "2")
         cluster = LocalCluster(coordinator=address, token_file=token_file, **SPEC)
 
         def start(replica: str) -> None:
@@ -114,11 +93,6 @@ def test_a_striped_donor_blackholed_midway_costs_only_its_part() -> None:
         if cluster is not None:
             cluster.close()
         if coord is not None:
-            coord.terminate()
-            try:
-                coord.wait(15)
-            except subprocess.TimeoutExpired:
-                coord.kill()
-                coord.wait(5)
+            stop_coordinator(coord)
         lab.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -23,7 +23,7 @@ MAX_LINES = 450
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "generated": ("recoveryd.v1",),
     "errors": ("recoveryd.errors",),
-    "base": ("recoveryd._time", "recoveryd._format", "recoveryd._version"),
+    "base": ("recoveryd._time", "recoveryd._format", "recoveryd._version", "recoveryd._threads"),
     "transport": ("recoveryd.transport",),
     "protocol": ("recoveryd.protocol", "recoveryd.codec", "recoveryd.credentials"),
     "metrics": ("recoveryd.metrics",),
