@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from recoveryd.errors import UnsupportedValueError
 from recoveryd.transport import _dtypes
-from recoveryd.transport._pieces import byte_view
+from recoveryd.transport._pieces import Message, byte_view
 from recoveryd.transport._sharding import (
     LocalDTensor,
     LocalShardedTensor,
@@ -58,6 +58,8 @@ class Span:
     base: int
     lo: int
     nbytes: int
+    leaf: int = -1
+    """The manifest index of ``owner``; -1 when ``owner`` is a copy made for the send."""
 
     @property
     def device(self) -> torch.device:
@@ -75,6 +77,8 @@ class SendPlan:
     manifest: pb.Manifest
     spans: list[Span]
     payload_bytes: int
+    messages: list[Message] | None = None
+    """The messages cut over the spans, when already known (a layout seen before)."""
 
 
 @dataclass(slots=True)
@@ -84,6 +88,7 @@ class _Leaf:
     base: int  # address of the storage's first byte
     lo: int  # byte extent within its storage
     hi: int
+    own: bool = True  # the state's own tensor, not a copy made for the send
 
 
 def _extent(t: torch.Tensor) -> tuple[int, int]:
@@ -157,7 +162,7 @@ class _Walker:
         else:
             self.kinds.append(NODE_VALUE)
             self.args.append(len(self.m.values))
-            _value(self.m.values.add(), obj, path)
+            encode_value(self.m.values.add(), obj, path)
 
     def _tensor(self, t: torch.Tensor, path: list[object]) -> int:
         if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
@@ -168,9 +173,11 @@ class _Walker:
         index = len(self.tensors)
         requires_grad = t.requires_grad
         is_parameter = type(t) is torch.nn.Parameter
+        own = True  # whether t is the state's own tensor (not a copy made here)
         if t.is_conj() or t.is_neg():
             # Lazy conjugate/negative views: their storage holds the other values.
             t = t.detach().resolve_conj().resolve_neg().contiguous()
+            own = False
         itemsize = t.element_size()
         nbytes = t.numel() * itemsize
         contiguous = t.is_contiguous()
@@ -180,16 +187,16 @@ class _Walker:
         else:
             lo, hi = _extent(t)
         if nbytes == 0:
-            self.dense.append(_Leaf(t, index, t.data_ptr(), 0, 0))
+            self.dense.append(_Leaf(t, index, t.data_ptr(), 0, 0, own))
         elif (hi - lo > _GAPPY_RATIO * nbytes and hi - lo > 64 * 1024) or (
             not contiguous and not one_to_one(tuple(t.shape), t.stride())
         ):
             t = t.detach().contiguous()
-            self.dense.append(_Leaf(t, index, t.data_ptr(), 0, nbytes))
+            self.dense.append(_Leaf(t, index, t.data_ptr(), 0, nbytes, own=False))
         else:
             # The storage's own address, without building a storage object per tensor.
             base = t.data_ptr() - lo
-            leaf = _Leaf(t, index, base, lo, hi)
+            leaf = _Leaf(t, index, base, lo, hi, own)
             key = (t.get_device(), base)
             group = self.by_storage.get(key)
             if group is None:
@@ -224,7 +231,12 @@ class _Walker:
             meta.local_tensor.append(self._tensor(local, [*path, f"<shard {j}>"]))
 
 
-def _value(out: pb.Value, v: object, path: list[object]) -> None:
+def encode_value(out: pb.Value, v: object, path: list[object]) -> None:
+    """Writes a plain value into ``out``.
+
+    Raises:
+        UnsupportedValueError: a value the manifest cannot carry, naming ``path``.
+    """
     kind = type(v)
     if v is None:
         out.none = True
@@ -310,7 +322,7 @@ def build_plan(
             # A leaf's extent starts at its storage offset (strides are never negative).
             storage_of[leaf.index] = len(spans)
             offset_of[leaf.index] = leaf.lo - lo
-        spans.append(Span(first.tensor, first.base, lo, hi - lo))
+        spans.append(Span(first.tensor, first.base, lo, hi - lo, first.index if first.own else -1))
         span_sizes.append(hi - lo)
     m.node_kind.extend(w.kinds)  # type: ignore[arg-type]
     m.node_arg.extend(w.args)

@@ -253,15 +253,16 @@ def place_in_place(
     dst: dict[int, torch.Tensor],
     arena: Arena,
     reserve: Callable[[int], None],
-) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, int]]]:
+) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, int]], list[bool]]:
     """Chooses, per span, the joiner's own memory (same layout) or scratch plus copies.
 
     ``reserve`` is called with the scratch's total before any of it is
     allocated (it raises when that is over the joiner's limit).
 
     Returns:
-        One buffer per span, and the (joiner tensor, manifest tensor) pairs
-        to copy out of scratch once the data is in (see :func:`copy_into`).
+        One buffer per span, the (joiner tensor, manifest tensor) pairs to
+        copy out of scratch once the data is in (see :func:`copy_into`), and
+        per span whether its buffer is the joiner's own memory.
     """
     by_span: list[list[int]] = [[] for _ in sizes]
     for i, spec in enumerate(tensors):
@@ -277,7 +278,7 @@ def place_in_place(
             target = arena.empty(sizes[s])
             copies.extend((dst[i], i) for i in by_span[s])
         targets.append(target)
-    return targets, copies
+    return targets, copies, [t is not None for t in mine]
 
 
 def writable(t: torch.Tensor) -> torch.Tensor | None:

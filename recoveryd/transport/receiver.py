@@ -34,7 +34,7 @@ from recoveryd.transport import _wire as w
 from recoveryd.transport import format as f
 from recoveryd.transport._allocating import allocate_targets, rebuild_allocated
 from recoveryd.transport._gc import gc_paused
-from recoveryd.transport._inplace import copy_into, match_in_place, place_in_place
+from recoveryd.transport._inplace import copy_into
 from recoveryd.transport._memory import Arena, Prefaulter, alloc_limit
 from recoveryd.transport._pieces import (
     WINDOW,
@@ -43,18 +43,12 @@ from recoveryd.transport._pieces import (
     Staging,
     copies_done,
     cuda_devices,
-    cut,
     landing_in_place,
     scatter,
     synchronize,
 )
-from recoveryd.transport._validate import (
-    TensorSpec,
-    check_chain,
-    check_manifest,
-    check_packing,
-    decode_tensors,
-)
+from recoveryd.transport._reuse import place, validate
+from recoveryd.transport._validate import TensorSpec, check_chain
 from recoveryd.transport._wire import Group
 from recoveryd.transport.config import TransferConfig
 from recoveryd.transport.stats import PhaseClock, ReceivedState, TransferStats, checksum
@@ -220,6 +214,9 @@ class _RecvPlan:
     """The GPUs bytes land on (none: all in host memory)."""
     macs: _auth.StreamKeys | None = None
     """The keys data messages are MAC'd under (``None``: not MAC'd)."""
+    addresses: list[int] | None = None
+    """Per span, the host address its bytes go to, when known without a view (a layout
+    seen before, in place): staged messages are scattered by address."""
 
     def copy_out(self) -> None:
         """Copies tensors laid out unlike the donor's out of scratch into the joiner's."""
@@ -282,25 +279,23 @@ def _prepare(
     the joiner's, plus two staging buffers of the largest message) is checked
     against ``max_alloc_bytes`` first.
     """
-    tensors = decode_tensors(m)
-    check_manifest(m, tensors)
+    layout = validate(m, reuse=config.reuse_layouts)
+    tensors, sizes, messages = layout.tensors, layout.sizes, layout.messages
     chain = list(m.chain)
     check_chain(chain, src, me, world)
     sent_step = m.step if m.HasField("step") else None
     if step is not None and sent_step != step:
         raise StepMismatchError(step, sent_step, peer_rank=src)
-    sizes = list(m.storage_nbytes)
     total = sum(sizes)
     if total > config.max_state_bytes:
         raise ManifestError(
             f"rank {src} announces {total} bytes of state, over this joiner's limit "
             f"of {config.max_state_bytes} (RECOVERYD_MAX_STATE_BYTES)"
         )
-    messages = cut(sizes, list(m.message_nbytes))
-    check_packing(messages, sizes)
     arena = Arena(hugepages=config.hugepages)
     copies: list[tuple[torch.Tensor, int]] = []
     targets: Buffers
+    addresses: list[int] | None = None
     staging = 2 * max(m.message_nbytes, default=0)  # at most: most messages land in place
     if into.state is None:
         limit = alloc_limit(config.max_alloc_bytes, into.device)
@@ -314,21 +309,37 @@ def _prepare(
         state = rebuild_allocated(m, tensors, spans, into.mesh, into.shard_group)
         gpus = cuda_devices([into.device])
     else:
-        dst, state = match_in_place(m, tensors, into.state)
         limit = alloc_limit(config.max_alloc_bytes, torch.device("cpu"))
 
         def reserve(n: int) -> None:
             limit.check(n + staging, src, f"{n} bytes of scratch, and staging")
 
-        mine, copies = place_in_place(tensors, sizes, dst, arena, reserve)
-        landing = landing_in_place(messages, mine)
-        targets = mine
-        gpus = cuda_devices(t.device for t in mine)
+        placed = place(m, layout, into.state, arena, reserve)
+        state, targets, copies, addresses = (
+            placed.state,
+            placed.targets,
+            placed.copies,
+            placed.addresses,
+        )
+        landing = landing_in_place(messages, targets)
+        gpus = () if addresses is not None else cuda_devices(t.device for t in placed.views())
     pos = chain.index(me)
     pred = src if m.star else chain[pos - 1]
     succ = None if m.star or pos + 1 == len(chain) else chain[pos + 1]
     return _RecvPlan(
-        m, tensors, sizes, messages, targets, landing, copies, state, sent_step, pred, succ, gpus
+        m,
+        tensors,
+        sizes,
+        messages,
+        targets,
+        landing,
+        copies,
+        state,
+        sent_step,
+        pred,
+        succ,
+        gpus,
+        addresses=addresses,
     )
 
 
@@ -377,7 +388,7 @@ def _stream(
             hashes.append(checksum(buf))
         copied: list[Any] = []
         if pooled is not None:
-            scatter(m, buf, targets, asynchronous=staging.pinned)
+            scatter(m, buf, targets, asynchronous=staging.pinned, addresses=plan.addresses)
             if staging.pinned:
                 copied = copies_done(plan.gpus)
         if arrived is not None:

@@ -23,7 +23,7 @@ from recoveryd.transport import _auth
 from recoveryd.transport import _stripes as stripes
 from recoveryd.transport import _wire as w
 from recoveryd.transport import format as f
-from recoveryd.transport._flatten import SendPlan, build_plan
+from recoveryd.transport._flatten import SendPlan
 from recoveryd.transport._gc import gc_paused
 from recoveryd.transport._pieces import (
     WINDOW,
@@ -34,6 +34,7 @@ from recoveryd.transport._pieces import (
     cuda_devices,
     cut,
 )
+from recoveryd.transport._reuse import plan_send
 from recoveryd.transport._wire import Group
 from recoveryd.transport.config import TransferConfig
 from recoveryd.transport.stats import PhaseClock, TransferStats, checksum
@@ -114,13 +115,14 @@ def send_state_dict(
         macs = macs and dev.type == "cpu"  # GPU wires: the bytes never reach the host
     checksums = config.checksums and dev.type == "cpu" and not macs  # a MAC is a checksum too
     try:
-        plan = build_plan(
+        plan, remember = plan_send(
             state_dict,
             step=step,
             chain=[me, *dst],
             bucket_bytes=config.bucket_bytes,
             direct_bytes=min(config.direct_bytes, config.bucket_bytes),
             checksums=checksums,
+            reuse=config.reuse_layouts,
         )
     except BaseException:
         # Tell the joiners now, rather than leave them to their timeout.
@@ -132,6 +134,11 @@ def send_state_dict(
     streamer = _Streamer(wire, plan, checksums, keys if macs else None)
     offered = _offer(wire, dst, blob, keys, macs)
     streamer.prepack()  # while the joiners validate the manifest
+    if remember is not None:
+        try:
+            remember()  # so does this
+        except Exception as e:  # only a later send's speed-up is lost
+            logger.warning("could not remember this state's plan for its next send: %r", e)
     run = _settle(wire, dst, offered, config.handshake_timeout, len(plan.manifest.message_nbytes))
     clock.mark("handshake")
     wire.abandoned = None  # from here on the joiners are streaming: the stall bound applies
@@ -323,7 +330,9 @@ class _Streamer:
         self._spans = plan.spans
         self._checksums = checksums
         self._macs = macs
-        self._messages = cut([s.nbytes for s in self._spans], list(plan.manifest.message_nbytes))
+        self._messages = plan.messages or cut(
+            [s.nbytes for s in self._spans], list(plan.manifest.message_nbytes)
+        )
         staged = max(
             (m.nbytes for m in self._messages if not self._zero_copy(m)),
             default=0,

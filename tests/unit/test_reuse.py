@@ -1,0 +1,224 @@
+"""Plans and checks reused for a layout seen before: the same result as working them out afresh."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from recoveryd.errors import ManifestError, StateMismatchError, UnsupportedValueError
+from recoveryd.transport import _reuse
+from recoveryd.transport._flatten import SendPlan, build_plan
+from recoveryd.transport._layout import layout_digest, skeleton, tensor_facts
+from recoveryd.transport._memory import Arena
+from recoveryd.v1 import manifest_pb2 as pb
+from tests.statedicts import every_kind
+
+_CUT = {"bucket_bytes": 4096, "direct_bytes": 1024, "checksums": False}
+
+
+def _plan(state: object, step: int = 3) -> tuple[SendPlan, bool]:
+    """plan_send's plan (remembering it at once, as a send does), and whether it was reused."""
+    hits = _reuse.PLANS.hits
+    plan, remember = _reuse.plan_send(state, step=step, chain=[0, 1], reuse=True, **_CUT)  # type: ignore[arg-type]
+    if remember is not None:
+        remember()
+    return plan, _reuse.PLANS.hits > hits
+
+
+def _fresh(state: object, step: int = 3) -> SendPlan:
+    return build_plan(state, step=step, chain=[0, 1], **_CUT)  # type: ignore[arg-type]
+
+
+def _same_plan(a: SendPlan, b: SendPlan) -> None:
+    assert a.manifest.SerializeToString(deterministic=True) == b.manifest.SerializeToString(
+        deterministic=True
+    )
+    assert [(s.base, s.lo, s.nbytes) for s in a.spans] == [
+        (s.base, s.lo, s.nbytes) for s in b.spans
+    ]
+    assert all(x.owner is y.owner for x, y in zip(a.spans, b.spans, strict=True))
+    assert a.payload_bytes == b.payload_bytes
+
+
+def _plain_kinds() -> dict[str, object]:
+    """every_kind without the tensors a donor sends as copies (they are never reused)."""
+    return every_kind(seed=5)
+
+
+def test_a_state_sent_again_reuses_the_plan_and_it_is_the_plan_built_afresh() -> None:
+    _reuse.PLANS.clear()
+    state = _plain_kinds()
+    _, reused = _plan(state)
+    assert not reused
+    again, reused = _plan(state, step=4)
+    assert reused
+    _same_plan(again, _fresh(state, step=4))
+    # New values (the numbers a training step changes) go out; the layout is kept.
+    state["values"]["neg"] = -6  # type: ignore[index]
+    state["optim"]["param_groups"][0]["lr"] = 0.05  # type: ignore[index]
+    flat = state["flat"]
+    assert isinstance(flat, torch.Tensor)
+    flat.add_(1.0)
+    third, reused = _plan(state, step=5)
+    assert reused
+    _same_plan(third, _fresh(state, step=5))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "resize",
+        "set_storage",
+        "replace",
+        "requires_grad",
+        "dtype_via_data",
+        "key_type",
+        "value_type",
+        "new_key",
+        "container_kind",
+    ],
+)
+def test_any_change_of_layout_is_worked_out_afresh(change: str) -> None:
+    _reuse.PLANS.clear()
+    state: dict[object, object] = {
+        "w": torch.randn(4, 3),
+        "b": torch.randn(3),
+        1: {"step": 7, "t": torch.arange(5.0)},
+    }
+    _plan(state)
+    _, reused = _plan(state)
+    assert reused
+    w = state["w"]
+    assert isinstance(w, torch.Tensor)
+    if change == "resize":
+        w.resize_(6, 3)  # same object, a new allocation
+    elif change == "set_storage":
+        w.set_(torch.randn(4, 3).untyped_storage(), 0, (4, 3), (3, 1))
+    elif change == "replace":
+        state["w"] = torch.randn(4, 3)
+    elif change == "requires_grad":
+        w.requires_grad_(True)
+    elif change == "dtype_via_data":
+        w.data = torch.randn(4, 3, dtype=torch.float64)
+    elif change == "key_type":
+        del state[1]
+        state[1.0] = {"step": 7, "t": torch.arange(5.0)}  # 1.0 == 1, a different state
+    elif change == "value_type":
+        state[1]["step"] = 7.0  # type: ignore[index]
+    elif change == "new_key":
+        state["extra"] = torch.zeros(2)
+    elif change == "container_kind":
+        state[1] = OrderedDict(state[1])  # type: ignore[call-overload]
+    if change == "key_type":
+        with pytest.raises(UnsupportedValueError):
+            _plan(state)
+        return
+    plan, reused = _plan(state)
+    assert not reused
+    _same_plan(plan, _fresh(state))
+
+
+def test_copies_made_for_a_send_are_never_remembered() -> None:
+    _reuse.PLANS.clear()
+    z = torch.randn(3, dtype=torch.complex64)
+    state = {"conj": z.conj(), "gappy": torch.randn(64, 1024)[:, ::512]}
+    _plan(state)
+    _, reused = _plan(state)
+    assert not reused  # a copy is a snapshot of the values: it must be taken again
+    assert len(_reuse.PLANS) == 0
+
+
+def test_a_value_the_manifest_cannot_carry_is_named_even_when_the_layout_is_known() -> None:
+    _reuse.PLANS.clear()
+    state = {"t": torch.ones(2), "v": [1, 2]}
+    _plan(state)
+    state["v"] = [1, object()]
+    with pytest.raises(UnsupportedValueError, match=r"v\.1|v\]\[1|\['v'\]\[1\]"):
+        _plan(state)
+
+
+def test_skeleton_leaves_sharded_and_unknown_leaves_to_the_full_walk() -> None:
+    class Thing:
+        pass
+
+    assert skeleton({"a": torch.ones(1), "b": [1, "x", None]}) is not None
+    assert skeleton({"a": Thing()}) is None
+    assert skeleton({"a": {"b": {}}}) is not None
+    deep: dict[str, object] = {}
+    node = deep
+    for _ in range(300):
+        child: dict[str, object] = {}
+        node["x"] = child
+        node = child
+    assert skeleton(deep) is None
+
+
+def test_facts_follow_the_tensor_not_its_values() -> None:
+    t = torch.zeros(4)
+    before = tensor_facts([t])
+    t.add_(1)
+    assert tensor_facts([t]) == before
+    t.resize_(8)
+    assert tensor_facts([t]) != before
+
+
+def _manifest(state: object) -> pb.Manifest:
+    return pb.Manifest.FromString(_fresh(state).manifest.SerializeToString())
+
+
+def test_the_layout_digest_ignores_values_step_and_chain_only() -> None:
+    a = _manifest({"t": torch.ones(2), "lr": 0.1})
+    b = _manifest({"t": torch.ones(2), "lr": 0.2})
+    b.step = 99
+    assert layout_digest(a) == layout_digest(b)
+    c = _manifest({"t": torch.ones(3), "lr": 0.1})
+    assert layout_digest(a) != layout_digest(c)
+
+
+def _place(m: pb.Manifest, into: object) -> _reuse.Placed:
+    layout = _reuse.validate(m, reuse=True)
+    return _reuse.place(m, layout, into, Arena(hugepages=False), lambda n: None)
+
+
+def test_a_known_layout_with_values_missing_or_of_another_type_is_still_refused() -> None:
+    _reuse.MANIFESTS.clear()
+    _reuse.MATCHES.clear()
+    into = {"t": torch.zeros(2), "lr": 0.0, "n": 1}
+    good = _manifest({"t": torch.ones(2), "lr": 0.1, "n": 2})
+    _place(good, into)
+    placed = _place(good, into)  # the remembered match
+    assert _reuse.MATCHES.hits == 1
+    assert placed.state == {"t": into["t"], "lr": 0.1, "n": 2}
+    assert isinstance(placed.state, dict)
+    assert placed.state["t"] is into["t"]
+    # Same layout digest (values are not in it), one value short: the tree is refused.
+    short = pb.Manifest()
+    short.CopyFrom(good)
+    del short.values[-1]
+    assert layout_digest(short) == layout_digest(good)
+    with pytest.raises(ManifestError):
+        _place(short, into)
+    # Same layout, a value of another type than the joiner holds: named, as afresh.
+    retyped = _manifest({"t": torch.ones(2), "lr": 0.1, "n": 2.5})
+    with pytest.raises(StateMismatchError, match="n: int here, float sent"):
+        _place(retyped, into)
+
+
+def test_a_remembered_match_follows_the_joiners_tensors() -> None:
+    _reuse.MANIFESTS.clear()
+    _reuse.MATCHES.clear()
+    m = _manifest({"a": torch.ones(4), "b": torch.ones(2, 2)})
+    into: dict[str, object] = {"a": torch.zeros(4), "b": torch.zeros(2, 2)}
+    _place(m, into)
+    hit = _place(m, into)
+    assert hit.addresses is not None
+    a = into["a"]
+    assert isinstance(a, torch.Tensor)
+    assert hit.addresses[0] == a.data_ptr()
+    # The joiner's tensor replaced by a transposed one: matched afresh, through scratch.
+    into["b"] = torch.zeros(2, 2).t()
+    again = _place(m, into)
+    assert again.addresses is None
+    assert [t is into["b"] for t, _ in again.copies] == [True]
