@@ -121,6 +121,15 @@ def _full_workloads() -> dict[str, Workload]:
             tensor_shape=a.tensor_shape,
             in_place=True,
         ),
+        "F": Workload(
+            name="F",
+            description="workload C received in place (a heal's optimizer state)",
+            kind="optim",
+            tensor_count=20_000,
+            tensor_shape=(256,),
+            non_tensor_leaves=1_000,
+            in_place=True,
+        ),
     }
 
 
@@ -166,10 +175,19 @@ def _quick_workloads() -> dict[str, Workload]:
             tensor_shape=(1024, 4096),
             in_place=True,
         ),
+        "F": Workload(
+            name="F",
+            description="workload C (quick) received in place",
+            kind="optim",
+            tensor_count=5_000,
+            tensor_shape=(256,),
+            non_tensor_leaves=250,
+            in_place=True,
+        ),
     }
 
 
-WORKLOAD_NAMES: tuple[str, ...] = ("A", "B", "C", "D", "E")
+WORKLOAD_NAMES: tuple[str, ...] = ("A", "B", "C", "D", "E", "F")
 
 
 def get_workload(name: str, *, quick: bool) -> Workload:

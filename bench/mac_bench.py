@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from bench._cpu import busy_cpu_s, cpu_s
 from recoveryd.testing.ranks import run_ranks
 from recoveryd.transport import TransferConfig, recv_state_dict, send_state_dict
 
@@ -34,23 +35,6 @@ VARIANTS = ("raw-gloo", "recoveryd", "recoveryd-keyed", "recoveryd-macs")
 _KEY = bytes(range(32))
 _BUSY = 0.15
 _T = timedelta(seconds=300)
-
-
-def _busy_cpu_s() -> float:
-    with open("/proc/stat") as fh:
-        fields = [float(x) for x in fh.readline().split()[1:]]
-    idle = fields[3] + fields[4]
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_s(pids: list[int]) -> float:
-    """CPU seconds the processes used so far (all their threads)."""
-    total = 0.0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rpartition(")")[2].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 def _pair(rank: int, ws: int, pg: Any, store: dist.Store, nbytes: int, rounds: int) -> object:
@@ -71,7 +55,7 @@ def _pair(rank: int, ws: int, pg: Any, store: dist.Store, nbytes: int, rounds: i
                 step += 1
                 store.set(f"go{step}/{rank}", "1")
                 store.wait([f"go{step}/0", f"go{step}/1"], _T)
-                cpu0, own0, t0 = _busy_cpu_s(), _cpu_s(pids), time.perf_counter()
+                cpu0, own0, t0 = busy_cpu_s(), cpu_s(pids), time.perf_counter()
                 key = None if variant in ("raw-gloo", "recoveryd") else _KEY
                 cfg = TransferConfig(data_macs=variant == "recoveryd-macs")
                 if variant == "raw-gloo":
@@ -94,7 +78,7 @@ def _pair(rank: int, ws: int, pg: Any, store: dist.Store, nbytes: int, rounds: i
                     del got
                 took = time.perf_counter() - t0
                 wall = max(took, 1e-9)
-                others = (_busy_cpu_s() - cpu0) - (_cpu_s(pids) - own0)
+                others = (busy_cpu_s() - cpu0) - (cpu_s(pids) - own0)
                 foreign = max(0.0, others) / ((os.cpu_count() or 1) * wall)
                 out.append((r, variant, mode, took, foreign))
     return out if rank == 1 else None

@@ -9,7 +9,10 @@ targets.
 Usage (from the repository root)::
 
     python -m bench.transport_bench [--quick] [--workloads A,B,...] [--transports ...]
-                                    [--repeats N] [--skip-expensive] [--json PATH]
+                                    [--rounds N] [--repeats N] [--skip-expensive] [--json PATH]
+
+Each round runs every selected pair once, in fresh processes, transports interleaved; the
+table shows the best of all, the median of the rounds' bests and the median first call.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workloads",
         type=lambda v: _csv(v.upper(), WORKLOAD_NAMES, "workload"),
         default=list(WORKLOAD_NAMES),
-        help="comma-separated subset of A,B,C,D,E (default: all)",
+        help="comma-separated subset of A,B,C,D,E,F (default: all)",
     )
     p.add_argument(
         "--transports",
@@ -78,7 +81,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeats",
         type=int,
         default=None,
-        help="repeats per pair, best time kept (default 2; 1 with --quick)",
+        help="transfers per pair and round, the first a fresh process's first (default 3; 1 with --quick)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds over every pair, interleaved, each in fresh processes (default 3; 1 with --quick)",
     )
     p.add_argument(
         "--skip-expensive",
@@ -92,9 +101,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-logs", action="store_true", help="keep the per-pair rank logs")
     args = p.parse_args(argv)
     if args.repeats is None:
-        args.repeats = 1 if args.quick else 2
+        args.repeats = 1 if args.quick else 3
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     if args.repeats < 1:
         p.error(f"--repeats={args.repeats} must be >= 1")
+    if args.rounds < 1:
+        p.error(f"--rounds={args.rounds} must be >= 1")
     if args.timeout_scale <= 0:
         p.error(f"--timeout-scale={args.timeout_scale} must be > 0")
     return args
@@ -124,9 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bench._harness import Harness, PairOutcome
     from bench._report import (
+        FIRST_CALL_LEGEND,
         LEGEND,
+        Row,
         build_row,
         fill_ratios,
+        merge_rounds,
+        render_first_calls,
         render_noise,
         render_table,
         render_targets,
@@ -160,37 +177,44 @@ def main(argv: list[str] | None = None) -> int:
     )
     plan = [(w, t) for w in workloads.values() for t in transports]
     outcomes: list[PairOutcome] = []
+    by_pair: dict[tuple[str, str], list[Row]] = {}
     t_run = time.monotonic()
-    for i, (w, t) in enumerate(plan, 1):
-        label = f"[{i:2d}/{len(plan)}] {w.name} {t:<19}"
-        reason = _skip_reason(t, w, args, broken)
-        if reason is not None:
-            print(f"{label} skipped ({reason})", file=sys.stderr, flush=True)
-            outcomes.append(
-                PairOutcome(transport=t, workload=w.name, status="skipped", reason=reason)
-            )
-            continue
-        print(f"{label} ...", end="", file=sys.stderr, flush=True)
-        o = harness.run_pair(t, w)
-        outcomes.append(o)
-        row = build_row(o, w)
-        shown = f"{row.seconds:.3f} s" if row.seconds is not None else "-"
-        print(f" {row.status} {shown} (pair wall {o.wall_s:.1f} s)", file=sys.stderr, flush=True)
-        if o.status != "ok":
-            print(f"    {o.reason}\n    log: {o.log_path}", file=sys.stderr)
-            if o.log_tail:
-                print("    " + o.log_tail.strip().replace("\n", "\n    "), file=sys.stderr)
+    n = len(plan) * args.rounds
+    for rnd in range(args.rounds):
+        for i, (w, t) in enumerate(plan, 1):
+            label = f"[{rnd * len(plan) + i:3d}/{n}] r{rnd + 1} {w.name} {t:<19}"
+            reason = _skip_reason(t, w, args, broken)
+            if reason is not None:
+                if rnd == 0:
+                    print(f"{label} skipped ({reason})", file=sys.stderr, flush=True)
+                o = PairOutcome(transport=t, workload=w.name, status="skipped", reason=reason)
+            else:
+                print(f"{label} ...", end="", file=sys.stderr, flush=True)
+                o = harness.run_pair(t, w)
+                row = build_row(o, w)
+                shown = f"{row.seconds:.3f} s" if row.seconds is not None else "-"
+                print(
+                    f" {row.status} {shown} (pair wall {o.wall_s:.1f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if o.status != "ok":
+                    print(f"    {o.reason}\n    log: {o.log_path}", file=sys.stderr)
+                    if o.log_tail:
+                        print("    " + o.log_tail.strip().replace("\n", "\n    "), file=sys.stderr)
+            outcomes.append(o)
+            by_pair.setdefault((w.name, t), []).append(build_row(o, w))
     total_s = time.monotonic() - t_run
 
-    rows = [build_row(o, workloads[o.workload]) for o in outcomes]
+    rows = [merge_rounds(rs) for rs in by_pair.values()]
     fill_ratios(rows)
     ts = targets(rows, workloads)
 
     mode = "quick" if args.quick else "full"
     print()
     print(
-        f"transport bench ({mode}, {args.repeats} repeat(s), best time; {platform.node()}, "
-        f"{os.cpu_count()} CPUs; total {total_s:.1f} s)"
+        f"transport bench ({mode}, {args.rounds} round(s) x {args.repeats} repeat(s); "
+        f"{platform.node()}, {os.cpu_count()} CPUs; total {total_s:.1f} s)"
     )
     if recoveryd_env:
         print(f"  recoveryd environment: {recoveryd_env}")
@@ -204,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(LEGEND)
     print()
+    print("first calls")
+    print(render_first_calls(rows))
+    print()
+    print(FIRST_CALL_LEGEND)
+    print()
     print(render_targets(ts, args.quick))
 
     failed = [r for r in rows if r.status in ("FAIL", "error")]
@@ -212,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             "meta": {
                 "mode": mode,
                 "repeats": args.repeats,
+                "rounds": args.rounds,
                 "host": platform.node(),
                 "cpus": os.cpu_count(),
                 "python": platform.python_version(),

@@ -241,6 +241,8 @@ class Agent:
         due = self._donor.due(step)
         if due and send:
             self._donor.serve(step, self._state_fn)
+        elif not due:
+            self._donor.warm(self._state_fn)
         return due
 
     def send_due(self, step: int) -> bool:

@@ -37,7 +37,7 @@ from recoveryd.agent.rendezvous import (
 from recoveryd.errors import RecoverydError, TransferError
 from recoveryd.metrics import AgentMetrics
 from recoveryd.protocol import Order, Report, result_of
-from recoveryd.transport import send_state_dict
+from recoveryd.transport import prepare_send, send_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class _SendOrder:
     fence: int | None = None
     group: dist.ProcessGroup | None = None
     cancelled: bool = False
+    warmed: bool = False
 
 
 class Donor:
@@ -161,6 +162,33 @@ class Donor:
             for o in due:
                 self._send(o, state, step)
         self._refence()
+
+    def warm(self, state_fn: Callable[[], object]) -> None:
+        """Works out the send's plan ahead of the fence, once per formed plan.
+
+        Called by the trainer's thread at a step boundary (the state is not
+        changing then): the send at the fence then reuses the plan instead of
+        walking the state, so the joiner hears from this rank sooner (a
+        20,000-tensor optimizer state: ~0.1 s sooner). CUDA plans are skipped
+        (their states are few, large tensors).
+        """
+        with self._lock:
+            cold = [
+                o
+                for o in self._orders.values()
+                if o.group is not None and not o.warmed and not o.cancelled and o.backend != "nccl"
+            ]
+            for o in cold:
+                o.warmed = True
+        if not cold:
+            return
+        t0 = time.monotonic()
+        try:
+            kept = prepare_send(state_fn(), config=self._config.transfer)
+        except RecoverydError as err:  # the send names it, at the fence
+            logger.info("working out the send's plan ahead failed: %s", err)
+            return
+        logger.debug("plan worked out ahead in %.3f s (kept: %s)", time.monotonic() - t0, kept)
 
     # ---- internals ----------------------------------------------------------------
 

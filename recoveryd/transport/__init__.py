@@ -6,7 +6,8 @@ No gRPC and no coordinator here: :func:`send_state_dict` and
 checkpoint transports.
 
 The sides of a transfer are named as everywhere in recoveryd: the *donor*
-sends (:func:`send_state_dict`), each *joiner* receives
+sends (:func:`send_state_dict`, its plan worked out ahead by
+:func:`prepare_send` if it likes), each *joiner* receives
 (:func:`recv_state_dict`), in place or into fresh tensors. The public
 modules: :mod:`~recoveryd.transport.sender` and
 :mod:`~recoveryd.transport.receiver` (the two sides, in the same phases),
@@ -19,6 +20,7 @@ wire format's constants), :mod:`~recoveryd.transport.config`,
 drop-ins). Modules with a leading underscore are the package's own.
 """
 
+from recoveryd.transport._reuse import prepare_send
 from recoveryd.transport.compat import PGTransport, TorchftTransport
 from recoveryd.transport.config import TransferConfig
 from recoveryd.transport.receiver import recv_state_dict
@@ -31,6 +33,7 @@ __all__ = [
     "TorchftTransport",
     "TransferConfig",
     "TransferStats",
+    "prepare_send",
     "recv_state_dict",
     "send_state_dict",
 ]

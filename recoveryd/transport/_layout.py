@@ -182,10 +182,11 @@ class Remembered(Generic[_T]):
         self.hits += 1
         return kept[0]
 
-    def put(self, key: object, item: _T, weight: int) -> None:
-        """Keeps ``item`` under ``key``, dropping the least recently used beyond the bounds."""
+    def put(self, key: object, item: _T, weight: int) -> bool:
+        """Keeps ``item`` under ``key``, dropping the least recently used beyond the bounds;
+        says whether it is kept (not when heavier than the whole budget)."""
         if weight > self._budget:
-            return
+            return False
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
@@ -195,6 +196,7 @@ class Remembered(Generic[_T]):
             while len(self._items) > self._capacity or self._weight > self._budget:
                 _, (_, w) = self._items.popitem(last=False)
                 self._weight -= w
+        return True
 
     def clear(self) -> None:
         """Forgets everything (and the counts)."""

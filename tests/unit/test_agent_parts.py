@@ -322,3 +322,53 @@ def test_interface_of_sees_secondary_and_ipv6_addresses_in_a_network_namespace()
         pytest.skip(f"cannot make a network namespace here: {done.stderr.strip()}")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "v0,v0,v0,"
+
+
+# ---- the donor's plan, worked out ahead of the fence ------------------------------------
+
+
+def test_a_formed_plan_is_worked_out_ahead_once_at_a_step_boundary() -> None:
+    from collections import deque
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from recoveryd._time import Deadline
+    from recoveryd.agent.donor import Donor, _SendOrder
+    from recoveryd.agent.link import Position
+    from recoveryd.transport import _reuse
+
+    _reuse.PLANS.clear()
+    donor = Donor(
+        AgentConfig(coordinator="127.0.0.1:1", replica_id="r"),
+        store=dist.HashStore(),
+        host="127.0.0.1",
+        graveyard=deque(),
+        position=lambda: Position(step=1, parked=False, step_time_s=0.1),
+    )
+    state = _state(0)
+    asked: list[int] = []
+
+    def state_fn() -> object:
+        asked.append(1)
+        return state
+
+    order = _SendOrder(
+        plan_id=1,
+        joiner="j",
+        prefix="p",
+        backend="gloo",
+        deadline=Deadline(timedelta(seconds=30)),
+        key=b"",
+    )
+    donor._orders[1] = order
+    donor.warm(state_fn)
+    assert asked == []  # no group yet: nothing to send on
+    order.group = object()  # type: ignore[assignment]
+    donor.warm(state_fn)
+    donor.warm(state_fn)
+    assert asked == [1]  # once per plan
+    assert order.warmed
+    assert len(_reuse.PLANS) == 1
+    # The send at the fence finds it (same config as the agent's sends).
+    assert _reuse.prepare_send(state, config=donor._config.transfer)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from recoveryd.errors import ManifestError, StateMismatchError, UnsupportedValueError
-from recoveryd.transport import _reuse
+from recoveryd.transport import TransferConfig, _reuse
 from recoveryd.transport._flatten import SendPlan, build_plan
 from recoveryd.transport._layout import layout_digest, skeleton, tensor_facts
 from recoveryd.transport._memory import Arena
@@ -222,3 +222,20 @@ def test_a_remembered_match_follows_the_joiners_tensors() -> None:
     again = _place(m, into)
     assert again.addresses is None
     assert [t is into["b"] for t, _ in again.copies] == [True]
+
+
+def test_prepare_send_remembers_what_the_next_send_reuses() -> None:
+    _reuse.PLANS.clear()
+    state = {"w": torch.randn(8, 8), "step": 3}
+    assert _reuse.prepare_send(state)
+    _, reused = _plan(state)
+    assert not reused  # _plan cuts with other bucket sizes: another plan
+    cfg = TransferConfig(bucket_bytes=4096, direct_bytes=1024, checksums=False)
+    assert _reuse.prepare_send(state, config=cfg)  # the plan _plan remembered: reused
+    assert not _reuse.prepare_send(state, config=TransferConfig(reuse_layouts=False))
+    # A leaf only the full walk judges (DTensors and their stand-ins alike): not walked now.
+    assert not _reuse.prepare_send({"w": _Opaque()})
+
+
+class _Opaque:
+    pass
