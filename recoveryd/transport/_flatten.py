@@ -79,6 +79,8 @@ class SendPlan:
     payload_bytes: int
     messages: list[Message] | None = None
     """The messages cut over the spans, when already known (a layout seen before)."""
+    reused: bool = False
+    """Whether the plan is one remembered for this layout (not walked afresh)."""
 
 
 @dataclass(slots=True)

@@ -71,7 +71,13 @@ def match_in_place(
 
     def check(index: int, t: torch.Tensor, path: Path, suffix: str = "") -> None:
         spec = tensors[index]
-        if t.dtype != spec.dtype:
+        if t.layout is not torch.strided or t.is_meta:
+            where = path_str(path) + suffix
+            problems.append(
+                f"{where}: a {'meta' if t.is_meta else t.layout} tensor here, which holds no "
+                "memory to receive into; make it a dense tensor"
+            )
+        elif t.dtype != spec.dtype:
             where = path_str(path) + suffix
             problems.append(f"{where}: dtype {t.dtype} here, {spec.dtype} sent")
         elif t.shape != spec.shape:

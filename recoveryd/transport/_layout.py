@@ -10,10 +10,10 @@ data). So what was worked out is kept, under a key that names the layout:
 * :func:`skeleton` walks a state into its signature (container kinds,
   lengths, key types and keys, leaf kinds and value types: everything but
   the values and tensor contents), its plain tensors and its values;
-* :func:`tensor_facts` is what a tensor's bytes on the wire depend on (the
-  object, its address, offset, shape, strides, dtype, device, whether it
-  requires grad): two states with equal signatures and equal facts have
-  the same plan;
+* :func:`tensor_facts` is what a tensor's bytes on the wire depend on (its
+  address, offset, shape, strides, dtype, device, flags and its storage's
+  size): two states with equal signatures and equal facts have the same
+  plan;
 * :func:`layout_digest` is a received manifest's key: a BLAKE3 hash of
   everything in it but the values, the step and the chain;
 * :class:`Remembered` is a small, locked LRU of what was worked out.
@@ -108,27 +108,35 @@ def skeleton(state: object) -> Skeleton | None:
     return Skeleton(sig, tensors, values)
 
 
-def tensor_facts(tensors: list[torch.Tensor]) -> list[tuple[object, ...]]:
+def tensor_facts(tensors: list[torch.Tensor]) -> list[tuple[object, ...]] | None:
     """Per tensor, everything its bytes on the wire depend on (equal facts: same bytes, same place).
 
-    The object, its address, storage offset, shape, strides, dtype, device and
-    ``requires_grad``. Resizing a tensor or its storage moves its address; a
-    lazy conjugate or negative view is a new object (and is never
-    remembered: the donor sends it as a copy, the joiner through scratch).
+    Its address, storage offset, shape, strides, dtype, device,
+    ``requires_grad``, lazy conjugate and negative bits and its storage's size
+    (its class is in the skeleton's signature). Not the object: a state's
+    tensors may be new objects over the same memory each time
+    (``Module.state_dict()`` detaches, a sidecar re-views its shared memory).
+    ``None`` when a tensor has no storage (sparse, meta): such states are
+    worked out afresh, and refused there by name.
     """
-    return [
-        (
-            id(t),
-            t.data_ptr(),
-            t.storage_offset(),
-            t.shape,
-            t.stride(),
-            t.dtype,
-            t.device,
-            t.requires_grad,
-        )
-        for t in tensors
-    ]
+    try:
+        return [
+            (
+                t.data_ptr(),
+                t.storage_offset(),
+                t.shape,
+                t.stride(),
+                t.dtype,
+                t.device,
+                t.requires_grad,
+                t.is_conj(),
+                t.is_neg(),
+                t.untyped_storage().nbytes(),
+            )
+            for t in tensors
+        ]
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def layout_digest(m: pb.Manifest) -> bytes:
@@ -176,11 +184,13 @@ class Remembered(Generic[_T]):
             kept = self._items.get(key)
             if kept is not None:
                 self._items.move_to_end(key)
-        if kept is None or not fits(kept[0]):
-            self.misses += 1
-            return None
-        self.hits += 1
-        return kept[0]
+        hit = kept is not None and fits(kept[0])
+        with self._lock:
+            if hit:
+                self.hits += 1
+            else:
+                self.misses += 1
+        return kept[0] if hit and kept is not None else None
 
     def put(self, key: object, item: _T, weight: int) -> bool:
         """Keeps ``item`` under ``key``, dropping the least recently used beyond the bounds;

@@ -45,7 +45,8 @@ def cut(span_sizes: list[int], message_sizes: list[int]) -> list[Message]:
 
     Empty spans are in no message. The messages must cover the spans exactly
     (a joiner checks that first); each message's pieces are found by bisection
-    and sliced, so the cost grows with messages, not spans (20,000 spans: ~1 ms).
+    and sliced, so per span there are only list passes in C (20,000 spans:
+    ~3 ms, against ~5-13 ms for a loop over them).
     """
     ids = [i for i, n in enumerate(span_sizes) if n]
     sizes = [span_sizes[i] for i in ids]

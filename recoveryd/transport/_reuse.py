@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from recoveryd.errors import UnsupportedValueError
+from recoveryd.errors import ManifestError, UnsupportedValueError
 from recoveryd.transport._flatten import SendPlan, Span, build_plan, encode_value
 from recoveryd.transport._inplace import match_in_place, place_in_place
 from recoveryd.transport._layout import Remembered, Skeleton, layout_digest, skeleton, tensor_facts
@@ -38,9 +38,14 @@ from recoveryd.v1 import manifest_pb2 as pb
 
 CAPACITY = 8
 """Layouts remembered on each side (a few states: a model, its optimizer, a sidecar's ranks)."""
-BUDGET = 1 << 18
-"""The most tensors, spans and messages remembered on each side, in all (~64 MiB of
-decoded layout at worst; an AdamW state of 20,000 tensors weighs ~40,000)."""
+BUDGET = 1 << 20
+"""The most weight remembered on each side, in all: a weight is one Python object kept
+(a tensor's spec counts 12 and 2 per dimension, a span 2, a message's piece 3), so
+about 64 MiB at most; an AdamW state of 20,000 1-D tensors weighs ~0.4 Mi."""
+
+
+def _weight(tensors: int, dims: int, spans: int, pieces: int) -> int:
+    return 12 * tensors + 2 * dims + 2 * spans + 3 * pieces
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +108,8 @@ def plan_send(
 
     def remember() -> bool:
         seen = skel if skel is not None else skeleton(state)
-        if seen is None:
+        facts = tensor_facts(seen.tensors) if seen is not None else None
+        if seen is None or facts is None:
             return False
         template = pb.Manifest()
         template.CopyFrom(plan.manifest)
@@ -112,11 +118,11 @@ def plan_send(
         sizes = [s.nbytes for s in plan.spans]
         messages = cut(sizes, list(plan.manifest.message_nbytes))
         spans = [(s.leaf, s.base, s.lo, s.nbytes) for s in plan.spans]
-        facts = tensor_facts(seen.tensors)
+        pieces = sum(len(m.span_ids) for m in messages)
         return PLANS.put(
             (seen.key(), *cut_by),
             _Planned(seen.sig, facts, template, spans, messages, plan.payload_bytes),
-            len(facts) + len(spans) + len(messages),
+            _weight(len(facts), len(seen.sig), len(spans), pieces),
         )
 
     return plan, remember
@@ -135,7 +141,9 @@ def prepare_send(state_dict: object, *, config: TransferConfig | None = None) ->
 
     Args:
         state_dict: the state the next send will send.
-        config: the send's configuration (bucket sizes and checksums shape the plan).
+        config: the send's configuration (bucket sizes and checksums shape the
+            plan; a send whose joiner demands data MACs checksums nothing, so
+            with ``checksums`` on, such a send works its plan out afresh).
 
     Returns:
         Whether the plan is now remembered (``False``: reuse is off, or the
@@ -150,8 +158,7 @@ def prepare_send(state_dict: object, *, config: TransferConfig | None = None) ->
     config = config or TransferConfig()
     if not config.reuse_layouts or skeleton(state_dict) is None:
         return False  # nothing a send could reuse: not worth a walk now
-    before = PLANS.hits
-    _, remember = plan_send(
+    plan, remember = plan_send(
         state_dict,
         step=None,
         chain=[],
@@ -160,9 +167,7 @@ def prepare_send(state_dict: object, *, config: TransferConfig | None = None) ->
         checksums=config.checksums,
         reuse=config.reuse_layouts,
     )
-    if remember is not None:
-        return remember()
-    return PLANS.hits > before
+    return plan.reused or (remember is not None and remember())
 
 
 def _replay(known: _Planned, skel: Skeleton, step: int | None, chain: list[int]) -> SendPlan | None:
@@ -180,7 +185,7 @@ def _replay(known: _Planned, skel: Skeleton, step: int | None, chain: list[int])
         return None
     tensors = skel.tensors
     spans = [Span(tensors[i], base, lo, n, i) for i, base, lo, n in known.spans]
-    return SendPlan(m, spans, known.payload_bytes, known.messages)
+    return SendPlan(m, spans, known.payload_bytes, known.messages, reused=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +197,8 @@ class Validated:
     tensors: list[TensorSpec]
     sizes: list[int]
     messages: list[Message]
+    weight: int = 0
+    """What keeping it costs (see :data:`BUDGET`)."""
 
 
 MANIFESTS: Remembered[Validated] = Remembered(CAPACITY, BUDGET)
@@ -200,6 +207,8 @@ MANIFESTS: Remembered[Validated] = Remembered(CAPACITY, BUDGET)
 def validate(m: pb.Manifest, *, reuse: bool) -> Validated:
     """Checks the manifest's layout (or finds it checked before); values are left to the tree.
 
+    A layout is remembered only once the whole offer was accepted (:func:`keep`).
+
     Raises:
         ManifestError: naming what is inconsistent, and where.
     """
@@ -207,27 +216,39 @@ def validate(m: pb.Manifest, *, reuse: bool) -> Validated:
     if digest is not None:
         known = MANIFESTS.get(digest)
         if known is not None:
+            # Values are not in the digest: the cheap count check the columns had.
+            if len(m.values) > len(m.node_kind):
+                raise ManifestError("more values, DTensors and ShardedTensors than tree nodes")
             return known
     tensors = decode_tensors(m)
     check_manifest(m, tensors)
     sizes = list(m.storage_nbytes)
     messages = cut(sizes, list(m.message_nbytes))
     check_packing(messages, sizes)
-    out = Validated(digest, tensors, sizes, messages)
-    if digest is not None:
-        MANIFESTS.put(digest, out, len(tensors) + len(sizes) + len(messages))
-    return out
+    pieces = sum(len(msg.span_ids) for msg in messages)
+    weight = _weight(len(tensors), 2 * len(m.tensor_shape), len(sizes), pieces)
+    return Validated(digest, tensors, sizes, messages, weight)
+
+
+def keep(layout: Validated) -> None:
+    """Remembers a validated layout whose offer was accepted (marks it used, if it is)."""
+    if layout.digest is not None:
+        MANIFESTS.put(layout.digest, layout, layout.weight)
 
 
 @dataclass(frozen=True, slots=True)
 class _Matched:
     sig: list[object]
     facts: list[tuple[object, ...]]
+    ids: list[int] | None
+    """The joiner's tensor objects, when one stands at several places (tied weights):
+    which one is returned where must then be the same objects too."""
     order: list[int]  # per manifest tensor, the joiner tensor (its place in the skeleton)
     own: list[tuple[int, int, int] | None]
     """Per span: (joiner tensor, byte start in its storage, address less its data_ptr)
     when the span lands in the joiner's memory; ``None``: through scratch."""
     value_types: list[type]  # per manifest value, the joiner's value's type
+    copies: list[int]  # the manifest tensors copied out of scratch, in order
 
 
 MATCHES: Remembered[_Matched] = Remembered(CAPACITY, BUDGET)
@@ -285,13 +306,17 @@ def place(
         StateMismatchError: ``into`` does not match the donor's state.
     """
     skel = skeleton(into) if layout.digest is not None else None
-    facts = tensor_facts(skel.tensors) if skel is not None else []
+    facts = tensor_facts(skel.tensors) if skel is not None else None
     key = (layout.digest, skel.key()) if skel is not None else None
-    if key is not None and skel is not None:
+    if key is not None and skel is not None and facts is not None:
         seen = skel
 
         def fits(known: _Matched) -> bool:
-            return known.sig == seen.sig and known.facts == facts
+            return (
+                known.sig == seen.sig
+                and known.facts == facts
+                and (known.ids is None or known.ids == [id(t) for t in seen.tensors])
+            )
 
         known = MATCHES.get(key, fits)
         if known is not None:
@@ -301,10 +326,10 @@ def place(
                 pass
     dst, state = match_in_place(m, layout.tensors, into)
     targets, copies, own = place_in_place(layout.tensors, layout.sizes, dst, arena, reserve)
-    if key is not None and skel is not None:
-        matched = _remember(m, layout, skel, facts, dst, targets, own)
+    if key is not None and skel is not None and facts is not None:
+        matched = _remember(m, layout, skel, facts, dst, targets, own, copies)
         if matched is not None:
-            MATCHES.put(key, matched, len(matched.facts) + len(matched.own))
+            MATCHES.put(key, matched, _weight(0, len(matched.sig), len(matched.own), len(facts)))
     return Placed(state, targets, copies)
 
 
@@ -316,9 +341,10 @@ def _remember(
     dst: dict[int, torch.Tensor],
     targets: list[torch.Tensor],
     own: list[bool],
+    copies: list[tuple[torch.Tensor, int]],
 ) -> _Matched | None:
     """The match just made, in terms of the joiner's skeleton (``None``: not reusable)."""
-    if any(f[6].type != "cpu" for f in facts):  # type: ignore[attr-defined]
+    if any(f[5].type != "cpu" for f in facts):  # type: ignore[attr-defined]
         return None  # addresses are host addresses
     where = {id(t): k for k, t in enumerate(skel.tensors)}
     order = [where.get(id(dst.get(i)), -1) for i in range(len(layout.tensors))]
@@ -335,7 +361,10 @@ def _remember(
         k = order[first[s]]
         spans.append((k, int(t.storage_offset()), t.data_ptr() - skel.tensors[k].data_ptr()))
     value_types = [type(decode_value(v)) for v in m.values]
-    return _Matched(skel.sig, facts, order, spans, value_types)
+    tied = len(where) < len(skel.tensors)
+    ids = [id(t) for t in skel.tensors] if tied else None
+    copied = [i for _, i in copies]  # in the order the full path copies them
+    return _Matched(skel.sig, facts, ids, order, spans, value_types, copied)
 
 
 class _Retyped(TreeBuilder):
@@ -370,7 +399,6 @@ def _rematch(
     reserve(sum(n for n, o in zip(sizes, known.own, strict=True) if o is None))
     views: list[tuple[torch.Tensor, int, int] | torch.Tensor] = []
     addresses: list[int] = []
-    copies: list[tuple[torch.Tensor, int]] = []
     for s, o in enumerate(known.own):
         if o is None:
             scratch = arena.empty(sizes[s])
@@ -379,9 +407,6 @@ def _rematch(
         else:
             k, start, delta = o
             views.append((mine[k], start, sizes[s]))
-            addresses.append(facts[k][1] + delta)  # type: ignore[operator]
-    if any(o is None for o in known.own):
-        for i, spec in enumerate(layout.tensors):
-            if known.own[spec.storage] is None:
-                copies.append((mine[order[i]], i))
+            addresses.append(facts[k][0] + delta)  # type: ignore[operator]
+    copies = [(mine[order[i]], i) for i in known.copies]
     return Placed(state, _OwnSpans(views), copies, addresses)

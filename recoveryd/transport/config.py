@@ -177,9 +177,10 @@ class TransferConfig:
     joiner its checks of that layout and its in-place match, so a state of
     many small tensors costs time by its bytes, not by its tensor count
     (20,000 tensors: ~0.3 s first, ~0.1 s again; bench/RESULTS.md). A layout
-    is the state's containers, keys and value types and, per tensor, the
-    object, address, shape, strides, dtype and flags: any change there is
-    worked out afresh. Nothing kept holds a tensor (8 layouts per side).
+    is the state's containers, keys and value types and, per tensor, its
+    address, shape, strides, dtype, flags and storage size: any change there
+    is worked out afresh. Nothing kept holds a tensor (8 layouts per side,
+    about 64 MiB at most).
     """
 
     def __post_init__(self) -> None:

@@ -47,7 +47,7 @@ from recoveryd.transport._pieces import (
     scatter,
     synchronize,
 )
-from recoveryd.transport._reuse import place, validate
+from recoveryd.transport._reuse import keep, place, validate
 from recoveryd.transport._validate import TensorSpec, check_chain
 from recoveryd.transport._wire import Group
 from recoveryd.transport.config import TransferConfig
@@ -323,6 +323,7 @@ def _prepare(
         )
         landing = landing_in_place(messages, targets)
         gpus = () if addresses is not None else cuda_devices(t.device for t in placed.views())
+    keep(layout)  # the offer is accepted: its checks are worth keeping
     pos = chain.index(me)
     pred = src if m.star else chain[pos - 1]
     succ = None if m.star or pos + 1 == len(chain) else chain[pos + 1]

@@ -109,8 +109,8 @@ def _moved(rank: int, ws: int, pg: object, store: object) -> list[int]:
     assert isinstance(slots, dict)
     old = slots[3]["exp_avg"]
     for r in range(5):
-        if r == 2:  # the joiner's tensor replaced by a transposed one
-            slots[3]["exp_avg"] = torch.zeros(8, 8).t().reshape(64)
+        if r == 2:  # the joiner's tensor replaced by a strided view (through scratch)
+            slots[3]["exp_avg"] = torch.zeros(128)[::2]
             assert slots[3]["exp_avg"].data_ptr() != old.data_ptr()
             frozen = old.clone()
         if r == 4:  # a joiner value of another type than sent

@@ -43,7 +43,7 @@ def _same_plan(a: SendPlan, b: SendPlan) -> None:
 
 
 def _plain_kinds() -> dict[str, object]:
-    """every_kind without the tensors a donor sends as copies (they are never reused)."""
+    """every_kind: views, tied weights, Parameters, every dtype and value kind (no copies)."""
     return every_kind(seed=5)
 
 
@@ -118,6 +118,34 @@ def test_any_change_of_layout_is_worked_out_afresh(change: str) -> None:
     plan, reused = _plan(state)
     assert not reused
     _same_plan(plan, _fresh(state))
+
+
+def test_new_tensor_objects_over_the_same_memory_reuse_the_donors_plan() -> None:
+    # What a sidecar does: after each refresh its state's tensors are new views of the
+    # same shared memory. The donor only reads memory, so its plan still holds.
+    _reuse.PLANS.clear()
+    flat = torch.arange(64.0)
+    _plan({"a": flat[:16].view(4, 4), "b": flat[16:], "n": 1})
+    again = {"a": flat[:16].view(4, 4), "b": flat[16:], "n": 2}
+    plan, reused = _plan(again)
+    assert reused
+    _same_plan(plan, _fresh(again))
+
+
+def test_a_tensor_swapped_for_its_lazy_conjugate_is_sent_resolved() -> None:
+    _reuse.PLANS.clear()
+    z = torch.randn(4, dtype=torch.complex64)
+    _plan({"z": z})
+    assert _plan({"z": z})[1]
+    swapped = {"z": z.conj()}  # same address, shape and strides: only the bit differs
+    plan, reused = _plan(swapped)
+    assert not reused
+    fresh = _fresh(swapped)
+    assert plan.manifest == fresh.manifest
+    [span], [want] = plan.spans, fresh.spans
+    assert span.leaf == -1  # a resolved copy, not z's raw bytes
+    assert torch.equal(span.view(0, span.nbytes), want.view(0, want.nbytes))
+    assert not torch.equal(span.view(0, span.nbytes), z.view(torch.uint8))
 
 
 def test_copies_made_for_a_send_are_never_remembered() -> None:
@@ -217,11 +245,52 @@ def test_a_remembered_match_follows_the_joiners_tensors() -> None:
     a = into["a"]
     assert isinstance(a, torch.Tensor)
     assert hit.addresses[0] == a.data_ptr()
+    # New objects over the same memory (what Module.state_dict() returns each time).
+    fresh = {k: v.detach() for k, v in into.items()}  # type: ignore[union-attr]
+    hit = _place(m, fresh)
+    assert hit.addresses is not None
+    assert isinstance(hit.state, dict)
+    assert hit.state["a"] is fresh["a"]
     # The joiner's tensor replaced by a transposed one: matched afresh, through scratch.
     into["b"] = torch.zeros(2, 2).t()
     again = _place(m, into)
     assert again.addresses is None
     assert [t is into["b"] for t, _ in again.copies] == [True]
+
+
+def test_a_joiner_tensor_swapped_for_its_conjugate_goes_through_scratch_again() -> None:
+    _reuse.MANIFESTS.clear()
+    _reuse.MATCHES.clear()
+    m = _manifest({"z": torch.ones(3, dtype=torch.complex64)})
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64), requires_grad=False)
+    into = {"z": p}
+    assert _place(m, into).addresses is None
+    assert _place(m, into).addresses is not None  # remembered: straight into p's memory
+    p.data = p.data.conj()  # same object, same address: now a lazy conjugate
+    placed = _place(m, into)
+    assert placed.addresses is None  # through scratch and copy_into, as afresh
+    assert [t is p for t, _ in placed.copies] == [True]
+
+
+def test_scratch_copies_go_in_the_order_the_full_path_makes_them() -> None:
+    _reuse.MANIFESTS.clear()
+    _reuse.MATCHES.clear()
+    flat, u = torch.arange(8.0), torch.arange(4.0) + 100
+    m = _manifest({"a": flat[4:8], "b": u, "c": flat[0:4]})  # span 0 = {a, c}, span 1 = {b}
+    shared = torch.zeros(8)[::2]  # one non-contiguous tensor at "b" and "c": scratch
+    into = {"a": torch.zeros(4), "b": shared, "c": shared}
+    first = _place(m, into)
+    again = _place(m, into)
+    assert again.addresses is not None
+    assert [i for _, i in again.copies] == [i for _, i in first.copies]
+
+
+def test_a_joiner_state_without_storage_is_refused_by_name_as_afresh() -> None:
+    _reuse.MANIFESTS.clear()
+    _reuse.MATCHES.clear()
+    m = _manifest({"w": torch.ones(2, 2)})
+    with pytest.raises(StateMismatchError, match="w"):
+        _place(m, {"w": torch.ones(2, 2).to_sparse()})
 
 
 def test_prepare_send_remembers_what_the_next_send_reuses() -> None:
