@@ -72,6 +72,10 @@ class Adapter(ABC):
         """Called once per process before the first transfer."""
         self._env = env
 
+    def ready(self, state_dict: StateDict | None, into: StateDict | None) -> None:  # noqa: B027
+        """Called once, after :meth:`open` and before the first (timed) transfer, with the
+        donor's state or the joiner's template: what a transport does when its group forms."""
+
     @abstractmethod
     def send(self, state_dict: StateDict, step: int) -> dict[str, Any]:
         """Sends ``state_dict`` to rank 1; returns transport-reported extras (may be empty)."""

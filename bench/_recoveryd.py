@@ -12,6 +12,9 @@ Variants (each its own transport name, so they run side by side in one table):
   challenge and the manifest's MAC.
 * ``recoveryd-macs``: a plan key and ``TransferConfig(data_macs=True)``: every data
   message MAC'd too (keyed BLAKE3).
+* ``recoveryd-warmed``: recoveryd's defaults, the donor's plan worked out before the
+  first transfer (``prepare_send``, untimed), as an agent does when a plan's group forms
+  ahead of the fence.
 """
 
 from __future__ import annotations
@@ -107,3 +110,13 @@ class RecoverydMacs(Recoveryd):
     name = "recoveryd-macs"
     auth_key = bytes(range(32))
     config_kwargs = {"data_macs": True}  # noqa: RUF012 -- read-only class constant
+
+
+class RecoverydWarmed(Recoveryd):
+    """recoveryd with the donor's plan worked out when the group forms (``prepare_send``)."""
+
+    name = "recoveryd-warmed"
+
+    def ready(self, state_dict: StateDict | None, into: StateDict | None) -> None:
+        if state_dict is not None:
+            self._mod.prepare_send(state_dict, config=self._config)

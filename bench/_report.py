@@ -425,6 +425,15 @@ def targets(rows: list[Row], workloads: dict[str, Workload]) -> list[Target]:
                 add(wl, text, None, None)
             else:
                 add(wl, text, f"{value:.3f} s", value <= limit)
+        warmed = by.get((wl, "recoveryd-warmed"))
+        if warmed is not None and warmed.status == "ok" and warmed.first_seconds is not None:
+            first = warmed.first_seconds
+            add(
+                wl,
+                "first layout, donor plan made ahead (as an agent does): first call <= 0.300 s",
+                f"{first:.3f} s",
+                first <= 0.3,
+            )
     if "D" in workloads:
         r = rd("D")
         w = workloads["D"]

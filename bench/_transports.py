@@ -74,6 +74,12 @@ def _recoveryd_keyed() -> Adapter:
     return RecoverydKeyed()
 
 
+def _recoveryd_warmed() -> Adapter:
+    from bench._recoveryd import RecoverydWarmed
+
+    return RecoverydWarmed()
+
+
 def _recoveryd_macs() -> Adapter:
     from bench._recoveryd import RecoverydMacs
 
@@ -102,6 +108,13 @@ TRANSPORTS: dict[str, TransportInfo] = {
             module="recoveryd.transport",
             attrs=("send_state_dict", "recv_state_dict"),
             factory=_recoveryd,
+            ships_whole_storages=False,
+        ),
+        TransportInfo(
+            name="recoveryd-warmed",
+            module="recoveryd.transport",
+            attrs=("send_state_dict", "recv_state_dict", "prepare_send"),
+            factory=_recoveryd_warmed,
             ships_whole_storages=False,
         ),
         TransportInfo(

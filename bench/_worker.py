@@ -211,6 +211,7 @@ def _run(job: WorkerJob) -> dict[str, Any]:
             logical_bytes=w.logical_bytes,
         )
     )
+    adapter.ready(sd, into)
     phase("open")
     barrier()
     phase("barrier")

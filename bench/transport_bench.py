@@ -35,6 +35,7 @@ TRANSPORT_ORDER: tuple[str, ...] = (
     "raw-gloo",
     "raw-gloo-fresh",
     "recoveryd",
+    "recoveryd-warmed",
     "recoveryd-checksums",
     "recoveryd-keyed",
     "recoveryd-macs",

@@ -139,18 +139,23 @@ def tensor_facts(tensors: list[torch.Tensor]) -> list[tuple[object, ...]] | None
         return None
 
 
+def layout_of(m: pb.Manifest) -> pb.Manifest:
+    """A copy of the manifest without what changes from one send of a state to the next:
+    its values, step and chain."""
+    c = pb.Manifest()
+    c.CopyFrom(m)
+    for name in ("values", "step", "chain"):
+        c.ClearField(name)
+    return c
+
+
 def layout_digest(m: pb.Manifest) -> bytes:
-    """A received manifest's layout key: BLAKE3 of it without its values, step and chain.
+    """A received manifest's layout key: BLAKE3 of its :func:`layout_of`.
 
     Collision resistant, so a donor cannot make two different layouts share a
     key (a remembered validation is reused only for the very layout validated).
     """
-    c = pb.Manifest()
-    c.CopyFrom(m)
-    c.ClearField("values")
-    c.ClearField("step")
-    c.ClearField("chain")
-    return blake3.blake3(c.SerializeToString(deterministic=True)).digest()
+    return blake3.blake3(layout_of(m).SerializeToString(deterministic=True)).digest()
 
 
 class Remembered(Generic[_T]):

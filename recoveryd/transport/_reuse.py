@@ -28,7 +28,14 @@ import torch
 from recoveryd.errors import ManifestError, UnsupportedValueError
 from recoveryd.transport._flatten import SendPlan, Span, build_plan, encode_value
 from recoveryd.transport._inplace import match_in_place, place_in_place
-from recoveryd.transport._layout import Remembered, Skeleton, layout_digest, skeleton, tensor_facts
+from recoveryd.transport._layout import (
+    Remembered,
+    Skeleton,
+    layout_digest,
+    layout_of,
+    skeleton,
+    tensor_facts,
+)
 from recoveryd.transport._memory import Arena
 from recoveryd.transport._pieces import Message, byte_view, cut
 from recoveryd.transport._validate import TensorSpec, check_manifest, check_packing, decode_tensors
@@ -111,10 +118,7 @@ def plan_send(
         facts = tensor_facts(seen.tensors) if seen is not None else None
         if seen is None or facts is None:
             return False
-        template = pb.Manifest()
-        template.CopyFrom(plan.manifest)
-        for name in ("values", "step", "chain"):
-            template.ClearField(name)
+        template = layout_of(plan.manifest)
         sizes = [s.nbytes for s in plan.spans]
         messages = cut(sizes, list(plan.manifest.message_nbytes))
         spans = [(s.leaf, s.base, s.lo, s.nbytes) for s in plan.spans]
