@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from bench._cpu import eight_tensors
 from recoveryd.testing.ranks import run_ranks
 from recoveryd.transport import recv_state_dict, send_state_dict
 from recoveryd.transport._memory import _MADV_POPULATE_WRITE, _libc
@@ -61,11 +62,8 @@ def _populate_s(nbytes: int) -> float:
 
 
 def _pair(rank: int, ws: int, pg: Any, store: dist.Store, nbytes: int, rounds: int) -> object:
-    n = nbytes // 4 // 8
-    sd = {f"t{i}": torch.full((n,), float(i)) for i in range(8)}
-    into = {k: torch.zeros_like(v) for k, v in sd.items()}
-    raw = torch.zeros(8 * n)
-    raw.fill_(1.0)
+    sd, into, raw = eight_tensors(nbytes)
+    n = raw.numel() // 8
     out: list[tuple[int, str, float, float]] = []
     step = 0
     for r in range(rounds):

@@ -24,10 +24,9 @@ import time
 from datetime import timedelta
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
-from bench._cpu import busy_cpu_s, cpu_s
+from bench._cpu import busy_cpu_s, cpu_s, eight_tensors, foreign_share, pair_pids
 from recoveryd.testing.ranks import run_ranks
 from recoveryd.transport import TransferConfig, recv_state_dict, send_state_dict
 
@@ -38,14 +37,9 @@ _T = timedelta(seconds=300)
 
 
 def _pair(rank: int, ws: int, pg: Any, store: dist.Store, nbytes: int, rounds: int) -> object:
-    n = nbytes // 4 // 8
-    sd = {f"t{i}": torch.full((n,), float(i)) for i in range(8)}
-    into = {k: torch.zeros_like(v) for k, v in sd.items()}
-    raw = torch.zeros(8 * n)
-    raw.fill_(1.0)  # touched: the wire's limit, not page faults
+    sd, into, raw = eight_tensors(nbytes)
     out: list[tuple[int, str, str, float, float]] = []
-    store.set(f"pid/{rank}", str(os.getpid()))
-    pids = [int(store.get(f"pid/{r}")) for r in range(2)]
+    pids = pair_pids(store, rank)
     step = 0
     for r in range(rounds):
         for variant in VARIANTS:
@@ -77,9 +71,7 @@ def _pair(rank: int, ws: int, pg: Any, store: dist.Store, nbytes: int, rounds: i
                     )
                     del got
                 took = time.perf_counter() - t0
-                wall = max(took, 1e-9)
-                others = (busy_cpu_s() - cpu0) - (cpu_s(pids) - own0)
-                foreign = max(0.0, others) / ((os.cpu_count() or 1) * wall)
+                foreign = foreign_share(cpu0, own0, pids, took)
                 out.append((r, variant, mode, took, foreign))
     return out if rank == 1 else None
 

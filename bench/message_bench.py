@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bench._cpu import busy_cpu_s, cpu_s
+from bench._cpu import busy_cpu_s, cpu_s, eight_tensors, foreign_share, pair_pids
 from recoveryd.testing.ranks import run_ranks
 from recoveryd.transport import TransferConfig, recv_state_dict, send_state_dict
 from recoveryd.transport._flatten import cut_messages
@@ -43,13 +43,8 @@ _T = timedelta(seconds=300)
 
 
 def _pair(rank: int, ws: int, pg: Any, store: dist.Store, nbytes: int, rounds: int) -> object:
-    n = nbytes // 4 // 8
-    sd = {f"t{i}": torch.full((n,), float(i)) for i in range(8)}
-    into = {k: torch.zeros_like(v) for k, v in sd.items()}
-    raw = torch.zeros(8 * n)
-    raw.fill_(1.0)  # touched: the wire's limit, not page faults
-    store.set(f"pid/{rank}", str(os.getpid()))
-    pids = [int(store.get(f"pid/{r}")) for r in range(2)]
+    sd, into, raw = eight_tensors(nbytes)
+    pids = pair_pids(store, rank)
     out: list[tuple[int, str, float, float]] = []
     step = 0
     for r in range(rounds):
@@ -70,8 +65,7 @@ def _pair(rank: int, ws: int, pg: Any, store: dist.Store, nbytes: int, rounds: i
                 else:
                     recv_state_dict(pg, 0, timeout=_T, step=step, into=into, config=cfg)
             took = time.perf_counter() - t0
-            others = (busy_cpu_s() - cpu0) - (cpu_s(pids) - own0)
-            foreign = max(0.0, others) / ((os.cpu_count() or 1) * max(took, 1e-9))
+            foreign = foreign_share(cpu0, own0, pids, took)
             out.append((r, variant, took, foreign))
     if rank == 1:
         for k, v in sd.items():
